@@ -1,0 +1,62 @@
+# Edge ledger gateway: build, test, demo, benchmark.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROTO_SRC := $(shell find protos -name '*.proto' | sort)
+
+.PHONY: all system-deps venv protos check-protos lint typecheck test unit integration demo bench faults clean
+
+all: test
+
+system-deps:
+	@scripts/install-system-deps
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip >/dev/null
+	@$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+venv: system-deps $(STAMP)
+
+# Generated code lives in gateway/_pb and is committed so that `pip install .`
+# needs no build tools; nothing edits it by hand.
+protos: $(STAMP)
+	@scripts/gen-protos gateway/_pb
+
+check-protos: $(STAMP)
+	@tmp=$$(mktemp -d) && scripts/gen-protos $$tmp && \
+	  if ! diff -r -q -x __pycache__ $$tmp gateway/_pb >/dev/null; then \
+	    diff -r -x __pycache__ $$tmp gateway/_pb | head -20; rm -rf $$tmp; \
+	    echo "generated code in gateway/_pb is stale: run make protos" >&2; exit 1; fi; \
+	  rm -rf $$tmp; echo "protos: generated code is current"
+
+lint: $(STAMP)
+	@$(VENV)/bin/ruff check gateway tests
+	@$(VENV)/bin/ruff format --check gateway tests
+
+typecheck: $(STAMP)
+	@$(VENV)/bin/mypy
+
+test: venv check-protos lint typecheck
+	@$(PY) -m pytest -q tests
+
+unit: venv
+	@$(PY) -m pytest -q tests -m 'not integration'
+
+integration: venv
+	@$(PY) -m pytest -q tests -m integration
+
+demo: venv
+	@$(VENV)/bin/edge-gateway demo --seconds $${SECONDS_:-20}
+
+bench: venv
+	@$(PY) -m gateway.bench
+
+faults: venv
+	@$(PY) -m pytest -q tests/faults
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

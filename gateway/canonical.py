@@ -1,0 +1,137 @@
+"""Canonical encodings: RFC 8785 JSON for normalised fields, deterministic
+protobuf for the Transaction leaf. The same input always gives the same bytes;
+tests/vectors pins them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from typing import TypeAlias
+
+from gateway._pb.edgegateway.v1 import transaction_pb2
+
+JsonValue: TypeAlias = (
+    "None | bool | int | float | str | Sequence[JsonValue] | Mapping[str, JsonValue]"
+)
+
+# RFC 8785 serialises numbers as IEEE 754 doubles; integers beyond 2**53 would
+# silently lose precision in any verifier that follows it, so they are refused.
+MAX_SAFE_INTEGER = 2**53 - 1
+
+
+class CanonicalError(ValueError):
+    """A value has no RFC 8785 form (NaN, Infinity, unsafe integer, non-string key)."""
+
+
+def _number(value: float) -> str:
+    """ECMAScript Number.prototype.toString, as RFC 8785 section 3.2.2.3 requires."""
+    if math.isnan(value) or math.isinf(value):
+        raise CanonicalError(f"{value!r} has no JSON form")
+    if value == 0:
+        return "0"
+    if value.is_integer() and abs(value) < 1e21:
+        return str(int(value))
+    # repr gives the shortest round-trip digits; re-lay them out as ECMAScript does.
+    sign = "-" if value < 0 else ""
+    # repr gives the shortest round-trip digits; lay them out as ECMAScript does:
+    # digits d1..dk with the decimal point after position n.
+    text = repr(abs(value))
+    mant, _, exp_text = text.partition("e")
+    int_part, _, frac_part = mant.partition(".")
+    digits = (int_part + frac_part).lstrip("0")
+    point = len(int_part) + (int(exp_text) if exp_text else 0)
+    point -= len(int_part + frac_part) - len((int_part + frac_part).lstrip("0"))
+    digits = digits.rstrip("0") or "0"
+    k, n = len(digits), point
+    if k <= n <= 21:
+        return sign + digits + "0" * (n - k)
+    if 0 < n <= 21:
+        return sign + digits[:n] + "." + digits[n:]
+    if -6 < n <= 0:
+        return sign + "0." + "0" * (-n) + digits
+    e = n - 1
+    exp = f"e{'+' if e >= 0 else '-'}{abs(e)}"
+    if k == 1:
+        return sign + digits + exp
+    return sign + digits[0] + "." + digits[1:] + exp
+
+
+def _string(value: str) -> str:
+    out = ['"']
+    for ch in value:
+        o = ord(ch)
+        if ch == '"':
+            out.append('\\"')
+        elif ch == "\\":
+            out.append("\\\\")
+        elif o < 0x20:
+            out.append(
+                {8: "\\b", 9: "\\t", 10: "\\n", 12: "\\f", 13: "\\r"}.get(o, f"\\u{o:04x}")
+            )
+        elif 0xD800 <= o <= 0xDFFF:
+            raise CanonicalError("lone surrogate in string")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def _encode(value: object, out: list[str], depth: int) -> None:
+    if depth > 64:
+        raise CanonicalError("nested deeper than 64 levels")
+    if value is None:
+        out.append("null")
+    elif value is True:
+        out.append("true")
+    elif value is False:
+        out.append("false")
+    elif isinstance(value, int):
+        if abs(value) > MAX_SAFE_INTEGER:
+            raise CanonicalError(f"integer {value} is beyond 2**53 and has no exact JSON form")
+        out.append(str(value))
+    elif isinstance(value, float):
+        out.append(_number(value))
+    elif isinstance(value, str):
+        out.append(_string(value))
+    elif isinstance(value, Mapping):
+        keys = list(value.keys())
+        if not all(isinstance(k, str) for k in keys):
+            raise CanonicalError("object keys must be strings")
+        # RFC 8785 3.2.3: sort by UTF-16 code units.
+        keys.sort(key=lambda k: k.encode("utf-16-be"))
+        out.append("{")
+        for i, k in enumerate(keys):
+            if i:
+                out.append(",")
+            out.append(_string(k))
+            out.append(":")
+            _encode(value[k], out, depth + 1)
+        out.append("}")
+    elif isinstance(value, Sequence) and not isinstance(value, bytes | bytearray):
+        out.append("[")
+        for i, item in enumerate(value):
+            if i:
+                out.append(",")
+            _encode(item, out, depth + 1)
+        out.append("]")
+    else:
+        raise CanonicalError(f"{type(value).__name__} has no JSON form")
+
+
+def canonical_json(value: object) -> bytes:
+    """RFC 8785 JSON Canonicalization Scheme bytes of `value`."""
+    out: list[str] = []
+    _encode(value, out, 0)
+    return "".join(out).encode("utf-8")
+
+
+def transaction_bytes(tx: transaction_pb2.Transaction) -> bytes:
+    """The leaf bytes of a transaction: deterministic protobuf, fields in number order."""
+    return tx.SerializeToString(deterministic=True)
+
+
+def tx_id(leaf: bytes) -> str:
+    """Hex RFC 9162 leaf hash SHA-256(0x00 || leaf): the transaction's id."""
+    return hashlib.sha256(b"\x00" + leaf).hexdigest()

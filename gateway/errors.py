@@ -1,0 +1,72 @@
+"""The gateway's exceptions: one root, a few meaningful children.
+
+Each operator-facing error carries the process exit code the CLI uses for it,
+so systemd's RestartPreventExitStatus can tell "an operator must act" apart
+from a crash worth restarting.
+"""
+
+from __future__ import annotations
+
+# Exit codes (sysexits.h where one fits). Documented in README.md.
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 64
+EXIT_DATAERR = 65  # spool integrity check failed
+EXIT_UNAVAILABLE = 69  # HSM module, token or key not found; broker/ledger unreachable at start
+EXIT_SOFTWARE = 70
+EXIT_IOERR = 74  # spool not writable
+EXIT_NOPERM = 77  # HSM PIN rejected, PIN file too open
+EXIT_CONFIG = 78  # configuration invalid
+
+
+class GatewayError(Exception):
+    """Root of every error the gateway raises on purpose."""
+
+    exit_code = EXIT_FAILURE
+
+
+class ConfigError(GatewayError):
+    """The configuration cannot be used; the message names key, value and what is allowed."""
+
+    exit_code = EXIT_CONFIG
+
+
+class HsmError(GatewayError):
+    """The HSM (module, token, key or session) is not usable."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+
+class HsmPinError(HsmError):
+    """The HSM refused the PIN or the PIN cannot be read safely. Never retried."""
+
+    exit_code = EXIT_NOPERM
+
+
+class SpoolError(GatewayError):
+    """The spool cannot be opened, written or trusted."""
+
+    exit_code = EXIT_IOERR
+
+
+class SpoolIntegrityError(SpoolError):
+    """The spool file failed SQLite's integrity check; it is left untouched."""
+
+    exit_code = EXIT_DATAERR
+
+
+class LedgerError(GatewayError):
+    """A ledger node refused or could not take a batch."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+
+class Rejected(GatewayError):  # noqa: N818 - a verdict, not an accident
+    """A payload is refused. `reason` is one code from gateway.ingest.REASONS."""
+
+    exit_code = EXIT_DATAERR
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
