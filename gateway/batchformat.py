@@ -122,6 +122,9 @@ def parse_header(header: bytes) -> batch_pb2.BatchHeader:
         h.ParseFromString(header)
     except DecodeError as e:
         raise BatchInvalid("bad_header", f"header does not parse: {e}") from None
+    # Deterministic serialisation keeps unknown fields; drop them so that a header
+    # carrying fields v1 does not define fails the canonical-form check.
+    h.DiscardUnknownFields()
     if h.SerializeToString(deterministic=True) != header:
         raise BatchInvalid("bad_header", "header bytes are not in canonical form")
     return h

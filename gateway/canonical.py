@@ -31,9 +31,10 @@ def _number(value: float) -> str:
         raise CanonicalError(f"{value!r} has no JSON form")
     if value == 0:
         return "0"
-    if value.is_integer() and abs(value) < 1e21:
+    # Below 2**53 an integral double's exact digits are its shortest digits; above,
+    # ECMAScript pads the shortest digits with zeros (2.0**68 -> 295147905179352830000).
+    if value.is_integer() and abs(value) < 2**53:
         return str(int(value))
-    # repr gives the shortest round-trip digits; re-lay them out as ECMAScript does.
     sign = "-" if value < 0 else ""
     # repr gives the shortest round-trip digits; lay them out as ECMAScript does:
     # digits d1..dk with the decimal point after position n.
@@ -79,7 +80,8 @@ def _string(value: str) -> str:
 
 
 def _encode(value: object, out: list[str], depth: int) -> None:
-    if depth > 64:
+    # depth counts the arrays and objects around `value`; at most 64 may nest.
+    if depth >= 64 and isinstance(value, Mapping | Sequence) and not isinstance(value, str):
         raise CanonicalError("nested deeper than 64 levels")
     if value is None:
         out.append("null")
@@ -100,7 +102,8 @@ def _encode(value: object, out: list[str], depth: int) -> None:
         if not all(isinstance(k, str) for k in keys):
             raise CanonicalError("object keys must be strings")
         # RFC 8785 3.2.3: sort by UTF-16 code units.
-        keys.sort(key=lambda k: k.encode("utf-16-be"))
+        # surrogatepass: a lone surrogate reaches _string and is refused there.
+        keys.sort(key=lambda k: k.encode("utf-16-be", "surrogatepass"))
         out.append("{")
         for i, k in enumerate(keys):
             if i:

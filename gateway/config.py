@@ -460,8 +460,10 @@ def parse_gateway_config(data: Mapping[str, Any], source: Path) -> GatewayConfig
     a.finish()
 
     mt = root.table("metrics")
-    metrics_listen = None if not mt.boolean("enabled", True) else _address(
-        mt, "listen", "127.0.0.1:9464")
+    # listen is read (and checked) even when disabled: it is a known key, not a misspelling.
+    metrics_enabled = mt.boolean("enabled", True)
+    metrics_address = _address(mt, "listen", "127.0.0.1:9464")
+    metrics_listen = metrics_address if metrics_enabled else None
     mt.finish()
     root.finish()
     return GatewayConfig(

@@ -30,10 +30,13 @@ def server_credentials(tls: TlsServer) -> grpc.ServerCredentials:
 
 def add_port(server: grpc.aio.Server, listen: str, tls: TlsServer | None) -> int:
     """Bind `listen`; returns the bound port (useful with port 0)."""
-    if tls is None:
-        port = server.add_insecure_port(listen)
-    else:
-        port = server.add_secure_port(listen, server_credentials(tls))
+    try:
+        if tls is None:
+            port = server.add_insecure_port(listen)
+        else:
+            port = server.add_secure_port(listen, server_credentials(tls))
+    except RuntimeError:  # grpcio raises "Failed to bind" rather than returning 0
+        port = 0
     if port == 0:
         raise ConfigError(f"cannot listen on {listen}: address in use or not available")
     return port

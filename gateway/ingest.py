@@ -1,0 +1,310 @@
+"""MQTT intake: QoS 1 messages in, PUBACK only after the spool commit.
+
+paho-mqtt runs with manual acknowledgement; each message is decoded on paho's
+network thread, appended to the spool, and acknowledged from the spool's
+commit callback. A PUBACK is sent only on the connection the message arrived
+on: after a reconnect the broker re-sends what was not acknowledged (the
+persistent session, clean_start false), and the spool absorbs the duplicate.
+Rejected payloads are recorded in the spool, published to the dead-letter
+topic and then acknowledged, so the broker does not redeliver them forever.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import ssl
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, Protocol
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from gateway import metrics
+from gateway.config import MqttConfig
+from gateway.errors import ConfigError, Rejected
+from gateway.spool import AppendResult, Incoming, Outcome, RejectRecord, Spool, now_ms
+
+log = logging.getLogger("gateway.ingest")
+PAYLOAD_HEAD_BYTES = 256
+
+
+class Decoder(Protocol):
+    def decode(self, device_id: str, topic: str, payload: bytes, received_ms: int,
+               channel: str) -> Incoming: ...
+
+
+def dead_letter(rej: Rejected, device_id: str, topic: str, payload: bytes, received_ms: int,
+                payload_sha256: bytes) -> bytes:
+    """The dead-letter JSON: reason, detail, device, topic, time, payload hash and head."""
+    return json.dumps({
+        "reason": rej.reason,
+        "detail": rej.detail,
+        "device": device_id,
+        "topic": topic,
+        "received_ms": received_ms,
+        "payload_sha256": payload_sha256.hex(),
+        "payload_size": len(payload),
+        "payload_head_b64": base64.b64encode(payload[:PAYLOAD_HEAD_BYTES]).decode("ascii"),
+    }, separators=(",", ":"), sort_keys=True).encode("utf-8")
+
+
+def device_from_topic(topic: str, level: int) -> str | None:
+    parts = topic.split("/")
+    if level >= len(parts) or not parts[level]:
+        return None
+    return parts[level]
+
+
+class Intake:
+    """Turns payloads from any channel into spool appends; shared by MQTT and gRPC."""
+
+    def __init__(self, spool: Spool, decoder: Decoder, reject_prefix: str,
+                 publish_dead_letter: Callable[[int, str, bytes], None]) -> None:
+        self.spool = spool
+        self.decoder = decoder
+        self.reject_prefix = reject_prefix
+        self._publish = publish_dead_letter
+
+    def reject_topic(self, device_id: str) -> str:
+        return f"{self.reject_prefix}/{device_id or '_unknown'}"
+
+    def submit(self, device_id: str | None, topic: str, payload: bytes, channel: str,
+               done: Callable[[AppendResult | BaseException, Rejected | None], None]) -> None:
+        """Decode and append; `done` runs once the outcome is durable (or failed)."""
+        import hashlib
+
+        received = now_ms()
+        metrics.received.labels(channel).inc()
+        try:
+            if device_id is None:
+                raise Rejected("unknown_topic", f"no device id in topic {topic!r}")
+            item: Incoming | RejectRecord = self.decoder.decode(
+                device_id, topic, payload, received, channel)
+            rej = None
+        except Rejected as r:
+            rej = r
+            item = self._reject_record(r, device_id or "", topic, payload, received,
+                                       hashlib.sha256(payload).digest())
+        fut = self.spool.append(item)
+        fut.add_done_callback(lambda f: self._appended(f, item, rej, topic, payload, channel, done))
+
+    def _reject_record(self, r: Rejected, device_id: str, topic: str, payload: bytes,
+                       received: int, sha: bytes) -> RejectRecord:
+        return RejectRecord(reason=r.reason, device_id=device_id, topic=self.reject_topic(device_id),
+                            message=dead_letter(r, device_id, topic, payload, received, sha),
+                            received_ms=received)
+
+    def _appended(self, f: Future[AppendResult], item: Incoming | RejectRecord,
+                  rej: Rejected | None, topic: str, payload: bytes, channel: str,
+                  done: Callable[[AppendResult | BaseException, Rejected | None], None]) -> None:
+        exc = f.exception()
+        if exc is not None:
+            done(exc, rej)
+            return
+        res = f.result()
+        if res.outcome is Outcome.STORED:
+            metrics.stored.labels(channel).inc()
+        elif res.outcome is Outcome.DUPLICATE:
+            metrics.duplicates.labels(channel).inc()
+        elif res.outcome is Outcome.CONFLICT:
+            # Same (device, seq), other content: a replay or tamper. Record it, then answer.
+            assert isinstance(item, Incoming)
+            r = Rejected("conflicting_duplicate",
+                         f"seq {item.device_seq} was already stored with other content "
+                         f"(tx {res.tx_id.hex()[:16]})")
+            rec = self._reject_record(r, item.device_id, topic, payload, item.received_ms,
+                                      item.payload_sha256)
+            fut2 = self.spool.append(rec)
+            fut2.add_done_callback(
+                lambda f2: self._appended(f2, rec, r, topic, payload, channel, done))
+            return
+        elif res.outcome is Outcome.REJECT_RECORDED:
+            assert isinstance(item, RejectRecord) and rej is not None
+            metrics.rejected.labels(channel, rej.reason).inc()
+            self._publish(res.reject_id, item.topic, item.message)
+        done(res, rej)
+
+
+class MqttIngest:
+    """The paho client: subscription, manual PUBACKs, dead-letter publishing."""
+
+    def __init__(self, cfg: MqttConfig, spool: Spool, decoder: Decoder) -> None:
+        self.cfg = cfg
+        self.spool = spool
+        self.intake = Intake(spool, decoder, cfg.reject_topic_prefix, self.publish_dead_letter)
+        self.connected = False
+        self.subscribed = threading.Event()
+        self.paused = False
+        self.acks = 0
+        self._gen = 0
+        self._lock = threading.Lock()
+        self._pub_mids: dict[int, int] = {}
+        self._published: list[int] = []
+        self._flush_scheduled = False
+        self._held: list[tuple[str | None, str, bytes, int, int, int]] = []
+        self._client = self._make_client()
+
+    def _make_client(self) -> mqtt.Client:
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.cfg.client_id,
+                        protocol=MQTTProtocolVersion.MQTTv5, manual_ack=True)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        c.on_publish = self._on_publish
+        c.reconnect_delay_set(max(1, int(self.cfg.reconnect_min_s)), int(self.cfg.reconnect_max_s))
+        # Dead letters queue while the broker is away; they are also in the spool.
+        c.max_queued_messages_set(0)
+        c.max_inflight_messages_set(1000)
+        if self.cfg.username is not None:
+            password = None
+            if self.cfg.password_file is not None:
+                try:
+                    password = self.cfg.password_file.read_text(encoding="utf-8").strip()
+                except OSError as e:
+                    raise ConfigError(f"mqtt.password_file {self.cfg.password_file} cannot be "
+                                      f"read: {e.strerror}") from None
+            c.username_pw_set(self.cfg.username, password)
+        if self.cfg.tls is not None:
+            try:
+                c.tls_set(ca_certs=str(self.cfg.tls.ca_file),
+                          certfile=str(self.cfg.tls.cert_file) if self.cfg.tls.cert_file else None,
+                          keyfile=str(self.cfg.tls.key_file) if self.cfg.tls.key_file else None,
+                          tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            except (OSError, ssl.SSLError) as e:
+                raise ConfigError(f"mqtt.tls files cannot be loaded: {e}") from None
+        return c
+
+    def start(self) -> None:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.cfg.session_expiry_s
+        # The broker sends at most this many unacknowledged QoS 1 messages: it bounds
+        # what waits for a group commit, and so the memory intake can take.
+        props.ReceiveMaximum = self.cfg.receive_maximum
+        self._client.connect_async(self.cfg.host, self.cfg.port, self.cfg.keepalive_s,
+                                   clean_start=False, properties=props)
+        self._client.loop_start()
+
+    def stop(self) -> None:
+        """Stop intake: disconnect; unacknowledged messages stay with the broker."""
+        with self._lock:
+            self._gen += 1
+        self._client.disconnect()
+        self._client.loop_stop()
+        self.connected = False
+        metrics.mqtt_connected.set(0)
+
+    # ---- paho callbacks (network thread) ---------------------------------
+
+    def _on_connect(self, client: mqtt.Client, _u: Any, _flags: Any, reason: Any,
+                    _props: Any) -> None:
+        if reason.is_failure:
+            log.warning("mqtt connect to %s:%s refused: %s", self.cfg.host, self.cfg.port, reason)
+            return
+        with self._lock:
+            self._gen += 1
+        self.connected = True
+        metrics.mqtt_connected.set(1)
+        log.info("mqtt connected to %s:%s", self.cfg.host, self.cfg.port)
+        self._subscribe()
+        self._republish_dead_letters()
+
+    def _subscribe(self) -> None:
+        result, _ = self._client.subscribe([(t, 1) for t in self.cfg.topics])
+        if result == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self.subscribed.set()
+
+    def _on_disconnect(self, _c: mqtt.Client, _u: Any, _flags: Any, reason: Any,
+                       _props: Any) -> None:
+        with self._lock:
+            self._gen += 1
+        self.connected = False
+        self.subscribed.clear()
+        metrics.mqtt_connected.set(0)
+        log.warning("mqtt disconnected: %s; reconnecting with backoff", reason)
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        topic = msg.topic
+        device = device_from_topic(topic, self.cfg.device_id_level)
+        with self._lock:
+            gen = self._gen
+            if self.paused:
+                self._held.append((device, topic, msg.payload, msg.mid, msg.qos, gen))
+                return
+        self._submit(device, topic, msg.payload, msg.mid, msg.qos, gen)
+
+    def _submit(self, device: str | None, topic: str, payload: bytes, mid: int, qos: int,
+                gen: int) -> None:
+        self.intake.submit(device, topic, payload, "mqtt",
+                           lambda res, _rej: self._done(res, mid, qos, gen))
+
+    def _done(self, res: AppendResult | BaseException, mid: int, qos: int, gen: int) -> None:
+        if isinstance(res, BaseException):
+            # Not committed: no PUBACK. The broker re-sends it after the next reconnect.
+            log.error("spool append failed, message %d stays unacknowledged: %s", mid, res)
+            return
+        if qos == 0:
+            return
+        with self._lock:
+            if gen != self._gen:
+                return  # arrived on an older connection; the broker re-sends it
+            self._client.ack(mid, qos)
+            self.acks += 1
+
+    # ---- dead letters ----------------------------------------------------
+
+    def publish_dead_letter(self, reject_id: int, topic: str, message: bytes) -> None:
+        if not self.connected:
+            return  # stays unpublished in the spool; republished on connect
+        info = self._client.publish(topic, message, qos=1)
+        if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            with self._lock:
+                self._pub_mids[info.mid] = reject_id
+
+    def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, _reason: Any, _p: Any) -> None:
+        with self._lock:
+            rid = self._pub_mids.pop(mid, None)
+            if rid is None:
+                return
+            self._published.append(rid)
+            metrics.dead_letters_published.inc()
+            if self._flush_scheduled:
+                return
+            self._flush_scheduled = True
+        self.spool.write(self._mark_published)
+
+    def _mark_published(self, conn: Any) -> None:
+        with self._lock:
+            ids, self._published = self._published, []
+            self._flush_scheduled = False
+        Spool.w_mark_published(conn, ids)
+
+    def _republish_dead_letters(self) -> None:
+        def publish(f: Future[list[tuple[int, str, bytes]]]) -> None:
+            if f.exception() is None:
+                for rid, topic, message in f.result():
+                    self.publish_dead_letter(rid, topic, message)
+        self.spool.read(lambda c: Spool.q_unpublished_rejects(c, 10_000)).add_done_callback(publish)
+
+    # ---- back-pressure ---------------------------------------------------
+    #
+    # Pausing must not unsubscribe: a persistent session without the subscription
+    # would stop queueing for us. Instead, held messages are not acknowledged;
+    # once receive_maximum of them are in flight the broker sends no more and
+    # keeps the rest queued in the session.
+
+    def pause(self) -> None:
+        with self._lock:
+            self.paused = True
+
+    def resume(self) -> None:
+        with self._lock:
+            self.paused = False
+            held, self._held = self._held, []
+        for device, topic, payload, mid, qos, gen in held:
+            self._submit(device, topic, payload, mid, qos, gen)

@@ -1,0 +1,276 @@
+"""The service: start every stage, watch them, stop them along one path.
+
+Start order: PIN, spool, HSM, forwarder and batcher resume, API server, MQTT;
+READY=1 once the subscription is up. SIGTERM (and tests, and fatal errors)
+take the same stop path: stop intake, flush the group commit, cut and sign the
+open batch, forward until the drain deadline, close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+import grpc
+import psutil
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from gateway import __version__, metrics
+from gateway._pb.edgegateway.v1 import gateway_pb2, gateway_pb2_grpc
+from gateway.api import SERVICE_NAME, GatewayApi
+from gateway.batcher import Batcher
+from gateway.config import GatewayConfig
+from gateway.forwarder import Forwarder
+from gateway.grpcutil import SERVER_OPTIONS, add_port
+from gateway.ingest import MqttIngest
+from gateway.notify import Notifier
+from gateway.profiles import JsonDecoder
+from gateway.signer import Signer
+from gateway.spool import Spool
+
+log = logging.getLogger("gateway.service")
+INTAKE_HEALTH = "edgegateway.v1.Intake"
+# A stage that has not made progress (nor been idle and healthy) for this long
+# stops the watchdog pings, so systemd restarts the service.
+STUCK_AFTER_S = 60.0
+DRAIN_TIMEOUT_S = 20.0
+RESUME_FRACTION = 0.9  # hysteresis: resume once depth falls below 90 % of the limit
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    api_port: int
+    metrics_port: int | None
+
+
+class Gateway:
+    def __init__(self, cfg: GatewayConfig, notifier: Notifier | None = None) -> None:
+        self.cfg = cfg
+        self.notifier = notifier or Notifier.from_environ(os.environ)
+        self.stop_event = asyncio.Event()
+        self.started_at = time.monotonic()
+        self.paused_reason: str | None = None
+        self.spool: Spool | None = None
+        self.signer: Signer | None = None
+        self.batcher: Batcher | None = None
+        self.forwarder: Forwarder | None = None
+        self.mqtt: MqttIngest | None = None
+        self.health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+
+    def request_stop(self) -> None:
+        self.stop_event.set()
+
+    # ---- status ------------------------------------------------------------
+
+    def status(self) -> gateway_pb2.GatewayStatus:
+        st = gateway_pb2.GatewayStatus(gateway_id=self.cfg.gateway_id, version=__version__)
+        st.uptime_s = int(time.monotonic() - self.started_at)
+        if self.spool is not None:
+            st.transactions_stored = self.spool.stored
+            st.transactions_rejected = self.spool.rejects
+        if self.batcher is not None:
+            st.spool_depth = self.batcher.depth
+            oldest = self.batcher.oldest_pending_ms
+            st.oldest_pending_age_s = 0.0 if oldest is None else max(0.0,
+                                                                      time.time() - oldest / 1000)
+            st.last_signed_seq = self.batcher.next_seq - 1
+        if self.forwarder is not None:
+            st.last_committed_seq = self.forwarder.last_committed_seq
+            for n in self.forwarder.nodes:
+                st.ledger_nodes.add(node_id=n.ref.node_id, address=n.ref.address, state=n.state,
+                                    next_seq=n.next_seq or 0, last_error=n.last_error)
+        if self.signer is not None:
+            st.hsm_state = self.signer.state
+            if self.signer.info is not None:
+                st.key_id = self.signer.info.key_id.hex()
+        st.mqtt_connected = bool(self.mqtt and self.mqtt.connected)
+        st.intake_paused = self.paused_reason is not None
+        st.intake_paused_reason = self.paused_reason or ""
+        # /proc may be partly hidden by the unit's sandbox; status must not fail for it.
+        with contextlib.suppress(OSError, psutil.Error):
+            st.cpu_percent = psutil.cpu_percent(interval=None)
+        with contextlib.suppress(OSError, psutil.Error):
+            st.memory_percent = psutil.virtual_memory().percent
+        with contextlib.suppress(OSError):
+            st.spool_disk_free_bytes = float(psutil.disk_usage(str(self.cfg.spool.path.parent)).free)
+        return st
+
+    def summary(self) -> str:
+        st = self.status()
+        return (f"stored {st.transactions_stored}, depth {st.spool_depth}, signed seq "
+                f"{st.last_signed_seq}, committed seq {st.last_committed_seq}, mqtt "
+                f"{'up' if st.mqtt_connected else 'down'}"
+                + (f", intake paused: {st.intake_paused_reason}" if st.intake_paused else ""))
+
+    # ---- back-pressure -----------------------------------------------------
+
+    def _pressure(self) -> str | None:
+        """Why intake must pause now, or None. Hysteresis keeps it from flapping."""
+        assert self.batcher is not None
+        depth = self.batcher.depth
+        limit = self.cfg.spool.max_depth
+        paused = self.paused_reason is not None
+        if depth >= limit or (paused and depth >= limit * RESUME_FRACTION
+                              and self.paused_reason is not None
+                              and self.paused_reason.startswith("spool depth")):
+            return f"spool depth {depth} at limit {limit}"
+        try:
+            free = psutil.disk_usage(str(self.cfg.spool.path.parent)).free
+        except OSError:
+            return None
+        need = self.cfg.spool.min_free_bytes
+        if free < need or (paused and self.paused_reason is not None
+                           and self.paused_reason.startswith("spool disk")
+                           and free < need * 1.1):
+            return f"spool disk free {free} bytes below {need}"
+        return None
+
+    async def _monitor(self) -> None:
+        assert self.batcher is not None and self.forwarder is not None and self.mqtt is not None
+        interval = self.notifier.watchdog_interval_s() or 5.0
+        last_status = 0.0
+        while not self.stop_event.is_set():
+            reason = self._pressure()
+            if reason != self.paused_reason:
+                if reason is not None:
+                    log.warning("intake paused: %s", reason)
+                    self.mqtt.pause()
+                    await self.health.set(INTAKE_HEALTH, health_pb2.HealthCheckResponse.NOT_SERVING)
+                else:
+                    log.info("intake resumed")
+                    self.mqtt.resume()
+                    await self.health.set(INTAKE_HEALTH, health_pb2.HealthCheckResponse.SERVING)
+                self.paused_reason = reason
+                metrics.intake_paused.set(1 if reason else 0)
+            metrics.spool_depth.set(self.batcher.depth)
+            oldest = self.batcher.oldest_pending_ms
+            metrics.oldest_pending.set(0 if oldest is None else max(0, time.time() - oldest / 1000))
+            now = time.monotonic()
+            stuck = now - self.batcher.last_progress > STUCK_AFTER_S
+            if not stuck:
+                self.notifier.watchdog()
+            elif int(now) % 30 == 0:
+                log.error("batcher made no progress for %.0f s; watchdog pings withheld",
+                          now - self.batcher.last_progress)
+            if now - last_status >= 5:
+                self.notifier.status(self.summary())
+                last_status = now
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_event.wait(), min(interval, 1.0))
+
+    # ---- run ---------------------------------------------------------------
+
+    async def start(self) -> Started:
+        cfg = self.cfg
+        pin = cfg.hsm.pin.read()
+        self.spool = Spool(cfg.spool, cfg.gateway_id)
+        await asyncio.to_thread(self.spool.open)
+        self.signer = Signer(cfg.hsm, pin)
+        del pin
+        info = await asyncio.to_thread(self.signer.start)
+        log.info("hsm token %s key %s key_id %s", info.token_label, info.key_label,
+                 info.key_id.hex())
+        self.forwarder = Forwarder(cfg.forwarder, self.spool, cfg.gateway_id)
+        await self.forwarder.resume()
+        self.batcher = Batcher(cfg.batch, self.spool, self.signer, cfg.gateway_id, info.key_id,
+                               self.forwarder.notify_signed)
+        await self.batcher.resume()
+        decoder = JsonDecoder(cfg.gateway_id, cfg.mqtt.max_payload_bytes)
+        self.mqtt = MqttIngest(cfg.mqtt, self.spool, decoder)
+
+        server = grpc.aio.server(options=list(SERVER_OPTIONS))
+        api = GatewayApi(self.spool, self.mqtt.intake, self.status, lambda: self.paused_reason)
+        gateway_pb2_grpc.add_GatewayServiceServicer_to_server(api, server)  # type: ignore[no-untyped-call]
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        api_port = add_port(server, cfg.api.listen, cfg.api.tls)
+        await server.start()
+        self._server = server
+        for name in ("", SERVICE_NAME, INTAKE_HEALTH):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        metrics_port = None
+        if cfg.metrics.listen is not None:
+            host, _, port = cfg.metrics.listen.rpartition(":")
+            httpd, _thread = start_http_server(int(port), addr=host.strip("[]"),
+                                               registry=metrics.REGISTRY)
+            metrics_port = httpd.server_address[1]
+        self.mqtt.start()
+        log.info("gateway %s api on port %d, mqtt %s:%d", cfg.gateway_id, api_port,
+                 cfg.mqtt.host, cfg.mqtt.port)
+        return Started(api_port=api_port, metrics_port=metrics_port)
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
+        try:
+            await self.start()
+            assert self.batcher and self.forwarder and self.mqtt
+            batch_stop = asyncio.Event()
+            fwd_stop = asyncio.Event()
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.batcher.run(batch_stop), name="batcher")
+                tg.create_task(self.forwarder.run(fwd_stop), name="forwarder")
+                tg.create_task(self._monitor(), name="monitor")
+                tg.create_task(self._announce_ready(), name="ready")
+                await self.stop_event.wait()
+                await self._drain(batch_stop, fwd_stop)
+        finally:
+            await self._close()
+        return 0
+
+    async def _announce_ready(self) -> None:
+        assert self.mqtt is not None
+        while not self.stop_event.is_set():
+            if self.mqtt.subscribed.is_set():
+                self.notifier.ready(self.summary())
+                log.info("ready")
+                return
+            await asyncio.sleep(0.05)
+
+    def _reload(self) -> None:
+        self.notifier.reloading()
+        log.info("reload requested; configuration reload takes effect on restart")
+        self.notifier.ready(self.summary())
+
+    async def _drain(self, batch_stop: asyncio.Event, fwd_stop: asyncio.Event) -> None:
+        """Graceful stop: no new intake, flush, sign the open batch, forward, stop."""
+        assert self.mqtt and self.spool and self.batcher and self.forwarder
+        self.notifier.stopping("draining")
+        log.info("stopping: intake closed, signing the open batch and forwarding")
+        t0 = time.monotonic()
+        await asyncio.to_thread(self.mqtt.stop)
+        await asyncio.wrap_future(self.spool.write(lambda _c: None))  # group commit flushed
+        batch_stop.set()
+        made = await self.batcher.flush()
+        while not self.forwarder.all_delivered() and time.monotonic() - t0 < DRAIN_TIMEOUT_S:
+            await asyncio.sleep(0.05)
+        fwd_stop.set()
+        log.info("stopped: %d final batch(es), last signed %d, last committed %d%s", made,
+                 self.batcher.next_seq - 1, self.forwarder.last_committed_seq,
+                 "" if self.forwarder.all_delivered()
+                 else " (the rest is forwarded after the next start)")
+
+    async def _close(self) -> None:
+        if self._server is not None:
+            await self._server.stop(1.0)
+        if self.mqtt is not None and self.mqtt.connected:
+            await asyncio.to_thread(self.mqtt.stop)
+        if self.signer is not None:
+            await asyncio.to_thread(self.signer.close)
+        if self.spool is not None:
+            await asyncio.to_thread(self.spool.close)
+
+
+def run(cfg: GatewayConfig) -> int:
+    return asyncio.run(Gateway(cfg).run())

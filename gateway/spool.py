@@ -1,0 +1,535 @@
+"""The spool: the gateway's only shared state, SQLite in WAL mode on disk.
+
+Promise 1 lives here: an append's Future resolves only after its group commit
+is durable (WAL, synchronous=FULL, fsync at commit), so an MQTT PUBACK or a
+gRPC answer sent from that Future never acknowledges what a kill -9 could
+lose. Every write runs on one writer thread (no lock contention, group commit
+for free); reads run on a small pool with their own connections.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from gateway.config import SpoolConfig
+from gateway.errors import SpoolError, SpoolIntegrityError
+
+log = logging.getLogger("gateway.spool")
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+-- AUTOINCREMENT keeps rowids monotonic, so "pending" is simply rowid > the last batch's last_rowid.
+CREATE TABLE IF NOT EXISTS tx (
+    rowid INTEGER PRIMARY KEY AUTOINCREMENT,
+    device_id TEXT NOT NULL,
+    device_seq INTEGER NOT NULL,
+    payload_sha256 BLOB NOT NULL,
+    tx_id BLOB NOT NULL,
+    leaf BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL,
+    UNIQUE (device_id, device_seq)
+);
+CREATE INDEX IF NOT EXISTS tx_by_id ON tx (tx_id);
+CREATE TABLE IF NOT EXISTS device (
+    device_id TEXT PRIMARY KEY,
+    last_seq INTEGER NOT NULL,
+    last_seen_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS batch (
+    seq INTEGER PRIMARY KEY,
+    header BLOB NOT NULL,
+    signature BLOB NOT NULL,
+    header_hash BLOB NOT NULL,
+    first_rowid INTEGER NOT NULL,
+    last_rowid INTEGER NOT NULL,
+    tx_count INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL,
+    committed_ms INTEGER
+);
+CREATE INDEX IF NOT EXISTS batch_by_last_rowid ON batch (last_rowid);
+CREATE TABLE IF NOT EXISTS receipt (
+    seq INTEGER NOT NULL,
+    node_id TEXT NOT NULL,
+    receipt BLOB NOT NULL,
+    received_ms INTEGER NOT NULL,
+    PRIMARY KEY (seq, node_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS reject (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    received_ms INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    message BLOB NOT NULL,
+    published INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS reject_unpublished ON reject (published) WHERE published = 0;
+"""
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """A decoded transaction on its way into the spool."""
+
+    device_id: str
+    device_seq: int
+    payload_sha256: bytes
+    tx_id: bytes  # leaf hash
+    leaf: bytes
+    received_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class RejectRecord:
+    """A refused payload; `message` is the dead-letter JSON to publish."""
+
+    reason: str
+    device_id: str
+    topic: str
+    message: bytes
+    received_ms: int
+
+
+class Outcome(enum.Enum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"  # same (device, seq), same content: acknowledged again
+    CONFLICT = "conflict"  # same (device, seq), other content: recorded as a reject
+    REJECT_RECORDED = "reject_recorded"
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    outcome: Outcome
+    tx_id: bytes = b""
+    reject_id: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PendingTx:
+    rowid: int
+    tx_id: bytes
+    size: int
+    received_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBatch:
+    seq: int
+    header: bytes
+    signature: bytes
+    header_hash: bytes
+    first_rowid: int
+    last_rowid: int
+    tx_count: int
+    created_ms: int
+    committed_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class TxRecord:
+    rowid: int
+    tx_id: bytes
+    leaf: bytes
+    device_id: str
+    device_seq: int
+    received_ms: int
+
+
+_BATCH_COLS = (
+    "seq, header, signature, header_hash, first_rowid, last_rowid, tx_count, created_ms, "
+    "committed_ms"
+)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False,
+                           timeout=30.0)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA busy_timeout=30000")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+class _Op:
+    __slots__ = ("fn", "future")
+
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any], future: Future[Any]) -> None:
+        self.fn = fn
+        self.future = future
+
+
+_STOP = object()
+
+
+class Spool:
+    def __init__(self, cfg: SpoolConfig, gateway_id: str) -> None:
+        self.cfg = cfg
+        self.gateway_id = gateway_id
+        self.path = cfg.path
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._writer: threading.Thread | None = None
+        self._wconn: sqlite3.Connection | None = None
+        self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="spool-read")
+        self._local = threading.local()
+        self._commit_listeners: list[Callable[[int], None]] = []
+        self.max_rowid = 0
+        self.stored = 0
+        self.duplicates = 0
+        self.rejects = 0
+        self.commits = 0
+        self.last_error: str | None = None
+
+    # ---- lifecycle -------------------------------------------------------
+
+    def open(self, check_integrity: bool = True) -> None:
+        directory = self.path.parent
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SpoolError(f"spool.path directory {directory} cannot be created: {e.strerror}") \
+                from None
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise SpoolError(
+                f"spool.path directory {directory} is not writable by this user: "
+                "fix its owner or mode (the unit's StateDirectory= does this)"
+            )
+        existed = self.path.exists()
+        try:
+            conn = _connect(self.path)
+        except sqlite3.DatabaseError as e:
+            raise SpoolIntegrityError(
+                f"spool {self.path} cannot be opened as SQLite ({e}); it was left untouched: "
+                "move it aside to start with an empty spool"
+            ) from None
+        if existed and check_integrity:
+            try:
+                row = conn.execute("PRAGMA quick_check").fetchone()
+            except sqlite3.DatabaseError as e:
+                row = (str(e),)
+            if row is None or row[0] != "ok":
+                conn.close()
+                raise SpoolIntegrityError(
+                    f"spool {self.path} failed SQLite's integrity check ({row[0] if row else '?'}); "
+                    "it was left untouched: keep it for analysis and move it aside to start "
+                    "with an empty spool"
+                )
+        try:
+            conn.executescript(SCHEMA)
+            self._check_meta(conn)
+        except sqlite3.DatabaseError as e:
+            conn.close()
+            raise SpoolIntegrityError(f"spool {self.path} is not a gateway spool: {e}") from None
+        self.max_rowid = conn.execute("SELECT coalesce(max(rowid), 0) FROM tx").fetchone()[0]
+        self._wconn = conn
+        self._writer = threading.Thread(target=self._write_loop, name="spool-writer", daemon=True)
+        self._writer.start()
+
+    def _check_meta(self, conn: sqlite3.Connection) -> None:
+        rows = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        if not rows:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany("INSERT INTO meta VALUES (?, ?)", [
+                ("schema_version", str(SCHEMA_VERSION)), ("gateway_id", self.gateway_id)])
+            conn.execute("COMMIT")
+            return
+        if rows.get("gateway_id") != self.gateway_id:
+            raise SpoolError(
+                f"spool {self.path} belongs to gateway {rows.get('gateway_id')!r}, not "
+                f"{self.gateway_id!r}: a spool carries one gateway's chain; point spool.path "
+                "elsewhere or fix gateway.id"
+            )
+        if rows.get("schema_version") != str(SCHEMA_VERSION):
+            raise SpoolError(f"spool {self.path} has schema {rows.get('schema_version')}, "
+                             f"this gateway reads {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        if self._writer is not None and self._writer.is_alive():
+            self._queue.put(_STOP)
+            self._writer.join(30)
+        self._readers.shutdown(wait=True)
+        if self._wconn is not None:
+            self._wconn.close()
+            self._wconn = None
+
+    def on_commit(self, listener: Callable[[int], None]) -> None:
+        """Call `listener(max_rowid)` on the writer thread after each commit that stored rows."""
+        self._commit_listeners.append(listener)
+
+    # ---- writer ----------------------------------------------------------
+
+    def append(self, item: Incoming | RejectRecord) -> Future[AppendResult]:
+        fut: Future[AppendResult] = Future()
+        self._queue.put((item, fut))
+        return fut
+
+    def write(self, fn: Callable[[sqlite3.Connection], T]) -> Future[T]:
+        """Run fn(conn) on the writer thread inside its own transaction."""
+        fut: Future[T] = Future()
+        self._queue.put(_Op(fn, fut))
+        return fut
+
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    def _write_loop(self) -> None:
+        conn = self._wconn
+        assert conn is not None
+        limit = self.cfg.group_commit_max
+        linger = self.cfg.group_commit_wait_ms / 1000.0
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            group: list[Any] = [first]
+            ops: list[_Op] = []
+            stop = False
+            deadline = time.monotonic() + linger
+            while len(group) < limit:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    if linger <= 0 or time.monotonic() >= deadline:
+                        break
+                    try:
+                        item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    except queue.Empty:
+                        break
+                if item is _STOP:
+                    stop = True
+                    break
+                group.append(item)
+            appends = [g for g in group if not isinstance(g, _Op)]
+            ops = [g for g in group if isinstance(g, _Op)]
+            if appends:
+                self._commit_appends(conn, appends)
+            for op in ops:
+                self._run_op(conn, op)
+            if stop:
+                return
+
+    def _commit_appends(self, conn: sqlite3.Connection, appends: list[Any]) -> None:
+        results: list[AppendResult] = []
+        devices: dict[str, tuple[int, int]] = {}
+        stored = dup = rej = 0
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for item, _fut in appends:
+                if isinstance(item, Incoming):
+                    cur = conn.execute(
+                        "INSERT INTO tx (device_id, device_seq, payload_sha256, tx_id, leaf, size,"
+                        " received_ms) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                        " ON CONFLICT (device_id, device_seq) DO NOTHING",
+                        (item.device_id, item.device_seq, item.payload_sha256, item.tx_id,
+                         item.leaf, len(item.leaf), item.received_ms),
+                    )
+                    if cur.rowcount == 1:
+                        results.append(AppendResult(Outcome.STORED, item.tx_id))
+                        stored += 1
+                        prev = devices.get(item.device_id)
+                        if prev is None or item.device_seq > prev[0]:
+                            devices[item.device_id] = (item.device_seq, item.received_ms)
+                        continue
+                    row = conn.execute(
+                        "SELECT payload_sha256, tx_id FROM tx WHERE device_id = ? AND device_seq = ?",
+                        (item.device_id, item.device_seq),
+                    ).fetchone()
+                    if row is not None and row[0] == item.payload_sha256:
+                        results.append(AppendResult(Outcome.DUPLICATE, row[1]))
+                        dup += 1
+                    else:
+                        results.append(AppendResult(Outcome.CONFLICT, row[1] if row else b""))
+                else:
+                    cur = conn.execute(
+                        "INSERT INTO reject (received_ms, reason, device_id, topic, message)"
+                        " VALUES (?, ?, ?, ?, ?)",
+                        (item.received_ms, item.reason, item.device_id, item.topic, item.message),
+                    )
+                    rej += 1
+                    results.append(AppendResult(Outcome.REJECT_RECORDED,
+                                                reject_id=int(cur.lastrowid or 0)))
+            if devices:
+                conn.executemany(
+                    "INSERT INTO device (device_id, last_seq, last_seen_ms) VALUES (?, ?, ?)"
+                    " ON CONFLICT (device_id) DO UPDATE SET"
+                    " last_seq = max(last_seq, excluded.last_seq), last_seen_ms = excluded.last_seen_ms",
+                    [(d, s, t) for d, (s, t) in devices.items()],
+                )
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            self._rollback(conn)
+            self.last_error = f"{type(e).__name__}: {e}"
+            log.error("spool group commit of %d failed: %s", len(appends), e)
+            err = SpoolError(f"spool write failed: {e}")
+            for _item, fut in appends:
+                fut.set_exception(err)
+            return
+        self.commits += 1
+        self.stored += stored
+        self.duplicates += dup
+        self.rejects += rej
+        self.last_error = None
+        if stored:
+            self.max_rowid = conn.execute("SELECT max(rowid) FROM tx").fetchone()[0]
+        for (_item, fut), res in zip(appends, results, strict=True):
+            fut.set_result(res)
+        if stored:
+            for listener in self._commit_listeners:
+                listener(self.max_rowid)
+
+    @staticmethod
+    def _rollback(conn: sqlite3.Connection) -> None:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+    def _run_op(self, conn: sqlite3.Connection, op: _Op) -> None:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            result = op.fn(conn)
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            self._rollback(conn)
+            self.last_error = f"{type(e).__name__}: {e}"
+            op.future.set_exception(SpoolError(f"spool write failed: {e}"))
+            return
+        except BaseException as e:  # the op's own error travels to its caller unchanged
+            self._rollback(conn)
+            op.future.set_exception(e)
+            return
+        op.future.set_result(result)
+
+    # ---- readers ---------------------------------------------------------
+
+    def _reader_conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None,
+                                   check_same_thread=False, timeout=30.0)
+            conn.execute("PRAGMA busy_timeout=30000")
+            self._local.conn = conn
+        return conn
+
+    def read(self, fn: Callable[[sqlite3.Connection], T]) -> Future[T]:
+        return self._readers.submit(lambda: fn(self._reader_conn()))
+
+    # ---- queries (run them through read() or write()) ---------------------
+
+    @staticmethod
+    def q_last_batch(conn: sqlite3.Connection) -> StoredBatch | None:
+        row = conn.execute(f"SELECT {_BATCH_COLS} FROM batch ORDER BY seq DESC LIMIT 1").fetchone()
+        return StoredBatch(*row) if row else None
+
+    @staticmethod
+    def q_batch(conn: sqlite3.Connection, seq: int) -> StoredBatch | None:
+        row = conn.execute(f"SELECT {_BATCH_COLS} FROM batch WHERE seq = ?", (seq,)).fetchone()
+        return StoredBatch(*row) if row else None
+
+    @staticmethod
+    def q_pending(conn: sqlite3.Connection, after_rowid: int, limit: int) -> list[PendingTx]:
+        return [PendingTx(*r) for r in conn.execute(
+            "SELECT rowid, tx_id, size, received_ms FROM tx WHERE rowid > ? ORDER BY rowid LIMIT ?",
+            (after_rowid, limit))]
+
+    @staticmethod
+    def q_leaves(conn: sqlite3.Connection, first_rowid: int, last_rowid: int) -> list[bytes]:
+        return [r[0] for r in conn.execute(
+            "SELECT leaf FROM tx WHERE rowid BETWEEN ? AND ? ORDER BY rowid",
+            (first_rowid, last_rowid))]
+
+    @staticmethod
+    def q_tx_ids(conn: sqlite3.Connection, first_rowid: int, last_rowid: int) -> list[bytes]:
+        return [r[0] for r in conn.execute(
+            "SELECT tx_id FROM tx WHERE rowid BETWEEN ? AND ? ORDER BY rowid",
+            (first_rowid, last_rowid))]
+
+    @staticmethod
+    def q_tx(conn: sqlite3.Connection, tx_id: bytes) -> TxRecord | None:
+        row = conn.execute(
+            "SELECT rowid, tx_id, leaf, device_id, device_seq, received_ms FROM tx WHERE tx_id = ?",
+            (tx_id,)).fetchone()
+        return TxRecord(*row) if row else None
+
+    @staticmethod
+    def q_batch_of_rowid(conn: sqlite3.Connection, rowid: int) -> StoredBatch | None:
+        row = conn.execute(
+            f"SELECT {_BATCH_COLS} FROM batch WHERE last_rowid >= ? ORDER BY last_rowid LIMIT 1",
+            (rowid,)).fetchone()
+        if row is None:
+            return None
+        b = StoredBatch(*row)
+        return b if b.first_rowid <= rowid else None
+
+    @staticmethod
+    def q_receipts(conn: sqlite3.Connection, seq: int) -> list[tuple[str, bytes]]:
+        return [(r[0], r[1]) for r in conn.execute(
+            "SELECT node_id, receipt FROM receipt WHERE seq = ? ORDER BY node_id", (seq,))]
+
+    @staticmethod
+    def q_last_committed_seq(conn: sqlite3.Connection) -> int:
+        row = conn.execute(
+            "SELECT max(seq) FROM batch WHERE committed_ms IS NOT NULL").fetchone()
+        return -1 if row is None or row[0] is None else int(row[0])
+
+    @staticmethod
+    def q_unpublished_rejects(conn: sqlite3.Connection, limit: int) -> list[tuple[int, str, bytes]]:
+        return [(r[0], r[1], r[2]) for r in conn.execute(
+            "SELECT id, topic, message FROM reject WHERE published = 0 ORDER BY id LIMIT ?",
+            (limit,))]
+
+    # ---- writes ----------------------------------------------------------
+
+    @staticmethod
+    def w_store_batch(conn: sqlite3.Connection, b: StoredBatch) -> None:
+        """Header, signature and the tx-to-batch assignment (the rowid range), in one transaction."""
+        prev = conn.execute("SELECT max(seq), max(last_rowid) FROM batch").fetchone()
+        expected = 0 if prev[0] is None else prev[0] + 1
+        if b.seq != expected:
+            raise SpoolError(f"batch seq {b.seq} out of order: the spool expects {expected}")
+        if prev[1] is not None and b.first_rowid <= prev[1]:
+            raise SpoolError(f"batch {b.seq} overlaps the previous batch's transactions")
+        conn.execute(f"INSERT INTO batch ({_BATCH_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", (
+            b.seq, b.header, b.signature, b.header_hash, b.first_rowid, b.last_rowid,
+            b.tx_count, b.created_ms, b.committed_ms))
+
+    @staticmethod
+    def w_store_receipt(conn: sqlite3.Connection, seq: int, node_id: str, receipt: bytes,
+                        quorum: int) -> bool:
+        """Store a node's receipt; mark the batch committed at quorum. True if now committed."""
+        conn.execute(
+            "INSERT INTO receipt (seq, node_id, receipt, received_ms) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (seq, node_id) DO NOTHING", (seq, node_id, receipt, now_ms()))
+        n = conn.execute("SELECT count(*) FROM receipt WHERE seq = ?", (seq,)).fetchone()[0]
+        if n >= quorum:
+            conn.execute("UPDATE batch SET committed_ms = ? WHERE seq = ? AND committed_ms IS NULL",
+                         (now_ms(), seq))
+            return True
+        return False
+
+    @staticmethod
+    def w_mark_published(conn: sqlite3.Connection, ids: Iterable[int]) -> None:
+        conn.executemany("UPDATE reject SET published = 1 WHERE id = ?", [(i,) for i in ids])
+
+
+def stored_batches(conn: sqlite3.Connection, from_seq: int, limit: int) -> Sequence[StoredBatch]:
+    return [StoredBatch(*r) for r in conn.execute(
+        f"SELECT {_BATCH_COLS} FROM batch WHERE seq >= ? ORDER BY seq LIMIT ?", (from_seq, limit))]
