@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 
@@ -22,12 +23,15 @@ MAX_PAYLOADS_PER_CALL = 10_000
 SERVICE_NAME = "edgegateway.v1.GatewayService"
 
 
-def _proof_view(conn: sqlite3.Connection, tx_id: bytes) -> gateway_pb2.GetTransactionResponse | None:
+def _proof_view(
+    conn: sqlite3.Connection, tx_id: bytes
+) -> gateway_pb2.GetTransactionResponse | None:
     tx = Spool.q_tx(conn, tx_id)
     if tx is None:
         return None
-    resp = gateway_pb2.GetTransactionResponse(tx_id=tx_id.hex(), transaction=tx.leaf,
-                                              state=gateway_pb2.GetTransactionResponse.PENDING)
+    resp = gateway_pb2.GetTransactionResponse(
+        tx_id=tx_id.hex(), transaction=tx.leaf, state=gateway_pb2.GetTransactionResponse.PENDING
+    )
     batch = Spool.q_batch_of_rowid(conn, tx.rowid)
     if batch is None:
         return resp
@@ -41,13 +45,17 @@ def _proof_view(conn: sqlite3.Connection, tx_id: bytes) -> gateway_pb2.GetTransa
     resp.signature = batch.signature
     for _node, raw in Spool.q_receipts(conn, batch.seq):
         resp.receipts.add().ParseFromString(raw)
-    resp.state = (gateway_pb2.GetTransactionResponse.COMMITTED if batch.committed_ms is not None
-                  else gateway_pb2.GetTransactionResponse.BATCHED)
+    resp.state = (
+        gateway_pb2.GetTransactionResponse.COMMITTED
+        if batch.committed_ms is not None
+        else gateway_pb2.GetTransactionResponse.BATCHED
+    )
     return resp
 
 
-def _batch_view(conn: sqlite3.Connection, seq: int,
-                with_txs: bool) -> gateway_pb2.GetBatchResponse | None:
+def _batch_view(
+    conn: sqlite3.Connection, seq: int, with_txs: bool
+) -> gateway_pb2.GetBatchResponse | None:
     b = Spool.q_batch(conn, seq)
     if b is None:
         return None
@@ -61,47 +69,60 @@ def _batch_view(conn: sqlite3.Connection, seq: int,
 
 
 class GatewayApi(gateway_pb2_grpc.GatewayServiceServicer):
-    def __init__(self, spool: Spool, intake: Intake,
-                 status: Callable[[], gateway_pb2.GatewayStatus],
-                 paused: Callable[[], str | None]) -> None:
+    def __init__(
+        self,
+        spool: Spool,
+        intake: Intake,
+        status: Callable[[], gateway_pb2.GatewayStatus],
+        paused: Callable[[], str | None],
+    ) -> None:
         self.spool = spool
         self.intake = intake
         self._status = status
         self._paused = paused
 
-    async def SubmitTransactions(  # noqa: N802 - gRPC method name
-        self, request: gateway_pb2.SubmitTransactionsRequest, context: grpc.aio.ServicerContext
+    async def SubmitTransactions(
+        self,
+        request: gateway_pb2.SubmitTransactionsRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> gateway_pb2.SubmitTransactionsResponse:
         reason = self._paused()
         if reason is not None:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"intake paused ({reason}); retry after 5 s")
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, f"intake paused ({reason}); retry after 5 s"
+            )
         if len(request.payloads) > MAX_PAYLOADS_PER_CALL:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"{len(request.payloads)} payloads in one call; at most "
-                                f"{MAX_PAYLOADS_PER_CALL}")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{len(request.payloads)} payloads in one call; at most {MAX_PAYLOADS_PER_CALL}",
+            )
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[tuple[AppendResult | BaseException, Rejected | None]]] = []
         for p in request.payloads:
-            fut: asyncio.Future[tuple[AppendResult | BaseException, Rejected | None]] = \
+            fut: asyncio.Future[tuple[AppendResult | BaseException, Rejected | None]] = (
                 loop.create_future()
+            )
 
-            def done(res: AppendResult | BaseException, rej: Rejected | None,
-                     fut: asyncio.Future[tuple[AppendResult | BaseException, Rejected | None]]
-                     = fut) -> None:
+            def done(
+                res: AppendResult | BaseException,
+                rej: Rejected | None,
+                fut: asyncio.Future[tuple[AppendResult | BaseException, Rejected | None]] = fut,
+            ) -> None:
                 loop.call_soon_threadsafe(_set, fut, (res, rej))
 
-            self.intake.submit(p.device_id or None, p.topic or f"grpc/{p.device_id}",
-                               p.payload, "grpc", done)
+            self.intake.submit(
+                p.device_id or None, p.topic or f"grpc/{p.device_id}", p.payload, "grpc", done
+            )
             futures.append(fut)
         outcomes = await asyncio.gather(*futures)
         resp = gateway_pb2.SubmitTransactionsResponse()
         for res, rej in outcomes:
             r = resp.results.add()
             if isinstance(res, BaseException):
-                await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                    f"spool write failed, nothing from this call is "
-                                    f"acknowledged: {res}")
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"spool write failed, nothing from this call is acknowledged: {res}",
+                )
             elif rej is not None:
                 r.outcome = gateway_pb2.SubmitResult.REJECTED
                 r.reason, r.detail = rej.reason, rej.detail
@@ -113,38 +134,42 @@ class GatewayApi(gateway_pb2_grpc.GatewayServiceServicer):
                 r.tx_id = res.tx_id.hex()
         return resp
 
-    async def GetTransaction(  # noqa: N802
-        self, request: gateway_pb2.GetTransactionRequest, context: grpc.aio.ServicerContext
+    async def GetTransaction(
+        self,
+        request: gateway_pb2.GetTransactionRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> gateway_pb2.GetTransactionResponse:
         try:
             tx_id = bytes.fromhex(request.tx_id)
         except ValueError:
             tx_id = b""
         if len(tx_id) != 32:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                "tx_id must be 64 hex characters (the leaf hash)")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "tx_id must be 64 hex characters (the leaf hash)"
+            )
         view = await asyncio.wrap_future(self.spool.read(lambda c: _proof_view(c, tx_id)))
         if view is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no transaction {request.tx_id}")
         assert view is not None
         return view
 
-    async def GetBatch(  # noqa: N802
-        self, request: gateway_pb2.GetBatchRequest, context: grpc.aio.ServicerContext
+    async def GetBatch(
+        self, request: gateway_pb2.GetBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> gateway_pb2.GetBatchResponse:
-        view = await asyncio.wrap_future(self.spool.read(
-            lambda c: _batch_view(c, request.seq, request.include_transactions)))
+        view = await asyncio.wrap_future(
+            self.spool.read(lambda c: _batch_view(c, request.seq, request.include_transactions))
+        )
         if view is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no batch {request.seq}")
         assert view is not None
         return view
 
-    async def GetStatus(  # noqa: N802
-        self, request: gateway_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
+    async def GetStatus(
+        self, request: gateway_pb2.GetStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> gateway_pb2.GatewayStatus:
         return self._status()
 
 
-def _set(fut: asyncio.Future[object], value: object) -> None:
+def _set(fut: asyncio.Future[Any], value: Any) -> None:
     if not fut.done():
         fut.set_result(value)

@@ -56,8 +56,15 @@ def decide_cut(rows: Sequence[PendingTx], cfg: BatchConfig, now: int, force: boo
 
 
 class Batcher:
-    def __init__(self, cfg: BatchConfig, spool: Spool, signer: Signer, gateway_id: str,
-                 key_id: bytes, on_signed: Callable[[int], None]) -> None:
+    def __init__(
+        self,
+        cfg: BatchConfig,
+        spool: Spool,
+        signer: Signer,
+        gateway_id: str,
+        key_id: bytes,
+        on_signed: Callable[[int], None],
+    ) -> None:
         self.cfg = cfg
         self.spool = spool
         self.signer = signer
@@ -96,7 +103,8 @@ class Batcher:
         last_query = 0.0
         while not stop.is_set():
             rows = await asyncio.wrap_future(
-                self.spool.read(lambda c: Spool.q_pending(c, self.cursor, self.cfg.max_tx)))
+                self.spool.read(lambda c: Spool.q_pending(c, self.cursor, self.cfg.max_tx))
+            )
             last_query = time.monotonic()
             self.oldest_pending_ms = rows[0].received_ms if rows else None
             cut = decide_cut(rows, self.cfg, now_ms())
@@ -135,7 +143,8 @@ class Batcher:
         made = 0
         while True:
             rows = await asyncio.wrap_future(
-                self.spool.read(lambda c: Spool.q_pending(c, self.cursor, self.cfg.max_tx)))
+                self.spool.read(lambda c: Spool.q_pending(c, self.cursor, self.cfg.max_tx))
+            )
             cut = decide_cut(rows, self.cfg, now_ms(), force=True)
             if not cut.count:
                 return made
@@ -145,26 +154,35 @@ class Batcher:
     async def _cut(self, rows: Sequence[PendingTx], reason: str) -> None:
         root = merkle.root_from_hashes([r.tx_id for r in rows])
         created = now_ms()
-        header = batchformat.encode_header(batchformat.HeaderFields(
-            gateway_id=self.gateway_id,
-            seq=self.next_seq,
-            prev_header_hash=self.prev_hash,
-            merkle_root=root,
-            tx_count=len(rows),
-            byte_count=sum(r.size for r in rows),
-            first_received_ms=min(r.received_ms for r in rows),
-            last_received_ms=max(r.received_ms for r in rows),
-            created_ms=created,
-            key_id=self.key_id,
-        ))
+        header = batchformat.encode_header(
+            batchformat.HeaderFields(
+                gateway_id=self.gateway_id,
+                seq=self.next_seq,
+                prev_header_hash=self.prev_hash,
+                merkle_root=root,
+                tx_count=len(rows),
+                byte_count=sum(r.size for r in rows),
+                first_received_ms=min(r.received_ms for r in rows),
+                last_received_ms=max(r.received_ms for r in rows),
+                created_ms=created,
+                key_id=self.key_id,
+            )
+        )
         t0 = time.perf_counter()
         signature = await asyncio.wrap_future(self.signer.sign_header(header))
         metrics.sign_seconds.observe(time.perf_counter() - t0)
         hh = batchformat.header_hash(header)
-        stored = StoredBatch(seq=self.next_seq, header=header, signature=signature,
-                             header_hash=hh, first_rowid=rows[0].rowid,
-                             last_rowid=rows[-1].rowid, tx_count=len(rows), created_ms=created,
-                             committed_ms=None)
+        stored = StoredBatch(
+            seq=self.next_seq,
+            header=header,
+            signature=signature,
+            header_hash=hh,
+            first_rowid=rows[0].rowid,
+            last_rowid=rows[-1].rowid,
+            tx_count=len(rows),
+            created_ms=created,
+            committed_ms=None,
+        )
         await asyncio.wrap_future(self.spool.write(lambda c: Spool.w_store_batch(c, stored)))
         seq = self.next_seq
         self.next_seq += 1

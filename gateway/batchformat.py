@@ -162,7 +162,9 @@ def verify_batch(
 
 def check_contents(h: batch_pb2.BatchHeader, transactions: Sequence[bytes]) -> None:
     if h.tx_count != len(transactions):
-        raise BatchInvalid("bad_count", f"header says {h.tx_count} txs, batch has {len(transactions)}")
+        raise BatchInvalid(
+            "bad_count", f"header says {h.tx_count} txs, batch has {len(transactions)}"
+        )
     size = sum(len(t) for t in transactions)
     if h.byte_count != size:
         raise BatchInvalid("bad_count", f"header says {h.byte_count} bytes, batch has {size}")

@@ -13,7 +13,7 @@ from typing import TypeAlias
 from gateway._pb.edgegateway.v1 import transaction_pb2
 
 JsonValue: TypeAlias = (
-    "None | bool | int | float | str | Sequence[JsonValue] | Mapping[str, JsonValue]"
+    "bool | int | float | str | Sequence[JsonValue] | Mapping[str, JsonValue] | None"
 )
 
 # RFC 8785 serialises numbers as IEEE 754 doubles; integers beyond 2**53 would
@@ -68,9 +68,7 @@ def _string(value: str) -> str:
         elif ch == "\\":
             out.append("\\\\")
         elif o < 0x20:
-            out.append(
-                {8: "\\b", 9: "\\t", 10: "\\n", 12: "\\f", 13: "\\r"}.get(o, f"\\u{o:04x}")
-            )
+            out.append({8: "\\b", 9: "\\t", 10: "\\n", 12: "\\f", 13: "\\r"}.get(o, f"\\u{o:04x}"))
         elif 0xD800 <= o <= 0xDFFF:
             raise CanonicalError("lone surrogate in string")
         else:

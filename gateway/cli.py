@@ -30,8 +30,9 @@ def _cmd_hsm(args: argparse.Namespace) -> int:
 
     cfg = load_gateway_config(args.config)
     pin = cfg.hsm.pin.read()
-    info = signer.init_key(cfg.hsm, pin) if args.hsm_cmd == "init" else signer.key_info(cfg.hsm,
-                                                                                          pin)
+    info = (
+        signer.init_key(cfg.hsm, pin) if args.hsm_cmd == "init" else signer.key_info(cfg.hsm, pin)
+    )
     print(f"token:       {info.token_label} (serial {info.token_serial}, {info.token_model})")
     print(f"key:         label {info.key_label!r}, CKA_ID {info.cka_id.hex()}")
     print(f"sensitive:   {info.sensitive}   extractable: {info.extractable}")
@@ -60,8 +61,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_proof(args: argparse.Namespace) -> int:
     from gateway import client
 
-    return asyncio.run(client.check_proof(client.ClientOptions.from_args(args), args.tx_id,
-                                          args.public_key))
+    return asyncio.run(
+        client.check_proof(client.ClientOptions.from_args(args), args.tx_id, args.public_key)
+    )
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
@@ -75,8 +77,13 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from gateway import demo
 
-    return demo.main(seconds=args.seconds, as_json=args.json, devices=args.devices,
-                     rate=args.rate, workdir=args.workdir)
+    return demo.main(
+        seconds=args.seconds,
+        as_json=args.json,
+        devices=args.devices,
+        rate=args.rate,
+        workdir=args.workdir,
+    )
 
 
 def _client_args(p: argparse.ArgumentParser) -> None:
@@ -98,8 +105,10 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("hsm", help="the signing key in the HSM")
     hsub = p.add_subparsers(dest="hsm_cmd", required=True)
-    for name, text in (("init", "create the P-256 signing key (kept if it exists)"),
-                       ("info", "show token, key and key_id")):
+    for name, text in (
+        ("init", "create the P-256 signing key (kept if it exists)"),
+        ("info", "show token, key and key_id"),
+    ):
         hp = hsub.add_parser(name, help=text)
         hp.add_argument("--config", type=Path, default=DEFAULT_PATH)
         hp.add_argument("--pem-out", type=Path, help="also write the public key PEM here")

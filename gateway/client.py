@@ -37,8 +37,9 @@ class ClientOptions:
         if a.plaintext:
             return cls(a.address, None)
         if a.ca_file is None:
-            raise GatewayError("--ca-file is required for TLS (or --plaintext for a loopback "
-                               "gateway without TLS)")
+            raise GatewayError(
+                "--ca-file is required for TLS (or --plaintext for a loopback gateway without TLS)"
+            )
         return cls(a.address, TlsClient(a.ca_file, a.cert_file, a.key_file))
 
 
@@ -46,8 +47,9 @@ class ProofInvalid(GatewayError):
     """A proof, header signature or chain link does not verify."""
 
 
-def verify_transaction(resp: gateway_pb2.GetTransactionResponse,
-                       key: ec.EllipticCurvePublicKey) -> batch_pb2.BatchHeader:
+def verify_transaction(
+    resp: gateway_pb2.GetTransactionResponse, key: ec.EllipticCurvePublicKey
+) -> batch_pb2.BatchHeader:
     """Signature over the header, then the leaf's inclusion under its Merkle root."""
     if resp.state == gateway_pb2.GetTransactionResponse.PENDING:
         raise ProofInvalid(f"transaction {resp.tx_id} is not in a batch yet")
@@ -62,14 +64,20 @@ def verify_transaction(resp: gateway_pb2.GetTransactionResponse,
         raise ProofInvalid("transaction bytes do not hash to the tx_id")
     if resp.tree_size != header.tx_count:
         raise ProofInvalid("tree size differs from the header's tx_count")
-    if not merkle.verify_inclusion(resp.transaction, resp.leaf_index, resp.tree_size,
-                                   list(resp.inclusion_proof), header.merkle_root):
+    if not merkle.verify_inclusion(
+        resp.transaction,
+        resp.leaf_index,
+        resp.tree_size,
+        list(resp.inclusion_proof),
+        header.merkle_root,
+    ):
         raise ProofInvalid("inclusion proof does not lead to the signed Merkle root")
     return header
 
 
-def verify_chain(batches: Iterable[batch_pb2.SignedBatch], key: ec.EllipticCurvePublicKey,
-                 gateway_id: str) -> int:
+def verify_chain(
+    batches: Iterable[batch_pb2.SignedBatch], key: ec.EllipticCurvePublicKey, gateway_id: str
+) -> int:
     """Every batch verifies and links to the one before, from seq 0. Returns the count."""
     prev = batchformat.ZERO_HASH
     n = 0
@@ -87,13 +95,15 @@ def verify_chain(batches: Iterable[batch_pb2.SignedBatch], key: ec.EllipticCurve
 
 async def print_status(opts: ClientOptions) -> int:
     async with aio_channel(opts.address, opts.tls) as ch:
-        stub = gateway_pb2_grpc.GatewayServiceStub(ch)  # type: ignore[no-untyped-call]
+        stub = gateway_pb2_grpc.GatewayServiceStub(ch)
         try:
-            st: gateway_pb2.GatewayStatus = await stub.GetStatus(gateway_pb2.GetStatusRequest(),
-                                                                 timeout=10)
+            st: gateway_pb2.GatewayStatus = await stub.GetStatus(
+                gateway_pb2.GetStatusRequest(), timeout=10
+            )
         except grpc.aio.AioRpcError as e:
-            raise GatewayError(f"gateway at {opts.address}: {e.code().name}: {e.details()}") \
-                from None
+            raise GatewayError(
+                f"gateway at {opts.address}: {e.code().name}: {e.details()}"
+            ) from None
     rows = [
         ("gateway", f"{st.gateway_id} (version {st.version}, up {st.uptime_s} s)"),
         ("intake", "PAUSED: " + st.intake_paused_reason if st.intake_paused else "open"),
@@ -103,12 +113,20 @@ async def print_status(opts: ClientOptions) -> int:
         ("last signed seq", str(st.last_signed_seq)),
         ("last committed seq", str(st.last_committed_seq)),
         ("hsm", f"{st.hsm_state} key_id {st.key_id}"),
-        ("box", f"cpu {st.cpu_percent:.0f} %, memory {st.memory_percent:.0f} %, spool disk "
-                f"free {st.spool_disk_free_bytes / 2**30:.1f} GiB"),
+        (
+            "box",
+            f"cpu {st.cpu_percent:.0f} %, memory {st.memory_percent:.0f} %, spool disk "
+            f"free {st.spool_disk_free_bytes / 2**30:.1f} GiB",
+        ),
     ]
     for n in st.ledger_nodes:
-        rows.append((f"ledger {n.node_id}", f"{n.state} at {n.address}, next seq {n.next_seq}"
-                     + (f" ({n.last_error})" if n.last_error else "")))
+        rows.append(
+            (
+                f"ledger {n.node_id}",
+                f"{n.state} at {n.address}, next seq {n.next_seq}"
+                + (f" ({n.last_error})" if n.last_error else ""),
+            )
+        )
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
@@ -121,20 +139,24 @@ async def check_proof(opts: ClientOptions, tx_id: str, public_key: Path) -> int:
     except (OSError, ValueError) as e:
         raise GatewayError(f"--public-key {public_key}: {e}") from None
     async with aio_channel(opts.address, opts.tls) as ch:
-        stub = gateway_pb2_grpc.GatewayServiceStub(ch)  # type: ignore[no-untyped-call]
+        stub = gateway_pb2_grpc.GatewayServiceStub(ch)
         try:
             resp: gateway_pb2.GetTransactionResponse = await stub.GetTransaction(
-                gateway_pb2.GetTransactionRequest(tx_id=tx_id), timeout=10)
+                gateway_pb2.GetTransactionRequest(tx_id=tx_id), timeout=10
+            )
         except grpc.aio.AioRpcError as e:
-            raise GatewayError(f"GetTransaction {tx_id}: {e.code().name}: {e.details()}") \
-                from None
+            raise GatewayError(f"GetTransaction {tx_id}: {e.code().name}: {e.details()}") from None
     header = verify_transaction(resp, key)
     tx = transaction_pb2.Transaction.FromString(resp.transaction)
     state = gateway_pb2.GetTransactionResponse.State.Name(resp.state)
     print(f"tx {tx_id}: {state}, device {tx.device_id} seq {tx.device_seq}")
-    print(f"batch {header.seq} of gateway {header.gateway_id}: leaf {resp.leaf_index} of "
-          f"{resp.tree_size}, root {header.merkle_root.hex()}")
-    print(f"signature verified with key_id {header.key_id.hex()}; inclusion proof verified; "
-          f"{len(resp.receipts)} ledger receipt(s)")
+    print(
+        f"batch {header.seq} of gateway {header.gateway_id}: leaf {resp.leaf_index} of "
+        f"{resp.tree_size}, root {header.merkle_root.hex()}"
+    )
+    print(
+        f"signature verified with key_id {header.key_id.hex()}; inclusion proof verified; "
+        f"{len(resp.receipts)} ledger receipt(s)"
+    )
     sys.stdout.flush()
     return 0

@@ -52,7 +52,9 @@ class PinSource:
         try:
             st = path.stat()
         except FileNotFoundError:
-            raise HsmPinError(f"hsm PIN file {path} does not exist: create it (mode 0600)") from None
+            raise HsmPinError(
+                f"hsm PIN file {path} does not exist: create it (mode 0600)"
+            ) from None
         except PermissionError:
             raise HsmPinError(f"hsm PIN file {path} is not readable by this user") from None
         # systemd credentials are provided read-only to the service; a plain file
@@ -201,7 +203,9 @@ class _Reader:
         if name in self._data:
             return self._data[name]
         if default is _REQUIRED:
-            raise ConfigError(f"config {self._source}: {self._key(name)} is missing: it is required")
+            raise ConfigError(
+                f"config {self._source}: {self._key(name)} is missing: it is required"
+            )
         return default
 
     def table(self, name: str, required: bool = False) -> _Reader:
@@ -280,7 +284,6 @@ class _Reader:
             raise self.fail(name, self._data[name], "unknown key (check the spelling)")
 
 
-
 def _address(r: _Reader, name: str, default: object = _REQUIRED) -> str:
     v = r.string(name, default)
     host, sep, port = v.rpartition(":")
@@ -302,8 +305,11 @@ def _tls_client(r: _Reader, name: str, plaintext_key: str) -> TlsClient | None:
             f"config {r._source}: {r._key(name)}.ca_file is missing: TLS is on by default; "
             f"set it, or set {r._key(plaintext_key)} = true for a plain-text link"
         )
-    cfg = TlsClient(ca_file=t.path("ca_file"), cert_file=t.opt_path("cert_file"),
-                    key_file=t.opt_path("key_file"))
+    cfg = TlsClient(
+        ca_file=t.path("ca_file"),
+        cert_file=t.opt_path("cert_file"),
+        key_file=t.opt_path("key_file"),
+    )
     if (cfg.cert_file is None) != (cfg.key_file is None):
         raise t.fail("cert_file", str(cfg.cert_file), "cert_file and key_file go together")
     t.finish()
@@ -323,8 +329,11 @@ def _tls_server(r: _Reader, name: str, plaintext_key: str) -> TlsServer | None:
             f"config {r._source}: {r._key(name)}.cert_file is missing: TLS is on by default; "
             f"set cert_file and key_file, or set {r._key(plaintext_key)} = true"
         )
-    cfg = TlsServer(cert_file=t.path("cert_file"), key_file=t.path("key_file"),
-                    client_ca_file=t.opt_path("client_ca_file"))
+    cfg = TlsServer(
+        cert_file=t.path("cert_file"),
+        key_file=t.path("key_file"),
+        client_ca_file=t.opt_path("client_ca_file"),
+    )
     t.finish()
     return cfg
 
@@ -363,15 +372,19 @@ def parse_gateway_config(data: Mapping[str, Any], source: Path) -> GatewayConfig
     try:
         key_id = bytes.fromhex(key_id_hex)
     except ValueError:
-        raise h.fail("key_id", key_id_hex, "expected hex bytes (CKA_ID), e.g. \"01\"") from None
+        raise h.fail("key_id", key_id_hex, 'expected hex bytes (CKA_ID), e.g. "01"') from None
     if "pin" in data.get("hsm", {}):
-        raise h.fail("pin", "<redacted>", "the PIN never goes in the config: use pin_file or "
-                     "pin_credential")
+        raise h.fail(
+            "pin", "<redacted>", "the PIN never goes in the config: use pin_file or pin_credential"
+        )
     pin_file = h.opt_path("pin_file")
     credential = h.opt_string("pin_credential")
     if (pin_file is None) == (credential is None):
-        raise h.fail("pin_file", str(pin_file) if pin_file else None,
-                     "set exactly one of hsm.pin_file and hsm.pin_credential")
+        raise h.fail(
+            "pin_file",
+            str(pin_file) if pin_file else None,
+            "set exactly one of hsm.pin_file and hsm.pin_credential",
+        )
     h.finish()
 
     m = root.table("mqtt", required=True)
@@ -385,9 +398,12 @@ def parse_gateway_config(data: Mapping[str, Any], source: Path) -> GatewayConfig
         if t.startswith("$share/"):
             levels = levels[2:]
         if device_id_level >= len(levels) or levels[device_id_level] not in ("+",):
-            raise m.fail("topics", list(topics),
-                         f"topic filter {t!r} must have '+' at level {device_id_level} "
-                         "(mqtt.device_id_level) where the device id sits")
+            raise m.fail(
+                "topics",
+                list(topics),
+                f"topic filter {t!r} must have '+' at level {device_id_level} "
+                "(mqtt.device_id_level) where the device id sits",
+            )
     mqtt = MqttConfig(
         host=mqtt_host,
         port=mqtt_port,
@@ -455,8 +471,9 @@ def parse_gateway_config(data: Mapping[str, Any], source: Path) -> GatewayConfig
     f.finish()
 
     a = root.table("api")
-    api = ApiConfig(listen=_address(a, "listen", "127.0.0.1:7443"),
-                    tls=_tls_server(a, "tls", "plaintext"))
+    api = ApiConfig(
+        listen=_address(a, "listen", "127.0.0.1:7443"), tls=_tls_server(a, "tls", "plaintext")
+    )
     a.finish()
 
     mt = root.table("metrics")
@@ -468,8 +485,13 @@ def parse_gateway_config(data: Mapping[str, Any], source: Path) -> GatewayConfig
     root.finish()
     return GatewayConfig(
         gateway_id=gateway_id,
-        hsm=HsmConfig(module=module, token_label=token_label, key_label=key_label,
-                      key_id=key_id, pin=PinSource(pin_file=pin_file, credential=credential)),
+        hsm=HsmConfig(
+            module=module,
+            token_label=token_label,
+            key_label=key_label,
+            key_id=key_id,
+            pin=PinSource(pin_file=pin_file, credential=credential),
+        ),
         mqtt=mqtt,
         spool=spool,
         batch=batch,
@@ -503,8 +525,9 @@ def parse_ledger_config(data: Mapping[str, Any], source: Path) -> LedgerNodeConf
             raise gk.fail(gid, str(keys[gid]), "expected the gateway's public key PEM file")
     gk.finish()
     root.finish()
-    return LedgerNodeConfig(node_id=node_id, listen=listen, db_path=db_path,
-                            gateway_keys=keys, tls=tls, source=source)
+    return LedgerNodeConfig(
+        node_id=node_id, listen=listen, db_path=db_path, gateway_keys=keys, tls=tls, source=source
+    )
 
 
 def load_ledger_config(path: Path) -> LedgerNodeConfig:

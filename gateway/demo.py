@@ -60,7 +60,7 @@ def percentile(values: list[float], q: float) -> float:
     if not values:
         return 0.0
     s = sorted(values)
-    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
 
 
 def spool_figures(spool: Path) -> tuple[int, int, int, list[float], list[str]]:
@@ -72,10 +72,11 @@ def spool_figures(spool: Path) -> tuple[int, int, int, list[float], list[str]]:
         lat: list[float] = []
         ids: list[str] = []
         for first, last, committed_ms in conn.execute(
-                "SELECT first_rowid, last_rowid, committed_ms FROM batch "
-                "WHERE committed_ms IS NOT NULL"):
+            "SELECT first_rowid, last_rowid, committed_ms FROM batch WHERE committed_ms IS NOT NULL"
+        ):
             for leaf, tx_id in conn.execute(
-                    "SELECT leaf, tx_id FROM tx WHERE rowid BETWEEN ? AND ?", (first, last)):
+                "SELECT leaf, tx_id FROM tx WHERE rowid BETWEEN ? AND ?", (first, last)
+            ):
                 tx = transaction_pb2.Transaction.FromString(leaf)
                 if tx.device_time_ms:
                     lat.append(committed_ms - tx.device_time_ms)
@@ -85,14 +86,17 @@ def spool_figures(spool: Path) -> tuple[int, int, int, list[float], list[str]]:
         conn.close()
 
 
-def check_ledger(ledger: Ledger, key_pem: Path) -> tuple[int, int, set[tuple[str, int]]]:
+def check_ledger(
+    ledger: Ledger, key_pem: Path, gateway_id: str = GATEWAY_ID
+) -> tuple[int, int, set[tuple[str, int]]]:
     """Chain verified batches, duplicates applied, and the (device, seq) set it holds."""
     key = batchformat.load_public_key(key_pem.read_bytes())
     with grpc.insecure_channel(ledger.address) as ch:
-        stub = ledger_pb2_grpc.LedgerServiceStub(ch)  # type: ignore[no-untyped-call]
-        batches = list(stub.ListBatches(ledger_pb2.ListBatchesRequest(gateway_id=GATEWAY_ID),
-                                        timeout=120))
-    n = client.verify_chain(batches, key, GATEWAY_ID)
+        stub = ledger_pb2_grpc.LedgerServiceStub(ch)
+        batches = list(
+            stub.ListBatches(ledger_pb2.ListBatchesRequest(gateway_id=gateway_id), timeout=120)
+        )
+    n = client.verify_chain(batches, key, gateway_id)
     seen: Counter[tuple[str, int]] = Counter()
     for b in batches:
         for leaf in b.transactions:
@@ -106,7 +110,7 @@ def verify_proofs(gw: GatewayProc, tx_ids: list[str], sample: int) -> tuple[int,
     key = batchformat.load_public_key(gw.public_key.read_bytes())
     ok = bad = 0
     with grpc.insecure_channel(gw.api_address) as ch:
-        stub = gateway_pb2_grpc.GatewayServiceStub(ch)  # type: ignore[no-untyped-call]
+        stub = gateway_pb2_grpc.GatewayServiceStub(ch)
         for tx_id in random.Random(7).sample(tx_ids, min(sample, len(tx_ids))):
             resp = stub.GetTransaction(gateway_pb2.GetTransactionRequest(tx_id=tx_id), timeout=10)
             try:
@@ -119,77 +123,118 @@ def verify_proofs(gw: GatewayProc, tx_ids: list[str], sample: int) -> tuple[int,
 
 def gateway_status(gw: GatewayProc) -> gateway_pb2.GatewayStatus:
     with grpc.insecure_channel(gw.api_address) as ch:
-        stub = gateway_pb2_grpc.GatewayServiceStub(ch)  # type: ignore[no-untyped-call]
+        stub = gateway_pb2_grpc.GatewayServiceStub(ch)
         st: gateway_pb2.GatewayStatus = stub.GetStatus(gateway_pb2.GetStatusRequest(), timeout=10)
         return st
 
 
-def wait_drained(gw: GatewayProc, stored_at_least: int, timeout: float) -> gateway_pb2.GatewayStatus:
+def wait_drained(
+    gw: GatewayProc, stored_at_least: int, timeout: float
+) -> gateway_pb2.GatewayStatus:
     """Until everything acknowledged is batched and committed at the quorum."""
     deadline = time.monotonic() + timeout
     st = gateway_status(gw)
     while time.monotonic() < deadline:
         st = gateway_status(gw)
-        if (st.transactions_stored >= stored_at_least and st.spool_depth == 0
-                and st.last_committed_seq == st.last_signed_seq):
+        if (
+            st.transactions_stored >= stored_at_least
+            and st.spool_depth == 0
+            and st.last_committed_seq == st.last_signed_seq
+        ):
             return st
         time.sleep(0.2)
-    raise GatewayError(f"pipeline did not drain within {timeout} s: depth {st.spool_depth}, "
-                       f"signed {st.last_signed_seq}, committed {st.last_committed_seq}")
+    raise GatewayError(
+        f"pipeline did not drain within {timeout} s: depth {st.spool_depth}, "
+        f"signed {st.last_signed_seq}, committed {st.last_committed_seq}"
+    )
 
 
-async def _load(opts: simulate.SimulateOptions, gw: GatewayProc, quiet: bool) -> simulate.SimulateResult:
+async def _load(
+    opts: simulate.SimulateOptions, gw: GatewayProc, quiet: bool
+) -> simulate.SimulateResult:
     task = asyncio.create_task(simulate.run(opts))
     t0 = time.monotonic()
     while not task.done():
         await asyncio.sleep(2.0)
         if not quiet and not task.done():
             st = await asyncio.to_thread(gateway_status, gw)
-            print(f"  t={time.monotonic() - t0:4.0f}s  stored {st.transactions_stored:>8}  "
-                  f"rejected {st.transactions_rejected:>5}  depth {st.spool_depth:>5}  "
-                  f"signed seq {st.last_signed_seq:>4}  committed seq {st.last_committed_seq:>4}",
-                  flush=True)
+            print(
+                f"  t={time.monotonic() - t0:4.0f}s  stored {st.transactions_stored:>8}  "
+                f"rejected {st.transactions_rejected:>5}  depth {st.spool_depth:>5}  "
+                f"signed seq {st.last_signed_seq:>4}  committed seq {st.last_committed_seq:>4}",
+                flush=True,
+            )
     return await task
 
 
-def run_demo(root: Path, seconds: float, devices: int, rate: float, quiet: bool = False,
-             bad_ratio: float = 0.01) -> Summary:
+def run_demo(
+    root: Path,
+    seconds: float,
+    devices: int,
+    rate: float,
+    quiet: bool = False,
+    bad_ratio: float = 0.01,
+) -> Summary:
     sb = Sandbox(root)
-    say = (lambda *_a: None) if quiet else (lambda *a: print(*a, flush=True))
+
+    def say(text: str) -> None:
+        if not quiet:
+            print(text, flush=True)
+
     try:
         hsm = sb.hsm()
         broker = sb.mosquitto()
         say(f"mosquitto on 127.0.0.1:{broker.port}, SoftHSM token {hsm.token_label!r}")
         ports = [free_port() for _ in range(3)]
         names = [f"ledger-{i + 1}" for i in range(3)]
-        cfg = sb.gateway_config(GATEWAY_ID, hsm, broker.port,
-                                [(n, f"127.0.0.1:{p}") for n, p in zip(names, ports, strict=True)],
-                                quorum=2)
+        cfg = sb.gateway_config(
+            GATEWAY_ID,
+            hsm,
+            broker.port,
+            [(n, f"127.0.0.1:{p}") for n, p in zip(names, ports, strict=True)],
+            quorum=2,
+        )
         pem = root / f"{GATEWAY_ID}.pem"
         key_id = sb.hsm_init(cfg, pem)
         say(f"HSM key created (sensitive, not extractable), key_id {key_id}")
-        ledgers = [sb.ledger(n, {GATEWAY_ID: pem}, port=p) for n, p in zip(names, ports,
-                                                                           strict=True)]
+        ledgers = [
+            sb.ledger(n, {GATEWAY_ID: pem}, port=p) for n, p in zip(names, ports, strict=True)
+        ]
         say("ledger nodes: " + ", ".join(f"{lg.node_id}@{lg.address}" for lg in ledgers))
         gw = sb.gateway(GATEWAY_ID, cfg, pem)
         say(f"gateway {GATEWAY_ID} ready (sd_notify READY=1), API {gw.api_address}")
-        say(f"simulating {devices} devices at {rate:.0f} msg/s for {seconds:.0f} s "
-            f"({bad_ratio:.0%} malformed)")
-        opts = simulate.SimulateOptions(port=broker.port, devices=devices, rate=rate,
-                                        seconds=seconds, bad_ratio=bad_ratio,
-                                        start_seq=int(time.time() * 1000))
+        say(
+            f"simulating {devices} devices at {rate:.0f} msg/s for {seconds:.0f} s "
+            f"({bad_ratio:.0%} malformed)"
+        )
+        opts = simulate.SimulateOptions(
+            port=broker.port,
+            devices=devices,
+            rate=rate,
+            seconds=seconds,
+            bad_ratio=bad_ratio,
+            start_seq=int(time.time() * 1000),
+        )
         t0 = time.monotonic()
         res = asyncio.run(_load(opts, gw, quiet))
         good_acked = res.acknowledged - res.bad_published
         st = wait_drained(gw, good_acked, timeout=60)
         elapsed = time.monotonic() - t0
         stored, committed, batches, lat, ids = spool_figures(gw.spool)
-        s = Summary(published=res.published, acknowledged=res.acknowledged,
-                    rejected_published=res.bad_published, stored=stored, committed=committed,
-                    batches=batches, seconds=round(elapsed, 1),
-                    tx_per_s=round(committed / res.elapsed_s, 1) if res.elapsed_s else 0.0,
-                    p50_ms=round(percentile(lat, 0.50), 1), p99_ms=round(percentile(lat, 0.99), 1),
-                    ledger_nodes=len(ledgers), signatures=batches)
+        s = Summary(
+            published=res.published,
+            acknowledged=res.acknowledged,
+            rejected_published=res.bad_published,
+            stored=stored,
+            committed=committed,
+            batches=batches,
+            seconds=round(elapsed, 1),
+            tx_per_s=round(committed / res.elapsed_s, 1) if res.elapsed_s else 0.0,
+            p50_ms=round(percentile(lat, 0.50), 1),
+            p99_ms=round(percentile(lat, 0.99), 1),
+            ledger_nodes=len(ledgers),
+            signatures=batches,
+        )
         del st
         for lg in ledgers:
             n, dups, held = check_ledger(lg, pem)
@@ -205,8 +250,7 @@ def run_demo(root: Path, seconds: float, devices: int, rate: float, quiet: bool 
         sb.close()
 
 
-def main(seconds: float, as_json: bool, devices: int, rate: float,
-         workdir: Path | None) -> int:
+def main(seconds: float, as_json: bool, devices: int, rate: float, workdir: Path | None) -> int:
     root = workdir or Path(tempfile.mkdtemp(prefix="edge-gateway-demo-"))
     try:
         s = run_demo(root, seconds, devices, rate, quiet=False)
@@ -222,11 +266,16 @@ def main(seconds: float, as_json: bool, devices: int, rate: float,
     print(f"  throughput           {s.tx_per_s} tx/s committed")
     print(f"  publish-to-commit    p50 {s.p50_ms} ms, p99 {s.p99_ms} ms")
     print(f"  proofs verified      {s.proofs_verified} of a sample ({s.proofs_failed} failed)")
-    print(f"  ledger chains        {s.chains_verified} of {s.ledger_nodes} verified, "
-          f"{s.duplicates_applied} duplicates applied")
-    ok = (s.proofs_failed == 0 and s.duplicates_applied == 0
-          and s.chains_verified == s.ledger_nodes and s.committed >= s.acknowledged
-          - s.rejected_published)
+    print(
+        f"  ledger chains        {s.chains_verified} of {s.ledger_nodes} verified, "
+        f"{s.duplicates_applied} duplicates applied"
+    )
+    ok = (
+        s.proofs_failed == 0
+        and s.duplicates_applied == 0
+        and s.chains_verified == s.ledger_nodes
+        and s.committed >= s.acknowledged - s.rejected_published
+    )
     if as_json:
         print(json.dumps(asdict(s), sort_keys=True))
     return 0 if ok else 1

@@ -61,7 +61,7 @@ class LedgerError(GatewayError):
     exit_code = EXIT_UNAVAILABLE
 
 
-class Rejected(GatewayError):  # noqa: N818 - a verdict, not an accident
+class Rejected(GatewayError):
     """A payload is refused. `reason` is one code from gateway.ingest.REASONS."""
 
     exit_code = EXIT_DATAERR

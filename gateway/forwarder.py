@@ -10,6 +10,7 @@ reported loudly, since the gateway never rewrites its own chain.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -74,7 +75,8 @@ class Forwarder:
         last = await asyncio.wrap_future(self.spool.read(Spool.q_last_batch))
         self.last_signed_seq = -1 if last is None else last.seq
         self.last_committed_seq = await asyncio.wrap_future(
-            self.spool.read(Spool.q_last_committed_seq))
+            self.spool.read(Spool.q_last_committed_seq)
+        )
         metrics.last_committed_seq.set(self.last_committed_seq)
 
     def all_delivered(self) -> bool:
@@ -86,10 +88,12 @@ class Forwarder:
             for i, node in enumerate(self.nodes):
                 ch = aio_channel(node.ref.address, self.cfg.tls, self.cfg.keepalive_s)
                 self._channels.append(ch)
-                tg.create_task(self._node_loop(i, node, ledger_pb2_grpc.LedgerServiceStub(ch),
-                                               stop), name=f"forward-{node.ref.node_id}")
+                tg.create_task(
+                    self._node_loop(i, node, ledger_pb2_grpc.LedgerServiceStub(ch), stop),
+                    name=f"forward-{node.ref.node_id}",
+                )
         for ch in self._channels:
-            await ch.close()
+            await ch.close(None)
 
     async def _wait(self, i: int, stop: asyncio.Event, timeout: float) -> None:
         self._wakes[i].clear()
@@ -100,8 +104,9 @@ class Forwarder:
             for w in waits:
                 w.cancel()
 
-    async def _node_loop(self, i: int, node: NodeState, stub: ledger_pb2_grpc.LedgerServiceStub,
-                         stop: asyncio.Event) -> None:
+    async def _node_loop(
+        self, i: int, node: NodeState, stub: ledger_pb2_grpc.LedgerServiceStub, stop: asyncio.Event
+    ) -> None:
         attempt = 0
         while not stop.is_set():
             if node.state == "forked":
@@ -132,8 +137,11 @@ class Forwarder:
                 node.last_error = f"{code.name}: {e.details()}"
                 if code is grpc.StatusCode.FAILED_PRECONDITION:
                     # A gap: the node is behind or ahead of what we thought. Ask again.
-                    log.warning("ledger %s answered a gap (%s); resyncing from its head",
-                                node.ref.node_id, e.details())
+                    log.warning(
+                        "ledger %s answered a gap (%s); resyncing from its head",
+                        node.ref.node_id,
+                        e.details(),
+                    )
                     node.state = "resyncing"
                     node.next_seq = None
                     attempt += 1
@@ -144,33 +152,46 @@ class Forwarder:
                     node.state = "unreachable" if code in TRANSIENT else "refused"
                     attempt += 1
                     if attempt == 1 or attempt % 10 == 0:
-                        log.warning("ledger %s at %s: %s (attempt %d)", node.ref.node_id,
-                                    node.ref.address, node.last_error, attempt)
-            delay = backoff_delay(attempt, self.cfg.backoff_initial_s, self.cfg.backoff_max_s,
-                                  self._rng)
-            try:
+                        log.warning(
+                            "ledger %s at %s: %s (attempt %d)",
+                            node.ref.node_id,
+                            node.ref.address,
+                            node.last_error,
+                            attempt,
+                        )
+            delay = backoff_delay(
+                attempt, self.cfg.backoff_initial_s, self.cfg.backoff_max_s, self._rng
+            )
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
-            except TimeoutError:
-                pass
 
     def _forked(self, node: NodeState, detail: str) -> None:
         node.state = "forked"
         node.last_error = detail
-        log.error("LEDGER FORK: node %s holds a different batch than this gateway (%s); "
-                  "forwarding to it stopped, the gateway's chain is unchanged. An operator "
-                  "must compare the node's chain with this gateway's spool.",
-                  node.ref.node_id, detail)
+        log.error(
+            "LEDGER FORK: node %s holds a different batch than this gateway (%s); "
+            "forwarding to it stopped, the gateway's chain is unchanged. An operator "
+            "must compare the node's chain with this gateway's spool.",
+            node.ref.node_id,
+            detail,
+        )
 
     async def _sync_head(self, node: NodeState, stub: ledger_pb2_grpc.LedgerServiceStub) -> None:
         head: ledger_pb2.Head = await stub.GetHead(
             ledger_pb2.GetHeadRequest(gateway_id=self.gateway_id),
-            timeout=self.cfg.call_timeout_s, wait_for_ready=False)
+            timeout=self.cfg.call_timeout_s,
+            wait_for_ready=False,
+        )
         if head.next_seq > 0:
             ours = await asyncio.wrap_future(
-                self.spool.read(lambda c: Spool.q_batch(c, head.next_seq - 1)))
+                self.spool.read(lambda c: Spool.q_batch(c, head.next_seq - 1))
+            )
             if ours is None and head.next_seq - 1 > self.last_signed_seq:
-                self._forked(node, f"node is at seq {head.next_seq - 1}, beyond this gateway's "
-                                   f"last signed seq {self.last_signed_seq}")
+                self._forked(
+                    node,
+                    f"node is at seq {head.next_seq - 1}, beyond this gateway's "
+                    f"last signed seq {self.last_signed_seq}",
+                )
                 return
             if ours is not None and ours.header_hash != head.header_hash:
                 self._forked(node, f"header hash at seq {head.next_seq - 1} differs")
@@ -179,27 +200,41 @@ class Forwarder:
         node.state = "ok"
         log.info("ledger %s head: next seq %d", node.ref.node_id, head.next_seq)
 
-    async def _send(self, node: NodeState, stub: ledger_pb2_grpc.LedgerServiceStub,
-                    seq: int) -> None:
+    async def _send(
+        self, node: NodeState, stub: ledger_pb2_grpc.LedgerServiceStub, seq: int
+    ) -> None:
         loaded = await asyncio.wrap_future(self.spool.read(lambda c: _load(c, seq)))
         if loaded is None:
             node.next_seq = None
             raise LedgerError(
                 f"ledger {node.ref.node_id} needs batch {seq}, which the spool no longer keeps: "
-                "raise spool.retention_batches or restore the node from a peer")
+                "raise spool.retention_batches or restore the node from a peer"
+            )
         stored, leaves, received = loaded
-        req = ledger_pb2.SubmitBatchRequest(batch=batch_pb2.SignedBatch(
-            header=stored.header, signature=stored.signature, transactions=leaves))
+        req = ledger_pb2.SubmitBatchRequest(
+            batch=batch_pb2.SignedBatch(
+                header=stored.header, signature=stored.signature, transactions=leaves
+            )
+        )
         t0 = time.perf_counter()
         receipt: batch_pb2.Receipt = await stub.SubmitBatch(req, timeout=self.cfg.call_timeout_s)
         metrics.forward_seconds.labels(node.ref.node_id).observe(time.perf_counter() - t0)
         if receipt.seq != seq or receipt.header_hash != stored.header_hash:
-            raise LedgerError(f"ledger {node.ref.node_id} answered a receipt for seq "
-                              f"{receipt.seq} that does not match batch {seq}")
-        committed = await asyncio.wrap_future(self.spool.write(
-            lambda c: Spool.w_store_receipt(c, seq, node.ref.node_id,
-                                            receipt.SerializeToString(deterministic=True),
-                                            self.cfg.quorum)))
+            raise LedgerError(
+                f"ledger {node.ref.node_id} answered a receipt for seq "
+                f"{receipt.seq} that does not match batch {seq}"
+            )
+        committed = await asyncio.wrap_future(
+            self.spool.write(
+                lambda c: Spool.w_store_receipt(
+                    c,
+                    seq,
+                    node.ref.node_id,
+                    receipt.SerializeToString(deterministic=True),
+                    self.cfg.quorum,
+                )
+            )
+        )
         node.next_seq = seq + 1
         node.sent += 1
         node.state = "ok"
@@ -222,8 +257,10 @@ def _load(conn: object, seq: int) -> tuple[StoredBatch, list[bytes], list[int]] 
     b = Spool.q_batch(conn, seq)
     if b is None:
         return None
-    rows = conn.execute("SELECT leaf, received_ms FROM tx WHERE rowid BETWEEN ? AND ? "
-                        "ORDER BY rowid", (b.first_rowid, b.last_rowid)).fetchall()
+    rows = conn.execute(
+        "SELECT leaf, received_ms FROM tx WHERE rowid BETWEEN ? AND ? ORDER BY rowid",
+        (b.first_rowid, b.last_rowid),
+    ).fetchall()
     if len(rows) != b.tx_count:
         return None
     return b, [r[0] for r in rows], [r[1] for r in rows]

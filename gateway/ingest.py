@@ -35,23 +35,34 @@ PAYLOAD_HEAD_BYTES = 256
 
 
 class Decoder(Protocol):
-    def decode(self, device_id: str, topic: str, payload: bytes, received_ms: int,
-               channel: str) -> Incoming: ...
+    def decode(
+        self, device_id: str, topic: str, payload: bytes, received_ms: int, channel: str
+    ) -> Incoming: ...
 
 
-def dead_letter(rej: Rejected, device_id: str, topic: str, payload: bytes, received_ms: int,
-                payload_sha256: bytes) -> bytes:
+def dead_letter(
+    rej: Rejected,
+    device_id: str,
+    topic: str,
+    payload: bytes,
+    received_ms: int,
+    payload_sha256: bytes,
+) -> bytes:
     """The dead-letter JSON: reason, detail, device, topic, time, payload hash and head."""
-    return json.dumps({
-        "reason": rej.reason,
-        "detail": rej.detail,
-        "device": device_id,
-        "topic": topic,
-        "received_ms": received_ms,
-        "payload_sha256": payload_sha256.hex(),
-        "payload_size": len(payload),
-        "payload_head_b64": base64.b64encode(payload[:PAYLOAD_HEAD_BYTES]).decode("ascii"),
-    }, separators=(",", ":"), sort_keys=True).encode("utf-8")
+    return json.dumps(
+        {
+            "reason": rej.reason,
+            "detail": rej.detail,
+            "device": device_id,
+            "topic": topic,
+            "received_ms": received_ms,
+            "payload_sha256": payload_sha256.hex(),
+            "payload_size": len(payload),
+            "payload_head_b64": base64.b64encode(payload[:PAYLOAD_HEAD_BYTES]).decode("ascii"),
+        },
+        separators=(",", ":"),
+        sort_keys=True,
+    ).encode("utf-8")
 
 
 def device_from_topic(topic: str, level: int) -> str | None:
@@ -64,8 +75,13 @@ def device_from_topic(topic: str, level: int) -> str | None:
 class Intake:
     """Turns payloads from any channel into spool appends; shared by MQTT and gRPC."""
 
-    def __init__(self, spool: Spool, decoder: Decoder, reject_prefix: str,
-                 publish_dead_letter: Callable[[int, str, bytes], None]) -> None:
+    def __init__(
+        self,
+        spool: Spool,
+        decoder: Decoder,
+        reject_prefix: str,
+        publish_dead_letter: Callable[[int, str, bytes], None],
+    ) -> None:
         self.spool = spool
         self.decoder = decoder
         self.reject_prefix = reject_prefix
@@ -74,8 +90,14 @@ class Intake:
     def reject_topic(self, device_id: str) -> str:
         return f"{self.reject_prefix}/{device_id or '_unknown'}"
 
-    def submit(self, device_id: str | None, topic: str, payload: bytes, channel: str,
-               done: Callable[[AppendResult | BaseException, Rejected | None], None]) -> None:
+    def submit(
+        self,
+        device_id: str | None,
+        topic: str,
+        payload: bytes,
+        channel: str,
+        done: Callable[[AppendResult | BaseException, Rejected | None], None],
+    ) -> None:
         """Decode and append; `done` runs once the outcome is durable (or failed)."""
         import hashlib
 
@@ -85,24 +107,38 @@ class Intake:
             if device_id is None:
                 raise Rejected("unknown_topic", f"no device id in topic {topic!r}")
             item: Incoming | RejectRecord = self.decoder.decode(
-                device_id, topic, payload, received, channel)
+                device_id, topic, payload, received, channel
+            )
             rej = None
         except Rejected as r:
             rej = r
-            item = self._reject_record(r, device_id or "", topic, payload, received,
-                                       hashlib.sha256(payload).digest())
+            item = self._reject_record(
+                r, device_id or "", topic, payload, received, hashlib.sha256(payload).digest()
+            )
         fut = self.spool.append(item)
         fut.add_done_callback(lambda f: self._appended(f, item, rej, topic, payload, channel, done))
 
-    def _reject_record(self, r: Rejected, device_id: str, topic: str, payload: bytes,
-                       received: int, sha: bytes) -> RejectRecord:
-        return RejectRecord(reason=r.reason, device_id=device_id, topic=self.reject_topic(device_id),
-                            message=dead_letter(r, device_id, topic, payload, received, sha),
-                            received_ms=received)
+    def _reject_record(
+        self, r: Rejected, device_id: str, topic: str, payload: bytes, received: int, sha: bytes
+    ) -> RejectRecord:
+        return RejectRecord(
+            reason=r.reason,
+            device_id=device_id,
+            topic=self.reject_topic(device_id),
+            message=dead_letter(r, device_id, topic, payload, received, sha),
+            received_ms=received,
+        )
 
-    def _appended(self, f: Future[AppendResult], item: Incoming | RejectRecord,
-                  rej: Rejected | None, topic: str, payload: bytes, channel: str,
-                  done: Callable[[AppendResult | BaseException, Rejected | None], None]) -> None:
+    def _appended(
+        self,
+        f: Future[AppendResult],
+        item: Incoming | RejectRecord,
+        rej: Rejected | None,
+        topic: str,
+        payload: bytes,
+        channel: str,
+        done: Callable[[AppendResult | BaseException, Rejected | None], None],
+    ) -> None:
         exc = f.exception()
         if exc is not None:
             done(exc, rej)
@@ -115,14 +151,18 @@ class Intake:
         elif res.outcome is Outcome.CONFLICT:
             # Same (device, seq), other content: a replay or tamper. Record it, then answer.
             assert isinstance(item, Incoming)
-            r = Rejected("conflicting_duplicate",
-                         f"seq {item.device_seq} was already stored with other content "
-                         f"(tx {res.tx_id.hex()[:16]})")
-            rec = self._reject_record(r, item.device_id, topic, payload, item.received_ms,
-                                      item.payload_sha256)
+            r = Rejected(
+                "conflicting_duplicate",
+                f"seq {item.device_seq} was already stored with other content "
+                f"(tx {res.tx_id.hex()[:16]})",
+            )
+            rec = self._reject_record(
+                r, item.device_id, topic, payload, item.received_ms, item.payload_sha256
+            )
             fut2 = self.spool.append(rec)
             fut2.add_done_callback(
-                lambda f2: self._appended(f2, rec, r, topic, payload, channel, done))
+                lambda f2: self._appended(f2, rec, r, topic, payload, channel, done)
+            )
             return
         elif res.outcome is Outcome.REJECT_RECORDED:
             assert isinstance(item, RejectRecord) and rej is not None
@@ -134,8 +174,20 @@ class Intake:
 class MqttIngest:
     """The paho client: subscription, manual PUBACKs, dead-letter publishing."""
 
-    def __init__(self, cfg: MqttConfig, spool: Spool, decoder: Decoder) -> None:
+    def __init__(
+        self,
+        cfg: MqttConfig,
+        spool: Spool,
+        decoder: Decoder,
+        depth: Callable[[], int] = lambda: 0,
+        max_depth: int = 0,
+    ) -> None:
         self.cfg = cfg
+        # Depth is checked per message (spooled + in flight to the spool), so a
+        # burst cannot overshoot the limit while the monitor is between looks.
+        self._depth = depth
+        self._max_depth = max_depth
+        self._inflight = 0
         self.spool = spool
         self.intake = Intake(spool, decoder, cfg.reject_topic_prefix, self.publish_dead_letter)
         self.connected = False
@@ -151,8 +203,12 @@ class MqttIngest:
         self._client = self._make_client()
 
     def _make_client(self) -> mqtt.Client:
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.cfg.client_id,
-                        protocol=MQTTProtocolVersion.MQTTv5, manual_ack=True)
+        c = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.cfg.client_id,
+            protocol=MQTTProtocolVersion.MQTTv5,
+            manual_ack=True,
+        )
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
@@ -167,27 +223,31 @@ class MqttIngest:
                 try:
                     password = self.cfg.password_file.read_text(encoding="utf-8").strip()
                 except OSError as e:
-                    raise ConfigError(f"mqtt.password_file {self.cfg.password_file} cannot be "
-                                      f"read: {e.strerror}") from None
+                    raise ConfigError(
+                        f"mqtt.password_file {self.cfg.password_file} cannot be read: {e.strerror}"
+                    ) from None
             c.username_pw_set(self.cfg.username, password)
         if self.cfg.tls is not None:
             try:
-                c.tls_set(ca_certs=str(self.cfg.tls.ca_file),
-                          certfile=str(self.cfg.tls.cert_file) if self.cfg.tls.cert_file else None,
-                          keyfile=str(self.cfg.tls.key_file) if self.cfg.tls.key_file else None,
-                          tls_version=ssl.PROTOCOL_TLS_CLIENT)
+                c.tls_set(
+                    ca_certs=str(self.cfg.tls.ca_file),
+                    certfile=str(self.cfg.tls.cert_file) if self.cfg.tls.cert_file else None,
+                    keyfile=str(self.cfg.tls.key_file) if self.cfg.tls.key_file else None,
+                    tls_version=ssl.PROTOCOL_TLS_CLIENT,
+                )
             except (OSError, ssl.SSLError) as e:
                 raise ConfigError(f"mqtt.tls files cannot be loaded: {e}") from None
         return c
 
     def start(self) -> None:
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self.cfg.session_expiry_s
         # The broker sends at most this many unacknowledged QoS 1 messages: it bounds
         # what waits for a group commit, and so the memory intake can take.
         props.ReceiveMaximum = self.cfg.receive_maximum
-        self._client.connect_async(self.cfg.host, self.cfg.port, self.cfg.keepalive_s,
-                                   clean_start=False, properties=props)
+        self._client.connect_async(
+            self.cfg.host, self.cfg.port, self.cfg.keepalive_s, clean_start=False, properties=props
+        )
         self._client.loop_start()
 
     def stop(self) -> None:
@@ -201,8 +261,9 @@ class MqttIngest:
 
     # ---- paho callbacks (network thread) ---------------------------------
 
-    def _on_connect(self, client: mqtt.Client, _u: Any, _flags: Any, reason: Any,
-                    _props: Any) -> None:
+    def _on_connect(
+        self, client: mqtt.Client, _u: Any, _flags: Any, reason: Any, _props: Any
+    ) -> None:
         if reason.is_failure:
             log.warning("mqtt connect to %s:%s refused: %s", self.cfg.host, self.cfg.port, reason)
             return
@@ -219,8 +280,9 @@ class MqttIngest:
         if result == MQTTErrorCode.MQTT_ERR_SUCCESS:
             self.subscribed.set()
 
-    def _on_disconnect(self, _c: mqtt.Client, _u: Any, _flags: Any, reason: Any,
-                       _props: Any) -> None:
+    def _on_disconnect(
+        self, _c: mqtt.Client, _u: Any, _flags: Any, reason: Any, _props: Any
+    ) -> None:
         with self._lock:
             self._gen += 1
         self.connected = False
@@ -233,17 +295,29 @@ class MqttIngest:
         device = device_from_topic(topic, self.cfg.device_id_level)
         with self._lock:
             gen = self._gen
+            if (
+                not self.paused
+                and self._max_depth
+                and (self._depth() + self._inflight >= self._max_depth)
+            ):
+                self.paused = True
             if self.paused:
-                self._held.append((device, topic, msg.payload, msg.mid, msg.qos, gen))
+                self._held.append((device, topic, bytes(msg.payload), msg.mid, msg.qos, gen))
                 return
-        self._submit(device, topic, msg.payload, msg.mid, msg.qos, gen)
+        self._submit(device, topic, bytes(msg.payload), msg.mid, msg.qos, gen)
 
-    def _submit(self, device: str | None, topic: str, payload: bytes, mid: int, qos: int,
-                gen: int) -> None:
-        self.intake.submit(device, topic, payload, "mqtt",
-                           lambda res, _rej: self._done(res, mid, qos, gen))
+    def _submit(
+        self, device: str | None, topic: str, payload: bytes, mid: int, qos: int, gen: int
+    ) -> None:
+        with self._lock:
+            self._inflight += 1
+        self.intake.submit(
+            device, topic, payload, "mqtt", lambda res, _rej: self._done(res, mid, qos, gen)
+        )
 
     def _done(self, res: AppendResult | BaseException, mid: int, qos: int, gen: int) -> None:
+        with self._lock:
+            self._inflight -= 1
         if isinstance(res, BaseException):
             # Not committed: no PUBACK. The broker re-sends it after the next reconnect.
             log.error("spool append failed, message %d stays unacknowledged: %s", mid, res)
@@ -289,6 +363,7 @@ class MqttIngest:
             if f.exception() is None:
                 for rid, topic, message in f.result():
                     self.publish_dead_letter(rid, topic, message)
+
         self.spool.read(lambda c: Spool.q_unpublished_rejects(c, 10_000)).add_done_callback(publish)
 
     # ---- back-pressure ---------------------------------------------------
@@ -302,9 +377,19 @@ class MqttIngest:
         with self._lock:
             self.paused = True
 
+    def load(self) -> int:
+        """Transactions spooled but not batched, plus those on their way to the spool."""
+        return self._depth() + self._inflight
+
     def resume(self) -> None:
-        with self._lock:
-            self.paused = False
-            held, self._held = self._held, []
-        for device, topic, payload, mid, qos, gen in held:
+        """Release held messages while under the depth limit; pause again at it."""
+        while True:
+            with self._lock:
+                if self._max_depth and self.load() >= self._max_depth:
+                    self.paused = True
+                    return
+                if not self._held:
+                    self.paused = False
+                    return
+                device, topic, payload, mid, qos, gen = self._held.pop(0)
             self._submit(device, topic, payload, mid, qos, gen)

@@ -498,7 +498,7 @@ async def serve(
         )
         servicer = LedgerServicer(cfg.node_id, keys, store, verify_executor)
         # The generated registration helper carries no annotations.
-        ledger_pb2_grpc.add_LedgerServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+        ledger_pb2_grpc.add_LedgerServiceServicer_to_server(servicer, server)
         # grpc-stubs predates the asyncio health servicer; it exists since grpcio-health 1.30.
         health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

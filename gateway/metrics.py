@@ -6,48 +6,90 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
-received = Counter("edge_gateway_received_total", "Payloads received", ["channel"],
-                   registry=REGISTRY)
-stored = Counter("edge_gateway_stored_total", "Transactions committed to the spool", ["channel"],
-                 registry=REGISTRY)
-duplicates = Counter("edge_gateway_duplicates_total",
-                     "Payloads whose (device, seq) and content were already stored", ["channel"],
-                     registry=REGISTRY)
-rejected = Counter("edge_gateway_rejected_total", "Payloads rejected, by reason",
-                   ["channel", "reason"], registry=REGISTRY)
-dead_letters_published = Counter("edge_gateway_dead_letters_published_total",
-                                 "Rejections published to the dead-letter topic",
-                                 registry=REGISTRY)
-group_commit_size = Histogram("edge_gateway_group_commit_size",
-                              "Appends per spool transaction",
-                              buckets=(1, 4, 16, 64, 256, 1024, 4096), registry=REGISTRY)
-batches_signed = Counter("edge_gateway_batches_signed_total", "Batches cut and signed",
-                         registry=REGISTRY)
-batch_size = Histogram("edge_gateway_batch_transactions", "Transactions per batch",
-                       buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000),
-                       registry=REGISTRY)
-sign_seconds = Histogram("edge_gateway_hsm_sign_seconds", "HSM signing latency",
-                         buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 1),
-                         registry=REGISTRY)
-forward_seconds = Histogram("edge_gateway_forward_seconds", "SubmitBatch latency per node",
-                            ["node"], buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
-                            registry=REGISTRY)
-forward_errors = Counter("edge_gateway_forward_errors_total", "Failed SubmitBatch calls",
-                         ["node", "code"], registry=REGISTRY)
-batches_committed = Counter("edge_gateway_batches_committed_total",
-                            "Batches that reached the receipt quorum", registry=REGISTRY)
-commit_latency = Histogram("edge_gateway_publish_to_commit_seconds",
-                           "Device time to quorum commit, per transaction",
-                           buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 30, 60),
-                           registry=REGISTRY)
-spool_depth = Gauge("edge_gateway_spool_depth", "Transactions spooled, not yet batched",
-                    registry=REGISTRY)
-oldest_pending = Gauge("edge_gateway_oldest_pending_seconds",
-                       "Age of the oldest transaction not yet batched", registry=REGISTRY)
-last_signed_seq = Gauge("edge_gateway_last_signed_seq", "Last signed batch seq",
-                        registry=REGISTRY)
-last_committed_seq = Gauge("edge_gateway_last_committed_seq", "Last committed batch seq",
-                           registry=REGISTRY)
+received = Counter(
+    "edge_gateway_received_total", "Payloads received", ["channel"], registry=REGISTRY
+)
+stored = Counter(
+    "edge_gateway_stored_total",
+    "Transactions committed to the spool",
+    ["channel"],
+    registry=REGISTRY,
+)
+duplicates = Counter(
+    "edge_gateway_duplicates_total",
+    "Payloads whose (device, seq) and content were already stored",
+    ["channel"],
+    registry=REGISTRY,
+)
+rejected = Counter(
+    "edge_gateway_rejected_total",
+    "Payloads rejected, by reason",
+    ["channel", "reason"],
+    registry=REGISTRY,
+)
+dead_letters_published = Counter(
+    "edge_gateway_dead_letters_published_total",
+    "Rejections published to the dead-letter topic",
+    registry=REGISTRY,
+)
+group_commit_size = Histogram(
+    "edge_gateway_group_commit_size",
+    "Appends per spool transaction",
+    buckets=(1, 4, 16, 64, 256, 1024, 4096),
+    registry=REGISTRY,
+)
+batches_signed = Counter(
+    "edge_gateway_batches_signed_total", "Batches cut and signed", registry=REGISTRY
+)
+batch_size = Histogram(
+    "edge_gateway_batch_transactions",
+    "Transactions per batch",
+    buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000),
+    registry=REGISTRY,
+)
+sign_seconds = Histogram(
+    "edge_gateway_hsm_sign_seconds",
+    "HSM signing latency",
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 1),
+    registry=REGISTRY,
+)
+forward_seconds = Histogram(
+    "edge_gateway_forward_seconds",
+    "SubmitBatch latency per node",
+    ["node"],
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
+    registry=REGISTRY,
+)
+forward_errors = Counter(
+    "edge_gateway_forward_errors_total",
+    "Failed SubmitBatch calls",
+    ["node", "code"],
+    registry=REGISTRY,
+)
+batches_committed = Counter(
+    "edge_gateway_batches_committed_total",
+    "Batches that reached the receipt quorum",
+    registry=REGISTRY,
+)
+commit_latency = Histogram(
+    "edge_gateway_publish_to_commit_seconds",
+    "Device time to quorum commit, per transaction",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 30, 60),
+    registry=REGISTRY,
+)
+spool_depth = Gauge(
+    "edge_gateway_spool_depth", "Transactions spooled, not yet batched", registry=REGISTRY
+)
+oldest_pending = Gauge(
+    "edge_gateway_oldest_pending_seconds",
+    "Age of the oldest transaction not yet batched",
+    registry=REGISTRY,
+)
+last_signed_seq = Gauge("edge_gateway_last_signed_seq", "Last signed batch seq", registry=REGISTRY)
+last_committed_seq = Gauge(
+    "edge_gateway_last_committed_seq", "Last committed batch seq", registry=REGISTRY
+)
 intake_paused = Gauge("edge_gateway_intake_paused", "1 while intake is paused", registry=REGISTRY)
-mqtt_connected = Gauge("edge_gateway_mqtt_connected", "1 while connected to the broker",
-                       registry=REGISTRY)
+mqtt_connected = Gauge(
+    "edge_gateway_mqtt_connected", "1 while connected to the broker", registry=REGISTRY
+)

@@ -14,11 +14,11 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from gateway._pb.edgegateway.v1 import transaction_pb2
 from gateway.canonical import CanonicalError, canonical_json, transaction_bytes
 from gateway.errors import Rejected
 from gateway.merkle import leaf_hash
 from gateway.spool import Incoming
-from gateway._pb.edgegateway.v1 import transaction_pb2
 
 # Every rejection carries one of these codes (README: "Rejection reasons").
 REASONS = (
@@ -89,11 +89,11 @@ class JsonDecoder:
         self.gateway_id = gateway_id
         self.max_payload_bytes = max_payload_bytes
 
-    def decode(self, device_id: str, topic: str, payload: bytes, received_ms: int,
-               channel: str) -> Incoming:
+    def decode(
+        self, device_id: str, topic: str, payload: bytes, received_ms: int, channel: str
+    ) -> Incoming:
         if len(payload) > self.max_payload_bytes:
-            raise Rejected("too_large",
-                           f"{len(payload)} bytes, limit {self.max_payload_bytes}")
+            raise Rejected("too_large", f"{len(payload)} bytes, limit {self.max_payload_bytes}")
         if not DEVICE_ID_RE.match(device_id):
             raise Rejected("bad_device_id", f"device id {device_id[:64]!r} is not allowed")
         doc = parse_json(payload)
@@ -112,8 +112,9 @@ class JsonDecoder:
         if not 0 <= device_time <= 2**62:
             raise Rejected("out_of_range", f"time {device_time} is not a plausible epoch ms")
         if device_time > received_ms + MAX_CLOCK_AHEAD_MS:
-            raise Rejected("clock_skew",
-                           f"device time is {(device_time - received_ms) // 1000} s ahead")
+            raise Rejected(
+                "clock_skew", f"device time is {(device_time - received_ms) // 1000} s ahead"
+            )
         kind = doc.pop("kind", "telemetry")
         if not isinstance(kind, str) or not 0 < len(kind) <= 64:
             raise Rejected("wrong_type", "kind must be a string of 1-64 characters")
@@ -137,5 +138,11 @@ class JsonDecoder:
             channel=channel,
         )
         leaf = transaction_bytes(tx)
-        return Incoming(device_id=device_id, device_seq=seq, payload_sha256=payload_sha,
-                        tx_id=leaf_hash(leaf), leaf=leaf, received_ms=received_ms)
+        return Incoming(
+            device_id=device_id,
+            device_seq=seq,
+            payload_sha256=payload_sha,
+            tx_id=leaf_hash(leaf),
+            leaf=leaf,
+            received_ms=received_ms,
+        )

@@ -38,8 +38,10 @@ def require(binary: str, package: str) -> str:
     for candidate in (shutil.which(binary), f"/usr/sbin/{binary}", f"/usr/bin/{binary}"):
         if candidate and os.access(candidate, os.X_OK):
             return candidate
-    raise SandboxError(f"{binary} not found: install the Debian package {package} "
-                       f"(apt-get install -y {package}), or run `make test`, which installs it")
+    raise SandboxError(
+        f"{binary} not found: install the Debian package {package} "
+        f"(apt-get install -y {package}), or run `make test`, which installs it"
+    )
 
 
 def free_port() -> int:
@@ -48,8 +50,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None,
-              what: str = "service") -> None:
+def wait_port(
+    port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None, what: str = "service"
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -73,9 +76,14 @@ class Proc:
 
     def start(self) -> None:
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=self.env,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self.env,
+            start_new_session=True,
+        )
         log.close()
 
     def alive(self) -> bool:
@@ -162,14 +170,30 @@ class Sandbox:
         tokens = self.root / "softhsm" / "tokens"
         tokens.mkdir(parents=True, exist_ok=True)
         conf = self.root / "softhsm" / "softhsm2.conf"
-        conf.write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = file\n"
-                        "log.level = ERROR\nslots.removable = false\n")
+        conf.write_text(
+            f"directories.tokendir = {tokens}\nobjectstore.backend = file\n"
+            "log.level = ERROR\nslots.removable = false\n"
+        )
         self.env["SOFTHSM2_CONF"] = str(conf)
         os.environ["SOFTHSM2_CONF"] = str(conf)
         # A throwaway token: its PINs are fixed test values, never a production secret.
-        subprocess.run([util, "--init-token", "--free", "--label", label, "--so-pin",
-                        TEST_SO_PIN, "--pin", TEST_PIN], check=True, env=self.env,
-                       stdout=subprocess.DEVNULL, timeout=60)
+        subprocess.run(
+            [
+                util,
+                "--init-token",
+                "--free",
+                "--label",
+                label,
+                "--so-pin",
+                TEST_SO_PIN,
+                "--pin",
+                TEST_PIN,
+            ],
+            check=True,
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            timeout=60,
+        )
         pin_file = self.root / f"{label}.pin"
         pin_file.write_text(TEST_PIN + "\n")
         pin_file.chmod(0o600)
@@ -184,25 +208,34 @@ class Sandbox:
         d.mkdir(exist_ok=True)
         conf = d / "mosquitto.conf"
         user = "root" if os.geteuid() == 0 else getpass.getuser()
-        conf.write_text("\n".join([
-            f"listener {port} 127.0.0.1",
-            "allow_anonymous true",
-            f"user {user}",
-            "persistence true",
-            f"persistence_location {d}/",
-            "autosave_interval 1",
-            # Hold every QoS 1 message for an offline persistent session; the
-            # gateway's back-pressure relies on the broker keeping them.
-            "max_queued_messages 0",
-            "max_queued_bytes 0",
-            "max_inflight_messages 0",
-            "log_type error",
-            "log_type warning",
-            "log_type notice",
-            "",
-        ]))
-        p = Proc(name=name, argv=[binary, "-c", str(conf)], log_path=d / "mosquitto.log",
-                 env=self.env, port=port)
+        conf.write_text(
+            "\n".join(
+                [
+                    f"listener {port} 127.0.0.1",
+                    "allow_anonymous true",
+                    f"user {user}",
+                    "persistence true",
+                    f"persistence_location {d}/",
+                    "autosave_interval 1",
+                    # Hold every QoS 1 message for an offline persistent session; the
+                    # gateway's back-pressure relies on the broker keeping them.
+                    "max_queued_messages 0",
+                    "max_queued_bytes 0",
+                    "max_inflight_messages 0",
+                    "log_type error",
+                    "log_type warning",
+                    "log_type notice",
+                    "",
+                ]
+            )
+        )
+        p = Proc(
+            name=name,
+            argv=[binary, "-c", str(conf)],
+            log_path=d / "mosquitto.log",
+            env=self.env,
+            port=port,
+        )
         p.start()
         wait_port(port, 20, p.proc, "mosquitto")
         self.procs.append(p)
@@ -214,17 +247,26 @@ class Sandbox:
 
     # ---- ledger nodes -------------------------------------------------------
 
-    def ledger(self, node_id: str, gateway_keys: dict[str, Path], port: int | None = None) -> Ledger:
+    def ledger(
+        self, node_id: str, gateway_keys: dict[str, Path], port: int | None = None
+    ) -> Ledger:
         port = port or free_port()
         d = self.root / node_id
         d.mkdir(exist_ok=True)
         db = d / "ledger.db"
         cfg = d / "ledger-node.toml"
         keys = "\n".join(f'"{g}" = "{k}"' for g, k in gateway_keys.items())
-        cfg.write_text(f'[node]\nid = "{node_id}"\nlisten = "127.0.0.1:{port}"\n'
-                       f'db_path = "{db}"\nplaintext = true\n\n[gateways]\n{keys}\n')
-        p = Proc(name=node_id, argv=[self.python, "-m", "gateway", "ledger-node", "--config",
-                                     str(cfg)], log_path=d / "ledger.log", env=self.env, port=port)
+        cfg.write_text(
+            f'[node]\nid = "{node_id}"\nlisten = "127.0.0.1:{port}"\n'
+            f'db_path = "{db}"\nplaintext = true\n\n[gateways]\n{keys}\n'
+        )
+        p = Proc(
+            name=node_id,
+            argv=[self.python, "-m", "gateway", "ledger-node", "--config", str(cfg)],
+            log_path=d / "ledger.log",
+            env=self.env,
+            port=port,
+        )
         p.start()
         wait_port(port, 30, p.proc, f"ledger node {node_id}")
         self.procs.append(p)
@@ -232,10 +274,16 @@ class Sandbox:
 
     # ---- gateway ------------------------------------------------------------
 
-    def gateway_config(self, gateway_id: str, hsm: Hsm, mqtt_port: int,
-                       ledgers: list[tuple[str, str]], quorum: int = 2,
-                       batch: str = "max_tx = 500\nmax_age_s = 1.0",
-                       extra: str = "") -> Path:
+    def gateway_config(
+        self,
+        gateway_id: str,
+        hsm: Hsm,
+        mqtt_port: int,
+        ledgers: list[tuple[str, str]],
+        quorum: int = 2,
+        batch: str = "max_tx = 500\nmax_age_s = 1.0",
+        extra: str = "",
+    ) -> Path:
         d = self.root / gateway_id
         d.mkdir(exist_ok=True)
         nodes = ",\n".join(f'  {{ id = "{n}", address = "{a}" }}' for n, a in ledgers)
@@ -262,7 +310,7 @@ reconnect_min_s = 0.2
 reconnect_max_s = 2
 
 [spool]
-path = "{d / 'spool.db'}"
+path = "{d / "spool.db"}"
 
 [batch]
 {batch}
@@ -289,9 +337,23 @@ listen = "127.0.0.1:{free_port()}"
 
     def hsm_init(self, config: Path, pem_out: Path) -> str:
         """`edge-gateway hsm init`; returns the printed key_id."""
-        out = subprocess.run([self.python, "-m", "gateway", "hsm", "init", "--config",
-                              str(config), "--pem-out", str(pem_out)], env=self.env,
-                             capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            [
+                self.python,
+                "-m",
+                "gateway",
+                "hsm",
+                "init",
+                "--config",
+                str(config),
+                "--pem-out",
+                str(pem_out),
+            ],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         if out.returncode != 0:
             raise SandboxError(f"hsm init failed ({out.returncode}): {out.stderr.strip()}")
         for line in out.stdout.splitlines():
@@ -299,8 +361,9 @@ listen = "127.0.0.1:{free_port()}"
                 return line.split()[1]
         raise SandboxError("hsm init printed no key_id")
 
-    def gateway(self, gateway_id: str, config: Path, public_key: Path,
-                ready_timeout: float = 60) -> GatewayProc:
+    def gateway(
+        self, gateway_id: str, config: Path, public_key: Path, ready_timeout: float = 60
+    ) -> GatewayProc:
         import tomllib
 
         data = tomllib.loads(config.read_text())
@@ -313,14 +376,24 @@ listen = "127.0.0.1:{free_port()}"
         notify.bind(str(sock_path))
         env = dict(self.env)
         env["NOTIFY_SOCKET"] = str(sock_path)
-        p = Proc(name=gateway_id, argv=[self.python, "-m", "gateway", "run", "--config",
-                                        str(config)], log_path=d / "gateway.log", env=env,
-                 port=api_port)
+        p = Proc(
+            name=gateway_id,
+            argv=[self.python, "-m", "gateway", "run", "--config", str(config)],
+            log_path=d / "gateway.log",
+            env=env,
+            port=api_port,
+        )
         p.start()
         self.procs.append(p)
-        g = GatewayProc(gateway_id=gateway_id, config=config, public_key=public_key,
-                        api_port=api_port, proc=p, notify_socket=sock_path,
-                        spool=Path(data["spool"]["path"]))
+        g = GatewayProc(
+            gateway_id=gateway_id,
+            config=config,
+            public_key=public_key,
+            api_port=api_port,
+            proc=p,
+            notify_socket=sock_path,
+            spool=Path(data["spool"]["path"]),
+        )
         try:
             self._wait_ready(notify, p, ready_timeout)
         finally:
@@ -344,9 +417,11 @@ listen = "127.0.0.1:{free_port()}"
         notify.settimeout(0.2)
         while time.monotonic() < deadline:
             if not p.alive():
-                raise SandboxError(f"{p.name} exited with code "
-                                   f"{p.proc.returncode if p.proc else '?'} before READY=1:\n"
-                                   + p.log_text()[-2000:])
+                raise SandboxError(
+                    f"{p.name} exited with code "
+                    f"{p.proc.returncode if p.proc else '?'} before READY=1:\n"
+                    + p.log_text()[-2000:]
+                )
             try:
                 msg = notify.recv(4096).decode()
             except TimeoutError:

@@ -62,7 +62,7 @@ class Gateway:
         self.batcher: Batcher | None = None
         self.forwarder: Forwarder | None = None
         self.mqtt: MqttIngest | None = None
-        self.health = health.aio.HealthServicer()
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._server: grpc.aio.Server | None = None
 
     def request_stop(self) -> None:
@@ -79,14 +79,20 @@ class Gateway:
         if self.batcher is not None:
             st.spool_depth = self.batcher.depth
             oldest = self.batcher.oldest_pending_ms
-            st.oldest_pending_age_s = 0.0 if oldest is None else max(0.0,
-                                                                      time.time() - oldest / 1000)
+            st.oldest_pending_age_s = (
+                0.0 if oldest is None else max(0.0, time.time() - oldest / 1000)
+            )
             st.last_signed_seq = self.batcher.next_seq - 1
         if self.forwarder is not None:
             st.last_committed_seq = self.forwarder.last_committed_seq
             for n in self.forwarder.nodes:
-                st.ledger_nodes.add(node_id=n.ref.node_id, address=n.ref.address, state=n.state,
-                                    next_seq=n.next_seq or 0, last_error=n.last_error)
+                st.ledger_nodes.add(
+                    node_id=n.ref.node_id,
+                    address=n.ref.address,
+                    state=n.state,
+                    next_seq=n.next_seq or 0,
+                    last_error=n.last_error,
+                )
         if self.signer is not None:
             st.hsm_state = self.signer.state
             if self.signer.info is not None:
@@ -100,36 +106,46 @@ class Gateway:
         with contextlib.suppress(OSError, psutil.Error):
             st.memory_percent = psutil.virtual_memory().percent
         with contextlib.suppress(OSError):
-            st.spool_disk_free_bytes = float(psutil.disk_usage(str(self.cfg.spool.path.parent)).free)
+            st.spool_disk_free_bytes = float(
+                psutil.disk_usage(str(self.cfg.spool.path.parent)).free
+            )
         return st
 
     def summary(self) -> str:
         st = self.status()
-        return (f"stored {st.transactions_stored}, depth {st.spool_depth}, signed seq "
-                f"{st.last_signed_seq}, committed seq {st.last_committed_seq}, mqtt "
-                f"{'up' if st.mqtt_connected else 'down'}"
-                + (f", intake paused: {st.intake_paused_reason}" if st.intake_paused else ""))
+        return (
+            f"stored {st.transactions_stored}, depth {st.spool_depth}, signed seq "
+            f"{st.last_signed_seq}, committed seq {st.last_committed_seq}, mqtt "
+            f"{'up' if st.mqtt_connected else 'down'}"
+            + (f", intake paused: {st.intake_paused_reason}" if st.intake_paused else "")
+        )
 
     # ---- back-pressure -----------------------------------------------------
 
     def _pressure(self) -> str | None:
         """Why intake must pause now, or None. Hysteresis keeps it from flapping."""
-        assert self.batcher is not None
-        depth = self.batcher.depth
+        assert self.mqtt is not None
+        depth = self.mqtt.load()
         limit = self.cfg.spool.max_depth
         paused = self.paused_reason is not None
-        if depth >= limit or (paused and depth >= limit * RESUME_FRACTION
-                              and self.paused_reason is not None
-                              and self.paused_reason.startswith("spool depth")):
+        if depth >= limit or (
+            paused
+            and depth >= limit * RESUME_FRACTION
+            and self.paused_reason is not None
+            and self.paused_reason.startswith("spool depth")
+        ):
             return f"spool depth {depth} at limit {limit}"
         try:
             free = psutil.disk_usage(str(self.cfg.spool.path.parent)).free
         except OSError:
             return None
         need = self.cfg.spool.min_free_bytes
-        if free < need or (paused and self.paused_reason is not None
-                           and self.paused_reason.startswith("spool disk")
-                           and free < need * 1.1):
+        if free < need or (
+            paused
+            and self.paused_reason is not None
+            and self.paused_reason.startswith("spool disk")
+            and free < need * 1.1
+        ):
             return f"spool disk free {free} bytes below {need}"
         return None
 
@@ -139,15 +155,19 @@ class Gateway:
         last_status = 0.0
         while not self.stop_event.is_set():
             reason = self._pressure()
+            # Intake may also have paused itself at the depth limit between looks.
+            if reason is None and self.mqtt.paused:
+                self.mqtt.resume()
+            elif reason is not None and not self.mqtt.paused:
+                self.mqtt.pause()
             if reason != self.paused_reason:
+                serving = health_pb2.HealthCheckResponse
                 if reason is not None:
                     log.warning("intake paused: %s", reason)
-                    self.mqtt.pause()
-                    await self.health.set(INTAKE_HEALTH, health_pb2.HealthCheckResponse.NOT_SERVING)
+                    await self.health.set(INTAKE_HEALTH, serving.NOT_SERVING)
                 else:
                     log.info("intake resumed")
-                    self.mqtt.resume()
-                    await self.health.set(INTAKE_HEALTH, health_pb2.HealthCheckResponse.SERVING)
+                    await self.health.set(INTAKE_HEALTH, serving.SERVING)
                 self.paused_reason = reason
                 metrics.intake_paused.set(1 if reason else 0)
             metrics.spool_depth.set(self.batcher.depth)
@@ -158,8 +178,10 @@ class Gateway:
             if not stuck:
                 self.notifier.watchdog()
             elif int(now) % 30 == 0:
-                log.error("batcher made no progress for %.0f s; watchdog pings withheld",
-                          now - self.batcher.last_progress)
+                log.error(
+                    "batcher made no progress for %.0f s; watchdog pings withheld",
+                    now - self.batcher.last_progress,
+                )
             if now - last_status >= 5:
                 self.notifier.status(self.summary())
                 last_status = now
@@ -176,22 +198,33 @@ class Gateway:
         self.signer = Signer(cfg.hsm, pin)
         del pin
         info = await asyncio.to_thread(self.signer.start)
-        log.info("hsm token %s key %s key_id %s", info.token_label, info.key_label,
-                 info.key_id.hex())
+        log.info(
+            "hsm token %s key %s key_id %s", info.token_label, info.key_label, info.key_id.hex()
+        )
         self.forwarder = Forwarder(cfg.forwarder, self.spool, cfg.gateway_id)
         await self.forwarder.resume()
-        self.batcher = Batcher(cfg.batch, self.spool, self.signer, cfg.gateway_id, info.key_id,
-                               self.forwarder.notify_signed)
+        self.batcher = Batcher(
+            cfg.batch,
+            self.spool,
+            self.signer,
+            cfg.gateway_id,
+            info.key_id,
+            self.forwarder.notify_signed,
+        )
         await self.batcher.resume()
         decoder = JsonDecoder(cfg.gateway_id, cfg.mqtt.max_payload_bytes)
-        self.mqtt = MqttIngest(cfg.mqtt, self.spool, decoder)
+        batcher = self.batcher
+        self.mqtt = MqttIngest(
+            cfg.mqtt, self.spool, decoder, lambda: batcher.depth, cfg.spool.max_depth
+        )
 
         server = grpc.aio.server(options=list(SERVER_OPTIONS))
         api = GatewayApi(self.spool, self.mqtt.intake, self.status, lambda: self.paused_reason)
-        gateway_pb2_grpc.add_GatewayServiceServicer_to_server(api, server)  # type: ignore[no-untyped-call]
+        gateway_pb2_grpc.add_GatewayServiceServicer_to_server(api, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
         api_port = add_port(server, cfg.api.listen, cfg.api.tls)
         await server.start()
         self._server = server
@@ -200,12 +233,18 @@ class Gateway:
         metrics_port = None
         if cfg.metrics.listen is not None:
             host, _, port = cfg.metrics.listen.rpartition(":")
-            httpd, _thread = start_http_server(int(port), addr=host.strip("[]"),
-                                               registry=metrics.REGISTRY)
+            httpd, _thread = start_http_server(
+                int(port), addr=host.strip("[]"), registry=metrics.REGISTRY
+            )
             metrics_port = httpd.server_address[1]
         self.mqtt.start()
-        log.info("gateway %s api on port %d, mqtt %s:%d", cfg.gateway_id, api_port,
-                 cfg.mqtt.host, cfg.mqtt.port)
+        log.info(
+            "gateway %s api on port %d, mqtt %s:%d",
+            cfg.gateway_id,
+            api_port,
+            cfg.mqtt.host,
+            cfg.mqtt.port,
+        )
         return Started(api_port=api_port, metrics_port=metrics_port)
 
     async def run(self) -> int:
@@ -256,10 +295,15 @@ class Gateway:
         while not self.forwarder.all_delivered() and time.monotonic() - t0 < DRAIN_TIMEOUT_S:
             await asyncio.sleep(0.05)
         fwd_stop.set()
-        log.info("stopped: %d final batch(es), last signed %d, last committed %d%s", made,
-                 self.batcher.next_seq - 1, self.forwarder.last_committed_seq,
-                 "" if self.forwarder.all_delivered()
-                 else " (the rest is forwarded after the next start)")
+        log.info(
+            "stopped: %d final batch(es), last signed %d, last committed %d%s",
+            made,
+            self.batcher.next_seq - 1,
+            self.forwarder.last_committed_seq,
+            ""
+            if self.forwarder.all_delivered()
+            else " (the rest is forwarded after the next start)",
+        )
 
     async def _close(self) -> None:
         if self._server is not None:

@@ -8,6 +8,7 @@ becomes low-S DER so `openssl dgst -sha256 -verify` accepts it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import queue
@@ -78,7 +79,9 @@ def _get_token(lib: Any, label: str, module: Path) -> Any:
             "(softhsm2-util --init-token --free --label ...) or fix the label"
         ) from None
     except p11.MultipleTokensReturned:
-        raise HsmError(f"hsm.token_label {label!r} matches several tokens: make it unique") from None
+        raise HsmError(
+            f"hsm.token_label {label!r} matches several tokens: make it unique"
+        ) from None
 
 
 def _open(token: Any, pin: str, rw: bool = False) -> Any:
@@ -99,8 +102,10 @@ def _open(token: Any, pin: str, rw: bool = False) -> Any:
 def _find_private(session: Any, cfg: HsmConfig) -> Any:
     try:
         return session.get_key(
-            object_class=ObjectClass.PRIVATE_KEY, key_type=KeyType.EC,
-            label=cfg.key_label, id=cfg.key_id,
+            object_class=ObjectClass.PRIVATE_KEY,
+            key_type=KeyType.EC,
+            label=cfg.key_label,
+            id=cfg.key_id,
         )
     except p11.NoSuchKey:
         raise HsmError(
@@ -112,8 +117,10 @@ def _find_private(session: Any, cfg: HsmConfig) -> Any:
 def _find_public(session: Any, cfg: HsmConfig) -> Any:
     try:
         return session.get_key(
-            object_class=ObjectClass.PUBLIC_KEY, key_type=KeyType.EC,
-            label=cfg.key_label, id=cfg.key_id,
+            object_class=ObjectClass.PUBLIC_KEY,
+            key_type=KeyType.EC,
+            label=cfg.key_label,
+            id=cfg.key_id,
         )
     except p11.NoSuchKey:
         raise HsmError(
@@ -125,10 +132,13 @@ def _find_public(session: Any, cfg: HsmConfig) -> Any:
 def _key_info(token: Any, cfg: HsmConfig, pub: Any, priv: Any) -> KeyInfo:
     spki = encode_ec_public_key(pub)
     key = serialization.load_der_public_key(spki)
-    pem = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    pem = key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     return KeyInfo(
         token_label=token.label,
-        token_serial=token.serial.decode("ascii", "replace") if isinstance(token.serial, bytes)
+        token_serial=token.serial.decode("ascii", "replace")
+        if isinstance(token.serial, bytes)
         else str(token.serial),
         token_model=str(token.model),
         key_label=cfg.key_label,
@@ -146,17 +156,24 @@ def init_key(cfg: HsmConfig, pin: str) -> KeyInfo:
     token = _get_token(lib, cfg.token_label, cfg.module)
     with _open(token, pin, rw=True) as session:
         try:
-            priv = session.get_key(object_class=ObjectClass.PRIVATE_KEY, key_type=KeyType.EC,
-                                   label=cfg.key_label, id=cfg.key_id)
+            priv = session.get_key(
+                object_class=ObjectClass.PRIVATE_KEY,
+                key_type=KeyType.EC,
+                label=cfg.key_label,
+                id=cfg.key_id,
+            )
             pub = _find_public(session, cfg)
             log.info("hsm key %s already exists; kept", cfg.key_label)
         except p11.NoSuchKey:
             params = session.create_domain_parameters(
-                KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")},
+                KeyType.EC,
+                {Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")},
                 local=True,
             )
             pub, priv = params.generate_keypair(
-                store=True, label=cfg.key_label, id=cfg.key_id,
+                store=True,
+                label=cfg.key_label,
+                id=cfg.key_id,
                 public_template={Attribute.VERIFY: True, Attribute.TOKEN: True},
                 private_template={
                     Attribute.TOKEN: True,
@@ -207,8 +224,9 @@ class Signer:
         self._token = _get_token(self._lib, self._cfg.token_label, self._cfg.module)
         self._session = _open(self._token, self._pin)
         self._key = _find_private(self._session, self._cfg)
-        self.info = _key_info(self._token, self._cfg, _find_public(self._session, self._cfg),
-                              self._key)
+        self.info = _key_info(
+            self._token, self._cfg, _find_public(self._session, self._cfg), self._key
+        )
         if self.info.extractable or not self.info.sensitive:
             raise HsmError(
                 f"hsm key {self._cfg.key_label!r} is extractable or not sensitive: "
@@ -219,10 +237,8 @@ class Signer:
 
     def _close_session(self) -> None:
         if self._session is not None:
-            try:
+            with contextlib.suppress(p11.PKCS11Error):
                 self._session.close()
-            except p11.PKCS11Error:
-                pass
         self._session = None
         self._key = None
 

@@ -50,11 +50,23 @@ class SimulateOptions:
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> SimulateOptions:
-        return cls(host=a.host, port=a.port, devices=a.devices, rate=a.rate, seconds=a.seconds,
-                   count=a.count, topic_prefix=a.topic_prefix, device_prefix=a.device_prefix,
-                   start_seq=a.start_seq if a.start_seq is not None else int(time.time() * 1000),
-                   bad_ratio=a.bad_ratio, payload_bytes=a.payload_bytes, seed=a.seed,
-                   ca_file=a.ca_file, cert_file=a.cert_file, key_file=a.key_file)
+        return cls(
+            host=a.host,
+            port=a.port,
+            devices=a.devices,
+            rate=a.rate,
+            seconds=a.seconds,
+            count=a.count,
+            topic_prefix=a.topic_prefix,
+            device_prefix=a.device_prefix,
+            start_seq=a.start_seq if a.start_seq is not None else int(time.time() * 1000),
+            bad_ratio=a.bad_ratio,
+            payload_bytes=a.payload_bytes,
+            seed=a.seed,
+            ca_file=a.ca_file,
+            cert_file=a.cert_file,
+            key_file=a.key_file,
+        )
 
 
 @dataclass
@@ -68,9 +80,11 @@ class SimulateResult:
 
     def line(self) -> str:
         rate = self.acknowledged / self.elapsed_s if self.elapsed_s else 0.0
-        return (f"published {self.published} (bad {self.bad_published}), acknowledged "
-                f"{self.acknowledged}, failed {self.failed}, {self.elapsed_s:.1f} s, "
-                f"{rate:.0f} msg/s")
+        return (
+            f"published {self.published} (bad {self.bad_published}), acknowledged "
+            f"{self.acknowledged}, failed {self.failed}, {self.elapsed_s:.1f} s, "
+            f"{rate:.0f} msg/s"
+        )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -82,8 +96,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--count", type=int, default=0, help="messages per device (overrides seconds)")
     p.add_argument("--topic-prefix", default="devices")
     p.add_argument("--device-prefix", default="dev")
-    p.add_argument("--start-seq", type=int, default=None,
-                   help="first device seq (default: now in ms, so reruns never collide)")
+    p.add_argument(
+        "--start-seq",
+        type=int,
+        default=None,
+        help="first device seq (default: now in ms, so reruns never collide)",
+    )
     p.add_argument("--bad-ratio", type=float, default=0.0)
     p.add_argument("--payload-bytes", type=int, default=0)
     p.add_argument("--seed", type=int, default=1)
@@ -121,9 +139,16 @@ async def run(opts: SimulateOptions) -> SimulateResult:
     deadline = t0 + opts.seconds
     quiet = logging.getLogger("gateway.simulate.mqtt")
     quiet.setLevel(logging.ERROR)  # aiomqtt warns on every pending publish beyond ten
-    async with aiomqtt.Client(opts.host, opts.port, identifier=f"sim-{opts.seed}-{time.time_ns()}",
-                              max_inflight_messages=65535, max_queued_outgoing_messages=0,
-                              tls_context=tls, timeout=30, logger=quiet) as client:
+    async with aiomqtt.Client(
+        opts.host,
+        opts.port,
+        identifier=f"sim-{opts.seed}-{time.time_ns()}",
+        max_inflight_messages=65535,
+        max_queued_outgoing_messages=0,
+        tls_context=tls,
+        timeout=30,
+        logger=quiet,
+    ) as client:
 
         async def device(i: int) -> None:
             rng = random.Random(opts.seed * 1_000_003 + i)

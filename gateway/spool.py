@@ -9,6 +9,7 @@ for free); reads run on a small pool with their own connections.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import os
@@ -160,8 +161,7 @@ _BATCH_COLS = (
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False,
-                           timeout=30.0)
+    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30.0)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA busy_timeout=30000")
@@ -205,8 +205,9 @@ class Spool:
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise SpoolError(f"spool.path directory {directory} cannot be created: {e.strerror}") \
-                from None
+            raise SpoolError(
+                f"spool.path directory {directory} cannot be created: {e.strerror}"
+            ) from None
         if not os.access(directory, os.W_OK | os.X_OK):
             raise SpoolError(
                 f"spool.path directory {directory} is not writable by this user: "
@@ -228,7 +229,8 @@ class Spool:
             if row is None or row[0] != "ok":
                 conn.close()
                 raise SpoolIntegrityError(
-                    f"spool {self.path} failed SQLite's integrity check ({row[0] if row else '?'}); "
+                    f"spool {self.path} failed SQLite's integrity check "
+                    f"({row[0] if row else '?'}); "
                     "it was left untouched: keep it for analysis and move it aside to start "
                     "with an empty spool"
                 )
@@ -239,6 +241,9 @@ class Spool:
             conn.close()
             raise SpoolIntegrityError(f"spool {self.path} is not a gateway spool: {e}") from None
         self.max_rowid = conn.execute("SELECT coalesce(max(rowid), 0) FROM tx").fetchone()[0]
+        # Totals over the spool's life, not this process's, so status survives restarts.
+        self.stored = conn.execute("SELECT count(*) FROM tx").fetchone()[0]
+        self.rejects = conn.execute("SELECT count(*) FROM reject").fetchone()[0]
         self._wconn = conn
         self._writer = threading.Thread(target=self._write_loop, name="spool-writer", daemon=True)
         self._writer.start()
@@ -247,8 +252,10 @@ class Spool:
         rows = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         if not rows:
             conn.execute("BEGIN IMMEDIATE")
-            conn.executemany("INSERT INTO meta VALUES (?, ?)", [
-                ("schema_version", str(SCHEMA_VERSION)), ("gateway_id", self.gateway_id)])
+            conn.executemany(
+                "INSERT INTO meta VALUES (?, ?)",
+                [("schema_version", str(SCHEMA_VERSION)), ("gateway_id", self.gateway_id)],
+            )
             conn.execute("COMMIT")
             return
         if rows.get("gateway_id") != self.gateway_id:
@@ -258,8 +265,10 @@ class Spool:
                 "elsewhere or fix gateway.id"
             )
         if rows.get("schema_version") != str(SCHEMA_VERSION):
-            raise SpoolError(f"spool {self.path} has schema {rows.get('schema_version')}, "
-                             f"this gateway reads {SCHEMA_VERSION}")
+            raise SpoolError(
+                f"spool {self.path} has schema {rows.get('schema_version')}, "
+                f"this gateway reads {SCHEMA_VERSION}"
+            )
 
     def close(self) -> None:
         if self._writer is not None and self._writer.is_alive():
@@ -338,8 +347,15 @@ class Spool:
                         "INSERT INTO tx (device_id, device_seq, payload_sha256, tx_id, leaf, size,"
                         " received_ms) VALUES (?, ?, ?, ?, ?, ?, ?)"
                         " ON CONFLICT (device_id, device_seq) DO NOTHING",
-                        (item.device_id, item.device_seq, item.payload_sha256, item.tx_id,
-                         item.leaf, len(item.leaf), item.received_ms),
+                        (
+                            item.device_id,
+                            item.device_seq,
+                            item.payload_sha256,
+                            item.tx_id,
+                            item.leaf,
+                            len(item.leaf),
+                            item.received_ms,
+                        ),
                     )
                     if cur.rowcount == 1:
                         results.append(AppendResult(Outcome.STORED, item.tx_id))
@@ -349,7 +365,8 @@ class Spool:
                             devices[item.device_id] = (item.device_seq, item.received_ms)
                         continue
                     row = conn.execute(
-                        "SELECT payload_sha256, tx_id FROM tx WHERE device_id = ? AND device_seq = ?",
+                        "SELECT payload_sha256, tx_id FROM tx"
+                        " WHERE device_id = ? AND device_seq = ?",
                         (item.device_id, item.device_seq),
                     ).fetchone()
                     if row is not None and row[0] == item.payload_sha256:
@@ -364,13 +381,15 @@ class Spool:
                         (item.received_ms, item.reason, item.device_id, item.topic, item.message),
                     )
                     rej += 1
-                    results.append(AppendResult(Outcome.REJECT_RECORDED,
-                                                reject_id=int(cur.lastrowid or 0)))
+                    results.append(
+                        AppendResult(Outcome.REJECT_RECORDED, reject_id=int(cur.lastrowid or 0))
+                    )
             if devices:
                 conn.executemany(
                     "INSERT INTO device (device_id, last_seq, last_seen_ms) VALUES (?, ?, ?)"
                     " ON CONFLICT (device_id) DO UPDATE SET"
-                    " last_seq = max(last_seq, excluded.last_seq), last_seen_ms = excluded.last_seen_ms",
+                    " last_seq = max(last_seq, excluded.last_seq),"
+                    " last_seen_ms = excluded.last_seen_ms",
                     [(d, s, t) for d, (s, t) in devices.items()],
                 )
             conn.execute("COMMIT")
@@ -397,10 +416,8 @@ class Spool:
 
     @staticmethod
     def _rollback(conn: sqlite3.Connection) -> None:
-        try:
+        with contextlib.suppress(sqlite3.Error):
             conn.execute("ROLLBACK")
-        except sqlite3.Error:
-            pass
 
     def _run_op(self, conn: sqlite3.Connection, op: _Op) -> None:
         try:
@@ -423,8 +440,13 @@ class Spool:
     def _reader_conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None,
-                                   check_same_thread=False, timeout=30.0)
+            conn = sqlite3.connect(
+                f"file:{self.path}?mode=ro",
+                uri=True,
+                isolation_level=None,
+                check_same_thread=False,
+                timeout=30.0,
+            )
             conn.execute("PRAGMA busy_timeout=30000")
             self._local.conn = conn
         return conn
@@ -446,34 +468,49 @@ class Spool:
 
     @staticmethod
     def q_pending(conn: sqlite3.Connection, after_rowid: int, limit: int) -> list[PendingTx]:
-        return [PendingTx(*r) for r in conn.execute(
-            "SELECT rowid, tx_id, size, received_ms FROM tx WHERE rowid > ? ORDER BY rowid LIMIT ?",
-            (after_rowid, limit))]
+        return [
+            PendingTx(*r)
+            for r in conn.execute(
+                "SELECT rowid, tx_id, size, received_ms FROM tx"
+                " WHERE rowid > ? ORDER BY rowid LIMIT ?",
+                (after_rowid, limit),
+            )
+        ]
 
     @staticmethod
     def q_leaves(conn: sqlite3.Connection, first_rowid: int, last_rowid: int) -> list[bytes]:
-        return [r[0] for r in conn.execute(
-            "SELECT leaf FROM tx WHERE rowid BETWEEN ? AND ? ORDER BY rowid",
-            (first_rowid, last_rowid))]
+        return [
+            r[0]
+            for r in conn.execute(
+                "SELECT leaf FROM tx WHERE rowid BETWEEN ? AND ? ORDER BY rowid",
+                (first_rowid, last_rowid),
+            )
+        ]
 
     @staticmethod
     def q_tx_ids(conn: sqlite3.Connection, first_rowid: int, last_rowid: int) -> list[bytes]:
-        return [r[0] for r in conn.execute(
-            "SELECT tx_id FROM tx WHERE rowid BETWEEN ? AND ? ORDER BY rowid",
-            (first_rowid, last_rowid))]
+        return [
+            r[0]
+            for r in conn.execute(
+                "SELECT tx_id FROM tx WHERE rowid BETWEEN ? AND ? ORDER BY rowid",
+                (first_rowid, last_rowid),
+            )
+        ]
 
     @staticmethod
     def q_tx(conn: sqlite3.Connection, tx_id: bytes) -> TxRecord | None:
         row = conn.execute(
             "SELECT rowid, tx_id, leaf, device_id, device_seq, received_ms FROM tx WHERE tx_id = ?",
-            (tx_id,)).fetchone()
+            (tx_id,),
+        ).fetchone()
         return TxRecord(*row) if row else None
 
     @staticmethod
     def q_batch_of_rowid(conn: sqlite3.Connection, rowid: int) -> StoredBatch | None:
         row = conn.execute(
             f"SELECT {_BATCH_COLS} FROM batch WHERE last_rowid >= ? ORDER BY last_rowid LIMIT 1",
-            (rowid,)).fetchone()
+            (rowid,),
+        ).fetchone()
         if row is None:
             return None
         b = StoredBatch(*row)
@@ -481,47 +518,70 @@ class Spool:
 
     @staticmethod
     def q_receipts(conn: sqlite3.Connection, seq: int) -> list[tuple[str, bytes]]:
-        return [(r[0], r[1]) for r in conn.execute(
-            "SELECT node_id, receipt FROM receipt WHERE seq = ? ORDER BY node_id", (seq,))]
+        return [
+            (r[0], r[1])
+            for r in conn.execute(
+                "SELECT node_id, receipt FROM receipt WHERE seq = ? ORDER BY node_id", (seq,)
+            )
+        ]
 
     @staticmethod
     def q_last_committed_seq(conn: sqlite3.Connection) -> int:
-        row = conn.execute(
-            "SELECT max(seq) FROM batch WHERE committed_ms IS NOT NULL").fetchone()
+        row = conn.execute("SELECT max(seq) FROM batch WHERE committed_ms IS NOT NULL").fetchone()
         return -1 if row is None or row[0] is None else int(row[0])
 
     @staticmethod
     def q_unpublished_rejects(conn: sqlite3.Connection, limit: int) -> list[tuple[int, str, bytes]]:
-        return [(r[0], r[1], r[2]) for r in conn.execute(
-            "SELECT id, topic, message FROM reject WHERE published = 0 ORDER BY id LIMIT ?",
-            (limit,))]
+        return [
+            (r[0], r[1], r[2])
+            for r in conn.execute(
+                "SELECT id, topic, message FROM reject WHERE published = 0 ORDER BY id LIMIT ?",
+                (limit,),
+            )
+        ]
 
     # ---- writes ----------------------------------------------------------
 
     @staticmethod
     def w_store_batch(conn: sqlite3.Connection, b: StoredBatch) -> None:
-        """Header, signature and the tx-to-batch assignment (the rowid range), in one transaction."""
+        """Header, signature and tx-to-batch assignment (a rowid range): one transaction."""
         prev = conn.execute("SELECT max(seq), max(last_rowid) FROM batch").fetchone()
         expected = 0 if prev[0] is None else prev[0] + 1
         if b.seq != expected:
             raise SpoolError(f"batch seq {b.seq} out of order: the spool expects {expected}")
         if prev[1] is not None and b.first_rowid <= prev[1]:
             raise SpoolError(f"batch {b.seq} overlaps the previous batch's transactions")
-        conn.execute(f"INSERT INTO batch ({_BATCH_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", (
-            b.seq, b.header, b.signature, b.header_hash, b.first_rowid, b.last_rowid,
-            b.tx_count, b.created_ms, b.committed_ms))
+        conn.execute(
+            f"INSERT INTO batch ({_BATCH_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                b.seq,
+                b.header,
+                b.signature,
+                b.header_hash,
+                b.first_rowid,
+                b.last_rowid,
+                b.tx_count,
+                b.created_ms,
+                b.committed_ms,
+            ),
+        )
 
     @staticmethod
-    def w_store_receipt(conn: sqlite3.Connection, seq: int, node_id: str, receipt: bytes,
-                        quorum: int) -> bool:
+    def w_store_receipt(
+        conn: sqlite3.Connection, seq: int, node_id: str, receipt: bytes, quorum: int
+    ) -> bool:
         """Store a node's receipt; mark the batch committed at quorum. True if now committed."""
         conn.execute(
             "INSERT INTO receipt (seq, node_id, receipt, received_ms) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT (seq, node_id) DO NOTHING", (seq, node_id, receipt, now_ms()))
+            " ON CONFLICT (seq, node_id) DO NOTHING",
+            (seq, node_id, receipt, now_ms()),
+        )
         n = conn.execute("SELECT count(*) FROM receipt WHERE seq = ?", (seq,)).fetchone()[0]
         if n >= quorum:
-            conn.execute("UPDATE batch SET committed_ms = ? WHERE seq = ? AND committed_ms IS NULL",
-                         (now_ms(), seq))
+            conn.execute(
+                "UPDATE batch SET committed_ms = ? WHERE seq = ? AND committed_ms IS NULL",
+                (now_ms(), seq),
+            )
             return True
         return False
 
@@ -531,5 +591,10 @@ class Spool:
 
 
 def stored_batches(conn: sqlite3.Connection, from_seq: int, limit: int) -> Sequence[StoredBatch]:
-    return [StoredBatch(*r) for r in conn.execute(
-        f"SELECT {_BATCH_COLS} FROM batch WHERE seq >= ? ORDER BY seq LIMIT ?", (from_seq, limit))]
+    return [
+        StoredBatch(*r)
+        for r in conn.execute(
+            f"SELECT {_BATCH_COLS} FROM batch WHERE seq >= ? ORDER BY seq LIMIT ?",
+            (from_seq, limit),
+        )
+    ]

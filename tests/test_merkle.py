@@ -431,6 +431,12 @@ def test_verify_inclusion_refuses_a_short_leaf_hash() -> None:
     assert merkle.root_from_inclusion_proof(b"\x00" * 31, 0, 1, []) is None
 
 
+@pytest.mark.parametrize("length", [0, 31, 33, 64])
+def test_proof_elements_must_be_hash_sized(length: int) -> None:
+    leaf_hash = merkle.leaf_hash(b"leaf-0")
+    assert merkle.root_from_inclusion_proof(leaf_hash, 0, 2, [b"\x07" * length]) is None
+
+
 # --------------------------------------------------------------------------
 # Properties against the reference.
 # --------------------------------------------------------------------------

@@ -1,0 +1,71 @@
+"""Fixtures that start the real components: SoftHSM2, Mosquitto, ledger nodes, gateways."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from gateway.sandbox import GatewayProc, Hsm, Ledger, Proc, Sandbox, free_port
+
+
+@dataclass
+class Deployment:
+    sandbox: Sandbox
+    hsm: Hsm
+    broker: Proc
+    ledgers: list[Ledger]
+    gateway_id: str
+    config: Path
+    public_key: Path
+    key_id: str
+
+    def start_gateway(self) -> GatewayProc:
+        return self.sandbox.gateway(self.gateway_id, self.config, self.public_key)
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
+    sb = Sandbox(tmp_path / "sb")
+    try:
+        yield sb
+    finally:
+        sb.close()
+
+
+def deploy(
+    sb: Sandbox,
+    gateway_id: str = "edge-test-01",
+    nodes: int = 3,
+    quorum: int = 2,
+    batch: str = "max_tx = 500\nmax_age_s = 0.5",
+    extra: str = "",
+    spool_extra: str = "",
+) -> Deployment:
+    hsm = sb.hsm()
+    broker = sb.mosquitto()
+    ports = [free_port() for _ in range(nodes)]
+    names = [f"ledger-{i + 1}" for i in range(nodes)]
+    cfg = sb.gateway_config(
+        gateway_id,
+        hsm,
+        broker.port,
+        [(n, f"127.0.0.1:{p}") for n, p in zip(names, ports, strict=True)],
+        quorum=quorum,
+        batch=batch,
+        extra=extra,
+    )
+    if spool_extra:
+        text = cfg.read_text().replace("[spool]\n", f"[spool]\n{spool_extra}\n")
+        cfg.write_text(text)
+    pem = sb.root / f"{gateway_id}.pem"
+    key_id = sb.hsm_init(cfg, pem)
+    ledgers = [sb.ledger(n, {gateway_id: pem}, port=p) for n, p in zip(names, ports, strict=True)]
+    return Deployment(sb, hsm, broker, ledgers, gateway_id, cfg, pem, key_id)
+
+
+@pytest.fixture
+def deployment(sandbox: Sandbox) -> Deployment:
+    return deploy(sandbox)
