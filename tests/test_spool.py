@@ -1,0 +1,162 @@
+"""The spool on a real SQLite file: durability rules, dedup, batches, receipts."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.batcher import decide_cut
+from gateway.config import BatchConfig, SpoolConfig
+from gateway.errors import SpoolError, SpoolIntegrityError
+from gateway.spool import Incoming, Outcome, PendingTx, RejectRecord, Spool, StoredBatch
+
+
+def cfg(path: Path) -> SpoolConfig:
+    return SpoolConfig(
+        path=path,
+        group_commit_max=1000,
+        group_commit_wait_ms=0,
+        max_depth=1000,
+        min_free_bytes=0,
+        retention_batches=0,
+    )
+
+
+def tx(device: str, seq: int, content: bytes = b"x") -> Incoming:
+    leaf = device.encode() + seq.to_bytes(8, "big") + content
+    return Incoming(
+        device_id=device,
+        device_seq=seq,
+        payload_sha256=hashlib.sha256(content).digest(),
+        tx_id=hashlib.sha256(b"\x00" + leaf).digest(),
+        leaf=leaf,
+        received_ms=1_700_000_000_000 + seq,
+    )
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Iterator[Spool]:
+    s = Spool(cfg(tmp_path / "spool.db"), "gw-1")
+    s.open()
+    yield s
+    s.close()
+
+
+def test_wal_and_full_sync_are_on(spool: Spool) -> None:
+    mode = spool.read(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0]).result()
+    assert mode == "wal"
+    assert spool.write(lambda c: c.execute("PRAGMA synchronous").fetchone()[0]).result() == 2
+
+
+def test_same_content_is_a_duplicate_other_content_a_conflict(spool: Spool) -> None:
+    first = spool.append(tx("d1", 1, b"a")).result()
+    again = spool.append(tx("d1", 1, b"a")).result()
+    other = spool.append(tx("d1", 1, b"b")).result()
+    assert first.outcome is Outcome.STORED
+    assert again.outcome is Outcome.DUPLICATE and again.tx_id == first.tx_id
+    assert other.outcome is Outcome.CONFLICT
+    assert spool.read(lambda c: c.execute("SELECT count(*) FROM tx").fetchone()[0]).result() == 1
+
+
+def test_a_group_commit_resolves_every_future_after_commit(spool: Spool) -> None:
+    futures = [spool.append(tx(f"d{i % 7}", i)) for i in range(500)]
+    assert all(f.result(10).outcome is Outcome.STORED for f in futures)
+    assert spool.stored == 500 and spool.max_rowid == 500
+    last = spool.read(
+        lambda c: c.execute("SELECT last_seq FROM device WHERE device_id='d0'")
+    ).result()
+    assert last.fetchone()[0] == 497
+
+
+def test_rejects_are_recorded_for_the_dead_letter_topic(spool: Spool) -> None:
+    r = spool.append(RejectRecord("not_decodable", "d1", "devices/rejected/d1", b"{}", 1)).result()
+    assert r.outcome is Outcome.REJECT_RECORDED and r.reject_id == 1
+    rows = spool.read(lambda c: Spool.q_unpublished_rejects(c, 10)).result()
+    assert rows == [(1, "devices/rejected/d1", b"{}")]
+    spool.write(lambda c: Spool.w_mark_published(c, [1])).result()
+    assert spool.read(lambda c: Spool.q_unpublished_rejects(c, 10)).result() == []
+
+
+def test_batches_must_come_in_order_and_not_overlap(spool: Spool) -> None:
+    for i in range(10):
+        spool.append(tx("d", i)).result()
+
+    def batch(seq: int, first: int, last: int) -> StoredBatch:
+        return StoredBatch(seq, b"h", b"s", bytes(32), first, last, last - first + 1, 0, None)
+
+    spool.write(lambda c: Spool.w_store_batch(c, batch(0, 1, 5))).result()
+    with pytest.raises(SpoolError, match="out of order"):
+        spool.write(lambda c: Spool.w_store_batch(c, batch(2, 6, 10))).result()
+    with pytest.raises(SpoolError, match="overlaps"):
+        spool.write(lambda c: Spool.w_store_batch(c, batch(1, 5, 10))).result()
+    spool.write(lambda c: Spool.w_store_batch(c, batch(1, 6, 10))).result()
+    assert spool.read(lambda c: Spool.q_batch_of_rowid(c, 6)).result().seq == 1  # type: ignore[union-attr]
+    assert spool.read(lambda c: Spool.q_pending(c, 10, 100)).result() == []
+
+    # Quorum of 2: committed at the second receipt, not the first.
+    assert spool.write(lambda c: Spool.w_store_receipt(c, 0, "n1", b"r1", 2)).result() is False
+    assert spool.write(lambda c: Spool.w_store_receipt(c, 0, "n1", b"r1", 2)).result() is False
+    assert spool.write(lambda c: Spool.w_store_receipt(c, 0, "n2", b"r2", 2)).result() is True
+    assert spool.read(Spool.q_last_committed_seq).result() == 0
+
+
+def test_spool_of_another_gateway_is_refused(tmp_path: Path) -> None:
+    s = Spool(cfg(tmp_path / "s.db"), "gw-1")
+    s.open()
+    s.close()
+    with pytest.raises(SpoolError, match="belongs to gateway 'gw-1'"):
+        Spool(cfg(tmp_path / "s.db"), "gw-2").open()
+
+
+def test_corrupt_spool_stops_the_start_and_is_left_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    s = Spool(cfg(path), "gw-1")
+    s.open()
+    for i in range(2000):
+        s.append(tx("d", i, os.urandom(64)))
+    s.append(tx("d", 99999)).result()
+    s.close()
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    data = bytearray(path.read_bytes())
+    for off in range(8192, min(len(data), 40960), 97):  # scribble over b-tree pages
+        data[off] ^= 0xA5
+    path.write_bytes(bytes(data))
+    before = path.read_bytes()
+    with pytest.raises(SpoolIntegrityError, match="left untouched"):
+        Spool(cfg(path), "gw-1").open()
+    assert path.read_bytes() == before
+
+
+def test_unwritable_spool_directory_is_a_clear_error(tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        # root writes anywhere; a read-only bind is what stops it on a real box.
+        target = Path("/proc/edge-gateway-spool/s.db")
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        target = ro / "s.db"
+    with pytest.raises(SpoolError, match=r"spool\.path directory"):
+        Spool(cfg(target), "gw-1").open()
+
+
+def test_cut_rule_count_bytes_age_and_flush() -> None:
+    c = BatchConfig(max_tx=3, max_bytes=1000, max_age_s=1.0)
+    rows = [PendingTx(i, b"", 100, 1000) for i in range(1, 6)]
+    assert decide_cut(rows, c, now=1000).count == 3
+    assert decide_cut(rows[:2], c, now=1500).reason == "waiting"
+    assert decide_cut(rows[:2], c, now=2000).count == 2
+    assert decide_cut(rows[:2], c, now=1500, force=True).count == 2
+    big = [PendingTx(i, b"", 600, 1000) for i in range(1, 4)]
+    assert decide_cut(big, c, now=1000) == decide_cut(big[:2], c, now=1000)
+    assert decide_cut(big, c, now=1000).count == 1  # the second would pass max_bytes
+    huge = [PendingTx(1, b"", 5000, 1000)]
+    assert decide_cut(huge, c, now=1000).count == 1  # one oversize tx still makes a batch
+    assert decide_cut([], c, now=99999).count == 0
