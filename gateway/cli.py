@@ -74,6 +74,11 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_profiles(args: argparse.Namespace) -> int:
+    code: int = args.profiles_fn(args)
+    return code
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from gateway import demo
 
@@ -133,6 +138,12 @@ def parser() -> argparse.ArgumentParser:
 
     add_arguments(p)
     p.set_defaults(fn=_cmd_simulate)
+
+    p = sub.add_parser("profiles", help="firmware profiles: list, check a file, decode a payload")
+    from gateway.profiles.tool import add_arguments as add_profiles_arguments
+
+    add_profiles_arguments(p)
+    p.set_defaults(fn=_cmd_profiles)
 
     p = sub.add_parser("demo", help="the whole pipeline on this machine, then a summary")
     p.add_argument("--seconds", type=float, default=20.0)

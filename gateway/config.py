@@ -160,6 +160,17 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ProfilesConfig:
+    """[profiles]: firmware profile files. Without the table every payload is json@1."""
+
+    dir: Path
+    keys_dir: Path  # relative auth.keys_file names in profiles resolve here
+    pseudonym_key_file: Path | None
+    fallback: str | None  # profile for topics no profile claims; None refuses them
+    share_group: str | None  # subscribe to the profiles' filters as $share/<group>/...
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     gateway_id: str
     hsm: HsmConfig
@@ -171,6 +182,7 @@ class GatewayConfig:
     metrics: MetricsConfig
     log_level: str
     source: Path = field(default=Path("<memory>"))
+    profiles: ProfilesConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -482,6 +494,7 @@ def parse_gateway_config(data: Mapping[str, Any], source: Path) -> GatewayConfig
     metrics_address = _address(mt, "listen", "127.0.0.1:9464")
     metrics_listen = metrics_address if metrics_enabled else None
     mt.finish()
+    profiles = _profiles(root) if root.has("profiles") else None
     root.finish()
     return GatewayConfig(
         gateway_id=gateway_id,
@@ -500,7 +513,25 @@ def parse_gateway_config(data: Mapping[str, Any], source: Path) -> GatewayConfig
         metrics=MetricsConfig(listen=metrics_listen),
         log_level=log_level,
         source=source,
+        profiles=profiles,
     )
+
+
+def _profiles(root: _Reader) -> ProfilesConfig:
+    pr = root.table("profiles")
+    fallback = pr.string("fallback", "json@1")
+    share_group = pr.opt_string("share_group")
+    if share_group is not None and any(c in share_group for c in "/+#"):
+        raise pr.fail("share_group", share_group, "a share name has no '/', '+' or '#'")
+    cfg = ProfilesConfig(
+        dir=pr.path("dir", "/etc/edge-gateway/profiles"),
+        keys_dir=pr.path("keys_dir", "/etc/edge-gateway/keys"),
+        pseudonym_key_file=pr.opt_path("pseudonym_key_file"),
+        fallback=None if fallback == "none" else fallback,
+        share_group=share_group,
+    )
+    pr.finish()
+    return cfg
 
 
 def load_gateway_config(path: Path) -> GatewayConfig:

@@ -1,8 +1,14 @@
-"""Device load over MQTT: N simulated devices publishing QoS 1 JSON payloads.
+"""Device load over MQTT: N simulated devices publishing QoS 1 payloads.
 
 Each device publishes at its share of the rate and waits for its PUBACK
 before the next message, as constrained firmware does. `--bad-ratio` mixes in
 malformed payloads so the dead-letter path is exercised under load.
+
+Without `--profile` the devices speak the built-in json@1 format. With one or
+more `--profile NAME`, devices are dealt round-robin to those firmware
+profiles and publish their encoding on their topics, signed with keys derived
+from `--key-seed` (gateway.profiles.synth.DemoKeys); provision_keys() writes
+the matching keys files for the gateway.
 """
 
 from __future__ import annotations
@@ -14,10 +20,16 @@ import logging
 import random
 import ssl
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiomqtt
+
+from gateway.profiles import synth
+from gateway.profiles.profileset import DEFAULT_PROFILES_DIR, read_profiles
+from gateway.profiles.spec import Profile, ProfileError
+from gateway.profiles.topics import example_topic
 
 BAD_PAYLOADS = (
     b"not json at all",
@@ -47,6 +59,9 @@ class SimulateOptions:
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
+    profiles: tuple[str, ...] = ()  # firmware profiles (name or name@version); () = json@1
+    profiles_dir: Path = DEFAULT_PROFILES_DIR
+    key_seed: str = synth.DEMO_SEED
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> SimulateOptions:
@@ -66,6 +81,9 @@ class SimulateOptions:
             ca_file=a.ca_file,
             cert_file=a.cert_file,
             key_file=a.key_file,
+            profiles=tuple(a.profile or ()),
+            profiles_dir=a.profiles_dir,
+            key_seed=a.key_seed,
         )
 
 
@@ -77,14 +95,19 @@ class SimulateResult:
     failed: int = 0
     elapsed_s: float = 0.0
     errors: list[str] = field(default_factory=list)
+    # good payloads acknowledged, by profile id (profile runs only)
+    by_profile: Counter[str] = field(default_factory=Counter)
 
     def line(self) -> str:
         rate = self.acknowledged / self.elapsed_s if self.elapsed_s else 0.0
-        return (
+        text = (
             f"published {self.published} (bad {self.bad_published}), acknowledged "
             f"{self.acknowledged}, failed {self.failed}, {self.elapsed_s:.1f} s, "
             f"{rate:.0f} msg/s"
         )
+        if self.by_profile:
+            text += " [" + ", ".join(f"{k} {v}" for k, v in sorted(self.by_profile.items())) + "]"
+        return text
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -108,6 +131,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ca-file", type=Path)
     p.add_argument("--cert-file", type=Path)
     p.add_argument("--key-file", type=Path)
+    p.add_argument(
+        "--profile",
+        action="append",
+        metavar="NAME",
+        help="publish this firmware profile's traffic (repeat for several; default json@1)",
+    )
+    p.add_argument(
+        "--profiles-dir",
+        type=Path,
+        default=DEFAULT_PROFILES_DIR,
+        help=f"where --profile files are ({DEFAULT_PROFILES_DIR})",
+    )
+    p.add_argument(
+        "--key-seed",
+        default=synth.DEMO_SEED,
+        help="seed of the simulated devices' keys (demo only)",
+    )
 
 
 def payload(seq: int, rng: random.Random, pad: int) -> bytes:
@@ -126,8 +166,61 @@ def payload(seq: int, rng: random.Random, pad: int) -> bytes:
     return raw
 
 
+def load_profiles(opts: SimulateOptions) -> list[Profile]:
+    """The profiles named by opts.profiles, in that order."""
+    if not opts.profiles:
+        return []
+    known = read_profiles(opts.profiles_dir)
+    out = []
+    for name in opts.profiles:
+        found = [p for p in known if name in (p.id, p.name)]
+        if len(found) != 1:
+            have = ", ".join(sorted(p.id for p in known)) or "none"
+            what = "is ambiguous" if found else "is not there"
+            raise ProfileError(
+                f"simulate --profile {name!r} {what} in {opts.profiles_dir} (profiles: {have})"
+            )
+        out.append(found[0])
+    return out
+
+
+def device_name(opts: SimulateOptions, i: int) -> str:
+    return f"{opts.device_prefix}-{i:05d}"
+
+
+def device_ids(opts: SimulateOptions) -> dict[str, list[str]]:
+    """Device ids by profile id, as run() deals them out."""
+    profiles = load_profiles(opts)
+    out: dict[str, list[str]] = {p.id: [] for p in profiles}
+    for i in range(opts.devices if profiles else 0):
+        out[profiles[i % len(profiles)].id].append(device_name(opts, i))
+    return out
+
+
+def provision_keys(opts: SimulateOptions, keys_dir: Path) -> list[Path]:
+    """Write the keys files a gateway needs to authenticate this run's devices."""
+    profiles = load_profiles(opts)
+    ids = device_ids(opts)
+    keys = synth.DemoKeys(opts.key_seed)
+    written: list[Path] = []
+    for p in profiles:
+        written += keys.write_keys_files([p], ids[p.id], keys_dir)
+    return written
+
+
+def _profile_seq(opts: SimulateOptions, profile: Profile) -> int:
+    # start_seq defaults to the time in ms, which a u32 sequence field cannot
+    # hold; folding it keeps reruns apart for weeks without overflowing.
+    limit = synth.seq_limit(profile)
+    if opts.start_seq + 10_000_000 <= limit:
+        return opts.start_seq
+    return opts.start_seq % (limit // 2)
+
+
 async def run(opts: SimulateOptions) -> SimulateResult:
     result = SimulateResult()
+    profiles = load_profiles(opts)
+    keys = synth.DemoKeys(opts.key_seed)
     tls = None
     if opts.ca_file is not None:
         tls = ssl.create_default_context(cafile=str(opts.ca_file))
@@ -152,9 +245,13 @@ async def run(opts: SimulateOptions) -> SimulateResult:
 
         async def device(i: int) -> None:
             rng = random.Random(opts.seed * 1_000_003 + i)
-            dev = f"{opts.device_prefix}-{i:05d}"
-            topic = f"{opts.topic_prefix}/{dev}/tx"
-            seq = opts.start_seq
+            dev = device_name(opts, i)
+            prof = profiles[i % len(profiles)] if profiles else None
+            if prof is not None and prof.filters:
+                topic = example_topic(prof.filters[0], prof.device_id_level, dev)
+            else:
+                topic = f"{opts.topic_prefix}/{dev}/tx"
+            seq = _profile_seq(opts, prof) if prof is not None else opts.start_seq
             next_at = t0 + rng.random() * interval
             sent = 0
             while True:
@@ -168,12 +265,24 @@ async def run(opts: SimulateOptions) -> SimulateResult:
                     await asyncio.sleep(delay)
                 next_at += interval
                 bad = opts.bad_ratio > 0 and rng.random() < opts.bad_ratio
-                body = rng.choice(BAD_PAYLOADS) if bad else payload(seq, rng, opts.payload_bytes)
+                if prof is not None:
+                    now = time.time_ns() // 1_000_000
+                    body = (
+                        synth.invalid(prof, dev, seq, now, rng, keys)[1]
+                        if bad
+                        else synth.valid(prof, dev, seq, now, rng, keys)
+                    )
+                else:
+                    body = (
+                        rng.choice(BAD_PAYLOADS) if bad else payload(seq, rng, opts.payload_bytes)
+                    )
                 result.published += 1
                 result.bad_published += bad
                 try:
                     await client.publish(topic, body, qos=1, timeout=60)
                     result.acknowledged += 1
+                    if prof is not None and not bad:
+                        result.by_profile[prof.id] += 1
                 except aiomqtt.MqttError as e:
                     result.failed += 1
                     if len(result.errors) < 5:

@@ -1,9 +1,9 @@
-"""Decoding: a raw device payload becomes a canonical Transaction, or a Rejected.
+"""The built-in `json@1` profile: the gateway's original payload format.
 
-Pure logic, no I/O. The built-in `json@1` profile reads a JSON object with a
-device sequence number `seq`, an optional device time `time` (ms since the
-epoch) and `kind`; every other member is a normalised field. Firmware profiles
-for other encodings plug in here.
+Pure logic, no I/O. It reads a JSON object with a device sequence number
+`seq`, an optional device time `time` (ms since the epoch) and `kind`; every
+other member is a normalised field. Firmware profiles (gateway.profiles.spec)
+describe every other format.
 """
 
 from __future__ import annotations
@@ -19,24 +19,6 @@ from gateway.canonical import CanonicalError, canonical_json, transaction_bytes
 from gateway.errors import Rejected
 from gateway.merkle import leaf_hash
 from gateway.spool import Incoming
-
-# Every rejection carries one of these codes (README: "Rejection reasons").
-REASONS = (
-    "too_large",
-    "not_decodable",
-    "bad_encoding",
-    "missing_field",
-    "wrong_type",
-    "out_of_range",
-    "unknown_topic",
-    "unknown_profile",
-    "bad_device_id",
-    "bad_device_auth",
-    "replay",
-    "conflicting_duplicate",
-    "rate_limited",
-    "clock_skew",
-)
 
 DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 MAX_SEQ = 2**63 - 1
@@ -90,8 +72,10 @@ class JsonDecoder:
         self.max_payload_bytes = max_payload_bytes
 
     def decode(
-        self, device_id: str, topic: str, payload: bytes, received_ms: int, channel: str
+        self, device_id: str | None, topic: str, payload: bytes, received_ms: int, channel: str
     ) -> Incoming:
+        if device_id is None:
+            raise Rejected("unknown_topic", f"no device id in topic {topic[:200]!r}")
         if len(payload) > self.max_payload_bytes:
             raise Rejected("too_large", f"{len(payload)} bytes, limit {self.max_payload_bytes}")
         if not DEVICE_ID_RE.match(device_id):
