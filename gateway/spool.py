@@ -213,7 +213,8 @@ class Spool:
                 f"spool.path directory {directory} is not writable by this user: "
                 "fix its owner or mode (the unit's StateDirectory= does this)"
             )
-        existed = self.path.exists()
+        if self.path.exists() and check_integrity:
+            self._check_integrity()
         try:
             conn = _connect(self.path)
         except sqlite3.DatabaseError as e:
@@ -221,19 +222,6 @@ class Spool:
                 f"spool {self.path} cannot be opened as SQLite ({e}); it was left untouched: "
                 "move it aside to start with an empty spool"
             ) from None
-        if existed and check_integrity:
-            try:
-                row = conn.execute("PRAGMA quick_check").fetchone()
-            except sqlite3.DatabaseError as e:
-                row = (str(e),)
-            if row is None or row[0] != "ok":
-                conn.close()
-                raise SpoolIntegrityError(
-                    f"spool {self.path} failed SQLite's integrity check "
-                    f"({row[0] if row else '?'}); "
-                    "it was left untouched: keep it for analysis and move it aside to start "
-                    "with an empty spool"
-                )
         try:
             conn.executescript(SCHEMA)
             self._check_meta(conn)
@@ -247,6 +235,26 @@ class Spool:
         self._wconn = conn
         self._writer = threading.Thread(target=self._write_loop, name="spool-writer", daemon=True)
         self._writer.start()
+
+    def _check_integrity(self) -> None:
+        """SQLite's quick_check through a read-only connection: a damaged spool is
+        reported and never written to (no WAL checkpoint, no schema upgrade)."""
+        problem: str | None = None
+        try:
+            ro = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30.0)
+            try:
+                rows = ro.execute("PRAGMA quick_check").fetchall()
+            finally:
+                ro.close()
+            if [r[0] for r in rows] != ["ok"]:
+                problem = "; ".join(str(r[0]) for r in rows[:3])
+        except sqlite3.DatabaseError as e:
+            problem = str(e)
+        if problem is not None:
+            raise SpoolIntegrityError(
+                f"spool {self.path} failed SQLite's integrity check ({problem}); it was left "
+                "untouched: keep it for analysis and move it aside to start with an empty spool"
+            )
 
     def _check_meta(self, conn: sqlite3.Connection) -> None:
         rows = dict(conn.execute("SELECT key, value FROM meta").fetchall())
