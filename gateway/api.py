@@ -111,7 +111,12 @@ class GatewayApi(gateway_pb2_grpc.GatewayServiceServicer):
                 loop.call_soon_threadsafe(_set, fut, (res, rej))
 
             self.intake.submit(
-                p.device_id or None, p.topic or f"grpc/{p.device_id}", p.payload, "grpc", done
+                p.device_id or None,
+                p.topic or f"grpc/{p.device_id}",
+                p.payload,
+                "grpc",
+                done,
+                p.profile or None,
             )
             futures.append(fut)
         outcomes = await asyncio.gather(*futures)

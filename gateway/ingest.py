@@ -36,7 +36,13 @@ PAYLOAD_HEAD_BYTES = 256
 
 class Decoder(Protocol):
     def decode(
-        self, device_id: str, topic: str, payload: bytes, received_ms: int, channel: str
+        self,
+        device_id: str | None,
+        topic: str,
+        payload: bytes,
+        received_ms: int,
+        channel: str,
+        profile: str | None = None,
     ) -> Incoming: ...
 
 
@@ -48,7 +54,13 @@ def dead_letter(
     received_ms: int,
     payload_sha256: bytes,
 ) -> bytes:
-    """The dead-letter JSON: reason, detail, device, topic, time, payload hash and head."""
+    """The dead-letter JSON: reason, detail, device, topic, time, payload hash and head.
+
+    A payload that carries subscriber identities (a profile's `pseudonymise`
+    fields) never reaches the dead-letter topic in clear: its head is left out.
+    """
+    personal = bool(getattr(rej, "personal_data", False))
+    head = b"" if personal else payload[:PAYLOAD_HEAD_BYTES]
     return json.dumps(
         {
             "reason": rej.reason,
@@ -58,7 +70,7 @@ def dead_letter(
             "received_ms": received_ms,
             "payload_sha256": payload_sha256.hex(),
             "payload_size": len(payload),
-            "payload_head_b64": base64.b64encode(payload[:PAYLOAD_HEAD_BYTES]).decode("ascii"),
+            "payload_head_b64": base64.b64encode(head).decode("ascii"),
         },
         separators=(",", ":"),
         sort_keys=True,
@@ -97,6 +109,7 @@ class Intake:
         payload: bytes,
         channel: str,
         done: Callable[[AppendResult | BaseException, Rejected | None], None],
+        profile: str | None = None,
     ) -> None:
         """Decode and append; `done` runs once the outcome is durable (or failed)."""
         import hashlib
@@ -104,16 +117,15 @@ class Intake:
         received = now_ms()
         metrics.received.labels(channel).inc()
         try:
-            if device_id is None:
-                raise Rejected("unknown_topic", f"no device id in topic {topic!r}")
             item: Incoming | RejectRecord = self.decoder.decode(
-                device_id, topic, payload, received, channel
+                device_id, topic, payload, received, channel, profile
             )
             rej = None
         except Rejected as r:
             rej = r
+            device = getattr(r, "device_id", None) or device_id or ""
             item = self._reject_record(
-                r, device_id or "", topic, payload, received, hashlib.sha256(payload).digest()
+                r, device, topic, payload, received, hashlib.sha256(payload).digest()
             )
         fut = self.spool.append(item)
         fut.add_done_callback(lambda f: self._appended(f, item, rej, topic, payload, channel, done))
@@ -181,8 +193,10 @@ class MqttIngest:
         decoder: Decoder,
         depth: Callable[[], int] = lambda: 0,
         max_depth: int = 0,
+        extra_topics: tuple[str, ...] = (),
     ) -> None:
         self.cfg = cfg
+        self.topics: tuple[str, ...] = tuple(dict.fromkeys((*cfg.topics, *extra_topics)))
         # Depth is checked per message (spooled + in flight to the spool), so a
         # burst cannot overshoot the limit while the monitor is between looks.
         self._depth = depth
@@ -276,9 +290,19 @@ class MqttIngest:
         self._republish_dead_letters()
 
     def _subscribe(self) -> None:
-        result, _ = self._client.subscribe([(t, 1) for t in self.cfg.topics])
+        result, _ = self._client.subscribe([(t, 1) for t in self.topics])
         if result == MQTTErrorCode.MQTT_ERR_SUCCESS:
             self.subscribed.set()
+
+    def resubscribe(self, topics: tuple[str, ...]) -> None:
+        """Subscribe to a new set of filters (after a profile reload); drop the old ones."""
+        new = tuple(dict.fromkeys((*self.cfg.topics, *topics)))
+        gone = [t for t in self.topics if t not in new]
+        self.topics = new
+        if self.connected:
+            if gone:
+                self._client.unsubscribe(gone)
+            self._subscribe()
 
     def _on_disconnect(
         self, _c: mqtt.Client, _u: Any, _flags: Any, reason: Any, _props: Any

@@ -10,6 +10,7 @@ the one that runs.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import getpass
 import os
 import shutil
@@ -17,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,11 @@ from gateway.errors import GatewayError
 SOFTHSM_MODULE = Path("/usr/lib/softhsm/libsofthsm2.so")
 TEST_PIN = "314159"
 TEST_SO_PIN = "271828"
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class SandboxError(GatewayError):
@@ -76,8 +83,13 @@ class Proc:
 
     def start(self) -> None:
         log = self.log_path.open("ab")
+        # Children die with the process that started them (a killed test run, an
+        # interrupted demo) rather than outliving it on the box. PR_SET_PDEATHSIG
+        # fires when the starting *thread* ends, so only the main thread sets it.
+        on_main = threading.current_thread() is threading.main_thread()
         self.proc = subprocess.Popen(
             self.argv,
+            preexec_fn=_die_with_parent if on_main else None,
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

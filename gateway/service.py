@@ -31,7 +31,7 @@ from gateway.forwarder import Forwarder
 from gateway.grpcutil import SERVER_OPTIONS, add_port
 from gateway.ingest import MqttIngest
 from gateway.notify import Notifier
-from gateway.profiles import JsonDecoder
+from gateway.profiles import ProfileSet
 from gateway.signer import Signer
 from gateway.spool import Spool
 
@@ -62,6 +62,7 @@ class Gateway:
         self.batcher: Batcher | None = None
         self.forwarder: Forwarder | None = None
         self.mqtt: MqttIngest | None = None
+        self.profiles: ProfileSet | None = None
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._server: grpc.aio.Server | None = None
 
@@ -212,10 +213,16 @@ class Gateway:
             self.forwarder.notify_signed,
         )
         await self.batcher.resume()
-        decoder = JsonDecoder(cfg.gateway_id, cfg.mqtt.max_payload_bytes)
+        self.profiles = await asyncio.to_thread(ProfileSet.from_config, cfg)
+        log.info("profiles: %s", ", ".join(self.profiles.names()))
         batcher = self.batcher
         self.mqtt = MqttIngest(
-            cfg.mqtt, self.spool, decoder, lambda: batcher.depth, cfg.spool.max_depth
+            cfg.mqtt,
+            self.spool,
+            self.profiles,
+            lambda: batcher.depth,
+            cfg.spool.max_depth,
+            extra_topics=self._profile_topics(),
         )
 
         server = grpc.aio.server(options=list(SERVER_OPTIONS))
@@ -277,9 +284,17 @@ class Gateway:
                 return
             await asyncio.sleep(0.05)
 
+    def _profile_topics(self) -> tuple[str, ...]:
+        assert self.profiles is not None
+        share = self.cfg.profiles.share_group if self.cfg.profiles else None
+        return self.profiles.subscriptions(share)
+
     def _reload(self) -> None:
+        """SIGHUP: reload firmware profiles; a broken file keeps the running set."""
         self.notifier.reloading()
-        log.info("reload requested; configuration reload takes effect on restart")
+        if self.profiles is not None and self.profiles.try_reload(log) and self.mqtt is not None:
+            self.mqtt.resubscribe(self._profile_topics())
+        log.info("reload done; other configuration changes take effect on restart")
         self.notifier.ready(self.summary())
 
     async def _drain(self, batch_stop: asyncio.Event, fwd_stop: asyncio.Event) -> None:

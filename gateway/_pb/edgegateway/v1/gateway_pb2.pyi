@@ -9,14 +9,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DevicePayload(_message.Message):
-    __slots__ = ("device_id", "payload", "topic")
+    __slots__ = ("device_id", "payload", "topic", "profile")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     TOPIC_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     payload: bytes
     topic: str
-    def __init__(self, device_id: _Optional[str] = ..., payload: _Optional[bytes] = ..., topic: _Optional[str] = ...) -> None: ...
+    profile: str
+    def __init__(self, device_id: _Optional[str] = ..., payload: _Optional[bytes] = ..., topic: _Optional[str] = ..., profile: _Optional[str] = ...) -> None: ...
 
 class SubmitTransactionsRequest(_message.Message):
     __slots__ = ("payloads",)
