@@ -121,6 +121,7 @@ class SpoolConfig:
     group_commit_wait_ms: float
     max_depth: int
     min_free_bytes: int
+    max_pending_age_s: float
     retention_batches: int
 
 
@@ -442,6 +443,8 @@ def parse_gateway_config(data: Mapping[str, Any], source: Path) -> GatewayConfig
         group_commit_wait_ms=s.number("group_commit_wait_ms", 2.0, 0, 1000),
         max_depth=s.integer("max_depth", 5_000_000, 1, 10**10),
         min_free_bytes=s.integer("min_free_bytes", 512 * 1024 * 1024, 0, 2**62),
+        # Unbatched work this old means batching or signing is stuck: stop taking more.
+        max_pending_age_s=s.number("max_pending_age_s", 600.0, 1, 30 * 86400),
         retention_batches=s.integer("retention_batches", 100_000, 0, 2**62),
     )
     s.finish()

@@ -63,6 +63,7 @@ class Forwarder:
         self.last_committed_seq = -1
         self.last_progress = time.monotonic()
         self._wakes = [asyncio.Event() for _ in self.nodes]
+        self._beats = [time.monotonic() for _ in self.nodes]
         self._rng = random.Random()
         self._channels: list[grpc.aio.Channel] = []
 
@@ -78,6 +79,11 @@ class Forwarder:
             self.spool.read(Spool.q_last_committed_seq)
         )
         metrics.last_committed_seq.set(self.last_committed_seq)
+
+    def heartbeat(self) -> float:
+        """Monotonic time of the least recent node loop turn: a loop that stops
+        turning (not one waiting in backoff) is stuck."""
+        return min(self._beats) if self._beats else time.monotonic()
 
     def all_delivered(self) -> bool:
         """Every batch reached the quorum (used by the graceful stop)."""
@@ -109,8 +115,9 @@ class Forwarder:
     ) -> None:
         attempt = 0
         while not stop.is_set():
+            self._beats[i] = time.monotonic()
             if node.state == "forked":
-                await self._wait(i, stop, 3600)
+                await self._wait(i, stop, 10)
                 continue
             try:
                 if node.next_seq is None:

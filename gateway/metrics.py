@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -93,3 +98,63 @@ intake_paused = Gauge("edge_gateway_intake_paused", "1 while intake is paused", 
 mqtt_connected = Gauge(
     "edge_gateway_mqtt_connected", "1 while connected to the broker", registry=REGISTRY
 )
+
+
+class BoxCollector:
+    """The edge box and this process, read from psutil at scrape time.
+
+    Each reading is skipped on its own when /proc hides it (the unit's sandbox
+    may), so a scrape never fails for the box's sake.
+    """
+
+    def __init__(self, spool_dir: Path) -> None:
+        self.spool_dir = spool_dir
+        self.proc = psutil.Process()
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        readings: list[tuple[str, str, Callable[[], float]]] = [
+            ("edge_gateway_box_cpu_percent", "CPU use of the box", lambda: psutil.cpu_percent()),
+            (
+                "edge_gateway_box_memory_percent",
+                "Memory use of the box",
+                lambda: psutil.virtual_memory().percent,
+            ),
+            (
+                "edge_gateway_spool_disk_free_bytes",
+                "Free bytes on the spool's filesystem",
+                lambda: float(psutil.disk_usage(str(self.spool_dir)).free),
+            ),
+            (
+                "edge_gateway_spool_disk_used_percent",
+                "Use of the spool's filesystem",
+                lambda: psutil.disk_usage(str(self.spool_dir)).percent,
+            ),
+            (
+                "edge_gateway_process_rss_bytes",
+                "Resident memory of the gateway process",
+                lambda: float(self.proc.memory_info().rss),
+            ),
+            (
+                "edge_gateway_process_open_fds",
+                "Open file descriptors of the gateway process",
+                lambda: float(self.proc.num_fds()),
+            ),
+            (
+                "edge_gateway_process_threads",
+                "Threads of the gateway process",
+                lambda: float(self.proc.num_threads()),
+            ),
+        ]
+        for name, doc, read in readings:
+            try:
+                value = read()
+            except (OSError, psutil.Error):
+                continue
+            yield GaugeMetricFamily(name, doc, value=value)
+
+
+def register_box_collector(spool_dir: Path) -> None:
+    REGISTRY.register(BoxCollector(spool_dir))

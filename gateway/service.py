@@ -44,6 +44,9 @@ DRAIN_TIMEOUT_S = 20.0
 RESUME_FRACTION = 0.9  # hysteresis: resume once depth falls below 90 % of the limit
 
 
+_box_registered = False
+
+
 @dataclass(frozen=True, slots=True)
 class Started:
     api_port: int
@@ -63,8 +66,12 @@ class Gateway:
         self.forwarder: Forwarder | None = None
         self.mqtt: MqttIngest | None = None
         self.profiles: ProfileSet | None = None
+        self.ready = False
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._server: grpc.aio.Server | None = None
+        # A forwarder loop may legitimately sleep a full backoff plus a call deadline.
+        fw = cfg.forwarder
+        self._stuck_after = max(STUCK_AFTER_S, fw.backoff_max_s + 2 * fw.call_timeout_s + 10)
 
     def request_stop(self) -> None:
         self.stop_event.set()
@@ -148,6 +155,17 @@ class Gateway:
             and free < need * 1.1
         ):
             return f"spool disk free {free} bytes below {need}"
+        assert self.batcher is not None
+        oldest = self.batcher.oldest_pending_ms
+        age = 0.0 if oldest is None else time.time() - oldest / 1000
+        max_age = self.cfg.spool.max_pending_age_s
+        if age >= max_age or (
+            paused
+            and self.paused_reason is not None
+            and self.paused_reason.startswith("oldest pending")
+            and age >= max_age * RESUME_FRACTION
+        ):
+            return f"oldest pending transaction {age:.0f} s old, limit {max_age:.0f} s"
         return None
 
     async def _monitor(self) -> None:
@@ -175,13 +193,23 @@ class Gateway:
             oldest = self.batcher.oldest_pending_ms
             metrics.oldest_pending.set(0 if oldest is None else max(0, time.time() - oldest / 1000))
             now = time.monotonic()
-            stuck = now - self.batcher.last_progress > STUCK_AFTER_S
+            stuck = [
+                name
+                for name, beat in (
+                    ("batcher", self.batcher.last_progress),
+                    ("forwarder", self.forwarder.heartbeat()),
+                )
+                if now - beat > self._stuck_after
+            ]
             if not stuck:
-                self.notifier.watchdog()
-            elif int(now) % 30 == 0:
+                if self.ready:
+                    self.notifier.watchdog()
+            else:
                 log.error(
-                    "batcher made no progress for %.0f s; watchdog pings withheld",
-                    now - self.batcher.last_progress,
+                    "%s made no progress for %.0f s; watchdog pings withheld so "
+                    "systemd restarts the gateway",
+                    " and ".join(stuck),
+                    self._stuck_after,
                 )
             if now - last_status >= 5:
                 self.notifier.status(self.summary())
@@ -239,6 +267,10 @@ class Gateway:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         metrics_port = None
         if cfg.metrics.listen is not None:
+            global _box_registered
+            if not _box_registered:
+                metrics.register_box_collector(cfg.spool.path.parent)
+                _box_registered = True
             host, _, port = cfg.metrics.listen.rpartition(":")
             httpd, _thread = start_http_server(
                 int(port), addr=host.strip("[]"), registry=metrics.REGISTRY
@@ -280,6 +312,7 @@ class Gateway:
         while not self.stop_event.is_set():
             if self.mqtt.subscribed.is_set():
                 self.notifier.ready(self.summary())
+                self.ready = True
                 log.info("ready")
                 return
             await asyncio.sleep(0.05)
