@@ -25,7 +25,7 @@ from gateway._pb.edgegateway.v1 import (
     ledger_pb2_grpc,
     transaction_pb2,
 )
-from gateway.sandbox import GatewayProc, Ledger
+from gateway.sandbox import ClientFiles, GatewayProc, Ledger
 
 ROWS: list[dict[str, object]] = []
 
@@ -33,7 +33,14 @@ ROWS: list[dict[str, object]] = []
 class Publisher:
     """QoS 1 device traffic that remembers exactly which (device, seq) the broker acknowledged."""
 
-    def __init__(self, port: int, name: str, devices: int, prefix: str = "dev") -> None:
+    def __init__(
+        self,
+        port: int,
+        name: str,
+        devices: int,
+        prefix: str = "dev",
+        tls: ClientFiles | None = None,
+    ) -> None:
         self.devices = [f"{prefix}-{i:04d}" for i in range(devices)]
         self.next_seq = dict.fromkeys(self.devices, 1)
         self.acked: set[tuple[str, int]] = set()
@@ -46,6 +53,8 @@ class Publisher:
         self._c.max_queued_messages_set(0)
         self._c.reconnect_delay_set(1, 2)
         self._c.on_publish = self._on_publish
+        if tls is not None:
+            tls.apply_paho(self._c)
         self._c.connect("127.0.0.1", port, keepalive=30)
         self._c.loop_start()
 
@@ -110,7 +119,7 @@ class Audit:
 
 
 def ledger_batches(lg: Ledger, gateway_id: str) -> list[object]:
-    with grpc.insecure_channel(lg.address) as ch:
+    with lg.channel() as ch:
         stub = ledger_pb2_grpc.LedgerServiceStub(ch)
         return list(
             stub.ListBatches(ledger_pb2.ListBatchesRequest(gateway_id=gateway_id), timeout=120)
@@ -152,7 +161,7 @@ def audit(
         holders.update(seen.keys())
     committed = {k for k, c in holders.items() if c >= quorum}
     lost = len(acked - committed)
-    with grpc.insecure_channel(gw.api_address) as ch:
+    with gw.channel("admin") as ch:
         stub = gateway_pb2_grpc.GatewayServiceStub(ch)
         conn_ids = _sample_tx_ids(gw, proof_sample)
         for tx_id in conn_ids:
@@ -182,7 +191,7 @@ def _sample_tx_ids(gw: GatewayProc, n: int) -> list[str]:
 
 
 def status(gw: GatewayProc) -> gateway_pb2.GatewayStatus:
-    with grpc.insecure_channel(gw.api_address) as ch:
+    with gw.channel("reader") as ch:
         stub = gateway_pb2_grpc.GatewayServiceStub(ch)
         st: gateway_pb2.GatewayStatus = stub.GetStatus(gateway_pb2.GetStatusRequest(), timeout=10)
         return st
@@ -212,6 +221,20 @@ def wait_committed(
             return time.monotonic() - t0
         time.sleep(0.2)
     raise AssertionError(f"not drained within {timeout} s: {status(gw)}")
+
+
+def wait_all_nodes(
+    gw: GatewayProc, ledgers: list[Ledger], acked: set[tuple[str, int]], timeout: float = 60
+) -> None:
+    """Until every live ledger node holds every acknowledged transaction (beyond quorum)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        per_node = audit(gw, ledgers, acked, proof_sample=0).per_node
+        if all(v >= len(acked) for v in per_node.values()):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"ledger nodes did not catch up: {per_node}")
+        time.sleep(0.5)
 
 
 def record(scenario: str, a: Audit, recovery_s: float) -> None:

@@ -44,7 +44,7 @@ def load_in_background(pub: harness.Publisher, total: int, rate: float) -> threa
 def test_gateway_killed_repeatedly_under_load(sandbox: Sandbox) -> None:
     d = setup(sandbox)
     gw = d.start_gateway()
-    pub = harness.Publisher(d.broker.port, "kill-load", devices=200)
+    pub = harness.Publisher(d.broker.port, "kill-load", devices=200, tls=d.sandbox.mqtt_tls())
     t = load_in_background(pub, 50_000, rate=2500)
     rng = random.Random(11)
     kills = 0
@@ -67,7 +67,7 @@ def test_gateway_killed_repeatedly_under_load(sandbox: Sandbox) -> None:
 def test_sigterm_flushes_signs_and_exits_zero_within_bound(sandbox: Sandbox) -> None:
     d = setup(sandbox, batch="max_tx = 100000\nmax_age_s = 3600")
     gw = d.start_gateway()
-    pub = harness.Publisher(d.broker.port, "term-load", devices=50)
+    pub = harness.Publisher(d.broker.port, "term-load", devices=50, tls=d.sandbox.mqtt_tls())
     pub.publish(2000, rate=4000)
     pub.wait_acked()
     deadline = time.monotonic() + 30
@@ -87,7 +87,7 @@ def test_one_of_three_ledger_nodes_down(sandbox: Sandbox) -> None:
     d = setup(sandbox)
     d.ledgers[2].proc.terminate()
     gw = d.start_gateway()
-    pub = harness.Publisher(d.broker.port, "one-down", devices=100)
+    pub = harness.Publisher(d.broker.port, "one-down", devices=100, tls=d.sandbox.mqtt_tls())
     pub.publish(5000, rate=3000)
     pub.close()
     t0 = time.monotonic()
@@ -113,7 +113,7 @@ def test_all_ledger_nodes_down_for_30_seconds(sandbox: Sandbox) -> None:
     gw = d.start_gateway()
     for lg in d.ledgers:
         lg.proc.terminate()
-    pub = harness.Publisher(d.broker.port, "all-down", devices=100)
+    pub = harness.Publisher(d.broker.port, "all-down", devices=100, tls=d.sandbox.mqtt_tls())
     t = load_in_background(pub, 6000, rate=1000)
     proc = psutil.Process(gw.proc.proc.pid)  # type: ignore[union-attr]
     time.sleep(8)  # the load has finished by now; only the forwarder works
@@ -132,6 +132,7 @@ def test_all_ledger_nodes_down_for_30_seconds(sandbox: Sandbox) -> None:
     t0 = time.monotonic()
     harness.wait_committed(gw, d.ledgers, pub.acked, timeout=90)
     pub.close()
+    harness.wait_all_nodes(gw, d.ledgers, pub.acked)
     a = harness.audit(gw, d.ledgers, pub.acked)
     assert all(v == len(pub.acked) for v in a.per_node.values())
     harness.record("all ledger nodes down 30 s", a, time.monotonic() - t0)
@@ -140,7 +141,7 @@ def test_all_ledger_nodes_down_for_30_seconds(sandbox: Sandbox) -> None:
 def test_ledger_node_returns_empty_and_is_resent_from_its_head(sandbox: Sandbox) -> None:
     d = setup(sandbox)
     gw = d.start_gateway()
-    pub = harness.Publisher(d.broker.port, "empty-node", devices=100)
+    pub = harness.Publisher(d.broker.port, "empty-node", devices=100, tls=d.sandbox.mqtt_tls())
     pub.publish(3000, rate=3000)
     pub.wait_acked()
     harness.wait_committed(gw, d.ledgers, pub.acked, timeout=60)
@@ -187,7 +188,7 @@ def test_forked_ledger_node_is_reported_and_never_rewrites_the_chain(sandbox: Sa
     )
     rogue.write_text(text)
     r = sandbox.gateway(d.gateway_id + "-rogue", rogue, d.public_key)
-    with grpc.insecure_channel(f"127.0.0.1:{r.api_port}") as ch:
+    with r.channel("admin") as ch:
         stub = gateway_pb2_grpc.GatewayServiceStub(ch)
         stub.SubmitTransactions(
             gateway_pb2.SubmitTransactionsRequest(
@@ -205,7 +206,7 @@ def test_forked_ledger_node_is_reported_and_never_rewrites_the_chain(sandbox: Sa
     assert r.proc.terminate() == 0
 
     gw = d.start_gateway()
-    pub = harness.Publisher(d.broker.port, "fork-load", devices=50)
+    pub = harness.Publisher(d.broker.port, "fork-load", devices=50, tls=d.sandbox.mqtt_tls())
     pub.publish(3000, rate=3000)
     pub.close()
     t0 = time.monotonic()
@@ -220,7 +221,7 @@ def test_forked_ledger_node_is_reported_and_never_rewrites_the_chain(sandbox: Sa
 def test_broker_restarted_mid_run(sandbox: Sandbox) -> None:
     d = setup(sandbox)
     gw = d.start_gateway()
-    pub = harness.Publisher(d.broker.port, "broker-restart", devices=100)
+    pub = harness.Publisher(d.broker.port, "broker-restart", devices=100, tls=d.sandbox.mqtt_tls())
     pub.publish(3000, rate=3000)
     pub.wait_acked()
     assert d.broker.terminate() == 0
@@ -254,7 +255,7 @@ def test_broker_unreachable_at_gateway_start(sandbox: Sandbox) -> None:
     t.join(60)
     assert "gw" in result, result
     gw = result["gw"]
-    pub = harness.Publisher(d.broker.port, "late-broker", devices=20)
+    pub = harness.Publisher(d.broker.port, "late-broker", devices=20, tls=d.sandbox.mqtt_tls())
     pub.publish(1000, rate=2000)
     pub.close()
     harness.wait_committed(gw, d.ledgers, pub.acked, timeout=60)  # type: ignore[arg-type]
@@ -309,7 +310,7 @@ def test_spool_disk_nearly_full_pauses_intake_until_space_returns(
         spool_line = next(x for x in text.splitlines() if x.startswith("path = "))
         d.config.write_text(text.replace(spool_line, f'path = "{mnt / "spool.db"}"'))
         gw = d.start_gateway()
-        pub = harness.Publisher(d.broker.port, "disk-full", devices=50)
+        pub = harness.Publisher(d.broker.port, "disk-full", devices=50, tls=d.sandbox.mqtt_tls())
         pub.publish(1000, rate=2000)
         pub.wait_acked()
         harness.wait_committed(gw, d.ledgers, pub.acked, timeout=60)
@@ -322,7 +323,7 @@ def test_spool_disk_nearly_full_pauses_intake_until_space_returns(
             time.sleep(0.2)
         st = harness.status(gw)
         assert st.intake_paused and "disk" in st.intake_paused_reason
-        with grpc.insecure_channel(gw.api_address) as ch:
+        with gw.channel("admin") as ch:
             from grpc_health.v1 import health_pb2, health_pb2_grpc
 
             h = health_pb2_grpc.HealthStub(ch).Check(
@@ -357,7 +358,7 @@ def test_spool_disk_nearly_full_pauses_intake_until_space_returns(
 def test_corrupt_spool_stops_the_start_with_exit_65(sandbox: Sandbox) -> None:
     d = setup(sandbox)
     gw = d.start_gateway()
-    pub = harness.Publisher(d.broker.port, "corrupt", devices=20)
+    pub = harness.Publisher(d.broker.port, "corrupt", devices=20, tls=d.sandbox.mqtt_tls())
     pub.publish(2000, rate=3000)
     pub.close()
     harness.wait_committed(gw, d.ledgers, pub.acked, timeout=60)
@@ -399,7 +400,7 @@ def test_ledger_calls_that_hang_hit_their_deadline_and_retry(sandbox: Sandbox) -
         gw = d.start_gateway()
         for p in proxies:
             p.set_mode("hang")
-        pub = harness.Publisher(d.broker.port, "hang", devices=50)
+        pub = harness.Publisher(d.broker.port, "hang", devices=50, tls=d.sandbox.mqtt_tls())
         pub.publish(2000, rate=2000)
         pub.wait_acked()
         time.sleep(5)  # several 2 s deadlines pass
@@ -424,7 +425,7 @@ def test_connections_cut_mid_call_are_retried_and_absorbed(sandbox: Sandbox) -> 
         gw = d.start_gateway()
         for p in proxies:
             p.set_mode("cut", cut_after=3000)
-        pub = harness.Publisher(d.broker.port, "cut", devices=50)
+        pub = harness.Publisher(d.broker.port, "cut", devices=50, tls=d.sandbox.mqtt_tls())
         pub.publish(3000, rate=3000)
         pub.wait_acked()
         time.sleep(3)
@@ -443,22 +444,19 @@ def test_connections_cut_mid_call_are_retried_and_absorbed(sandbox: Sandbox) -> 
 def test_same_device_seq_racing_on_grpc_and_mqtt_is_stored_once(sandbox: Sandbox) -> None:
     d = setup(sandbox)
     gw = d.start_gateway()
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-
     bodies = [(f"race-{i % 20:02d}", i // 20 + 1) for i in range(2000)]
 
     def payload(dev: str, seq: int) -> bytes:
         return f'{{"seq": {seq}, "time": 1700000000000, "wh": {seq * 3}}}'.encode()
 
-    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="race-mqtt")
+    c = sandbox.mqtt_client("race-mqtt")
     c.max_inflight_messages_set(1000)
     c.connect("127.0.0.1", d.broker.port)
     c.loop_start()
     acked_grpc: set[tuple[str, int]] = set()
 
     def via_grpc() -> None:
-        with grpc.insecure_channel(gw.api_address) as ch:
+        with gw.channel("admin") as ch:
             stub = gateway_pb2_grpc.GatewayServiceStub(ch)
             for k in range(0, len(bodies), 100):
                 chunk = bodies[k : k + 100]
