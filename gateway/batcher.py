@@ -10,6 +10,7 @@ are batched again under the same seq (promise 2).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -17,10 +18,12 @@ from dataclasses import dataclass
 
 from gateway import batchformat, merkle, metrics
 from gateway.config import BatchConfig
+from gateway.errors import HsmError
 from gateway.signer import Signer
 from gateway.spool import PendingTx, Spool, StoredBatch, now_ms
 
 log = logging.getLogger("gateway.batcher")
+HSM_RETRY_MAX_S = 15.0
 # Without a wake-up, look at the spool at least this often.
 POLL_S = 0.25
 # Between wake-ups, look at most this often unless a full batch is waiting.
@@ -79,6 +82,8 @@ class Batcher:
         self.last_progress = time.monotonic()
         self.oldest_pending_ms: int | None = None
         self.paused_reason: str | None = None
+        self.hsm_failures = 0
+        self.hsm_error: str | None = None
 
     async def resume(self) -> None:
         """Continue the chain from the spool's last batch."""
@@ -109,7 +114,26 @@ class Batcher:
             self.oldest_pending_ms = rows[0].received_ms if rows else None
             cut = decide_cut(rows, self.cfg, now_ms())
             if cut.count:
-                await self._cut(rows[: cut.count], cut.reason)
+                try:
+                    await self._cut(rows[: cut.count], cut.reason)
+                except HsmError as e:
+                    # Batching pauses; intake keeps spooling up to its limits. The
+                    # same transactions are cut again, under the same seq, once the
+                    # HSM answers.
+                    self.hsm_failures += 1
+                    self.hsm_error = str(e)
+                    delay = min(HSM_RETRY_MAX_S, 0.5 * 2 ** min(self.hsm_failures, 6))
+                    log.error(
+                        "batch %d not signed: %s; retrying in %.1f s", self.next_seq, e, delay
+                    )
+                    self.last_progress = time.monotonic()  # waiting on the HSM, not stuck
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), delay)
+                    continue
+                if self.hsm_failures:
+                    log.info("hsm signing again after %d failed attempts", self.hsm_failures)
+                self.hsm_failures = 0
+                self.hsm_error = None
                 continue
             self.last_progress = time.monotonic()  # idle and healthy
             timeout = POLL_S
@@ -148,7 +172,11 @@ class Batcher:
             cut = decide_cut(rows, self.cfg, now_ms(), force=True)
             if not cut.count:
                 return made
-            await self._cut(rows[: cut.count], cut.reason)
+            try:
+                await self._cut(rows[: cut.count], cut.reason)
+            except HsmError as e:
+                log.error("open batch not signed at stop (%s); it is cut at the next start", e)
+                return made
             made += 1
 
     async def _cut(self, rows: Sequence[PendingTx], reason: str) -> None:

@@ -42,6 +42,9 @@ _REOPEN = (
     p11.TokenNotPresent,
     p11.UserNotLoggedIn,
     p11.GeneralError,
+    # The token's objects went away under the session (token reset or restored).
+    p11.ObjectHandleInvalid,
+    p11.KeyHandleInvalid,
 )
 
 
@@ -243,20 +246,43 @@ class Signer:
         self._key = None
 
     def _sign_now(self, digest: bytes) -> bytes:
+        if self._key is None:
+            # The last reopen failed; try again now (the batcher paces the attempts).
+            self._reopen("unavailable")
+            key: Any = self._key
+            return self._finish(key.sign(digest, mechanism=Mechanism.ECDSA))
         try:
             raw = self._key.sign(digest, mechanism=Mechanism.ECDSA)
         except _REOPEN as e:
             # Session invalidated (token removed, HSM restarted): reopen once, then retry.
-            self.state = f"reopening after {type(e).__name__}"
             log.warning("hsm session lost (%s); reopening", type(e).__name__)
-            self._close_session()
-            self.reopens += 1
-            try:
-                self._open_session()
-            except HsmError:
-                self.state = "unavailable"
-                raise
+            self._reopen(type(e).__name__)
             raw = self._key.sign(digest, mechanism=Mechanism.ECDSA)
+        return self._finish(raw)
+
+    def _reopen(self, why: str) -> None:
+        self.state = f"reopening after {why}"
+        self._close_session()
+        self.reopens += 1
+        try:
+            # Modules such as SoftHSM and YubiHSM cache their slot list until
+            # C_Finalize/C_Initialize; without it a token that came back stays unseen.
+            if self._lib is not None:
+                self._lib.reinitialize()
+            self._open_session()
+        except p11.PKCS11Error as e:
+            self._close_session()
+            self.state = "unavailable"
+            raise HsmError(
+                f"HSM token {self._cfg.token_label!r} unavailable: {type(e).__name__}"
+            ) from None
+        except HsmError:
+            self._close_session()
+            self.state = "unavailable"
+            raise
+        log.info("hsm session reopened")
+
+    def _finish(self, raw: Any) -> bytes:
         self.signatures += 1
         return batchformat.der_low_s(bytes(raw))
 
