@@ -23,6 +23,7 @@ def cfg(path: Path) -> SpoolConfig:
         group_commit_wait_ms=0,
         max_depth=1000,
         min_free_bytes=0,
+        max_pending_age_s=600,
         retention_batches=0,
     )
 
