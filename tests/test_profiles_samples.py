@@ -132,6 +132,7 @@ def spool(tmp_path: Path) -> Iterator[Spool]:
         group_commit_wait_ms=0,
         max_depth=1000,
         min_free_bytes=0,
+        max_pending_age_s=600,
         retention_batches=0,
     )
     sp = Spool(cfg, MANIFESTS[0]["gateway_id"])
