@@ -160,13 +160,22 @@ class Intake:
             metrics.stored.labels(channel).inc()
         elif res.outcome is Outcome.DUPLICATE:
             metrics.duplicates.labels(channel).inc()
-        elif res.outcome is Outcome.CONFLICT:
-            # Same (device, seq), other content: a replay or tamper. Record it, then answer.
+        elif res.outcome in (Outcome.CONFLICT, Outcome.BEYOND_RETENTION):
+            # Same (device, seq), other content: a replay or tamper. Or a seq so old
+            # that retention pruned its history. Record it, then answer.
             assert isinstance(item, Incoming)
-            r = Rejected(
-                "conflicting_duplicate",
-                f"seq {item.device_seq} was already stored with other content "
-                f"(tx {res.tx_id.hex()[:16]})",
+            r = (
+                Rejected(
+                    "replay",
+                    f"seq {item.device_seq} is at or below the history this spool still keeps "
+                    "for the device (retention)",
+                )
+                if res.outcome is Outcome.BEYOND_RETENTION
+                else Rejected(
+                    "conflicting_duplicate",
+                    f"seq {item.device_seq} was already stored with other content "
+                    f"(tx {res.tx_id.hex()[:16]})",
+                )
             )
             rec = self._reject_record(
                 r, item.device_id, topic, payload, item.received_ms, item.payload_sha256

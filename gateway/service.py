@@ -22,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from gateway import __version__, metrics
+from gateway import __version__, authz, certcheck, metrics
 from gateway._pb.edgegateway.v1 import gateway_pb2, gateway_pb2_grpc
 from gateway.api import SERVICE_NAME, GatewayApi
 from gateway.batcher import Batcher
@@ -33,7 +33,7 @@ from gateway.ingest import MqttIngest
 from gateway.notify import Notifier
 from gateway.profiles import ProfileSet
 from gateway.signer import Signer
-from gateway.spool import Spool
+from gateway.spool import Spool, prune
 
 log = logging.getLogger("gateway.service")
 INTAKE_HEALTH = "edgegateway.v1.Intake"
@@ -41,7 +41,8 @@ INTAKE_HEALTH = "edgegateway.v1.Intake"
 # stops the watchdog pings, so systemd restarts the service.
 STUCK_AFTER_S = 60.0
 DRAIN_TIMEOUT_S = 20.0
-RESUME_FRACTION = 0.9  # hysteresis: resume once depth falls below 90 % of the limit
+RESUME_FRACTION = 0.9
+PRUNE_EVERY_S = 30.0  # hysteresis: resume once depth falls below 90 % of the limit
 
 
 _box_registered = False
@@ -168,10 +169,29 @@ class Gateway:
             return f"oldest pending transaction {age:.0f} s old, limit {max_age:.0f} s"
         return None
 
+    async def _prune(self) -> None:
+        """Retention: committed batches older than the last `retention_batches` leave the
+        spool (0 keeps everything). A ledger node that lost more than that must be
+        restored from a peer."""
+        assert self.spool is not None and self.forwarder is not None
+        keep = self.cfg.spool.retention_batches
+        keep_from = self.forwarder.last_committed_seq - keep + 1
+        if keep == 0 or keep_from <= 0:
+            return
+        total = 0
+        for _ in range(50):  # bounded: at most 10,000 batches a round
+            n = await asyncio.to_thread(prune, self.spool, keep_from)
+            total += n
+            if not n:
+                break
+        if total:
+            log.info("retention: pruned %d batches below seq %d", total, keep_from)
+
     async def _monitor(self) -> None:
         assert self.batcher is not None and self.forwarder is not None and self.mqtt is not None
         interval = self.notifier.watchdog_interval_s() or 5.0
         last_status = 0.0
+        last_prune = time.monotonic()
         while not self.stop_event.is_set():
             reason = self._pressure()
             # Intake may also have paused itself at the depth limit between looks.
@@ -211,6 +231,9 @@ class Gateway:
                     " and ".join(stuck),
                     self._stuck_after,
                 )
+            if now - last_prune >= PRUNE_EVERY_S:
+                last_prune = now
+                await self._prune()
             if now - last_status >= 5:
                 self.notifier.status(self.summary())
                 last_status = now
@@ -221,6 +244,7 @@ class Gateway:
 
     async def start(self) -> Started:
         cfg = self.cfg
+        certcheck.check_gateway(cfg)
         pin = cfg.hsm.pin.read()
         self.spool = Spool(cfg.spool, cfg.gateway_id)
         await asyncio.to_thread(self.spool.open)
@@ -253,7 +277,9 @@ class Gateway:
             extra_topics=self._profile_topics(),
         )
 
-        server = grpc.aio.server(options=list(SERVER_OPTIONS))
+        server = grpc.aio.server(
+            options=list(SERVER_OPTIONS), interceptors=authz.interceptors(cfg.api)
+        )
         api = GatewayApi(self.spool, self.mqtt.intake, self.status, lambda: self.paused_reason)
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server(api, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

@@ -78,6 +78,11 @@ CREATE TABLE IF NOT EXISTS reject (
     message BLOB NOT NULL,
     published INTEGER NOT NULL DEFAULT 0
 );
+-- Per device, the highest seq whose transaction retention has pruned.
+CREATE TABLE IF NOT EXISTS pruned (
+    device_id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS reject_unpublished ON reject (published) WHERE published = 0;
 """
 
@@ -114,6 +119,9 @@ class Outcome(enum.Enum):
     DUPLICATE = "duplicate"  # same (device, seq), same content: acknowledged again
     CONFLICT = "conflict"  # same (device, seq), other content: recorded as a reject
     REJECT_RECORDED = "reject_recorded"
+    # The seq is at or below what retention already pruned for this device: the
+    # spool can no longer tell a redelivery from a replay, so it is refused.
+    BEYOND_RETENTION = "beyond_retention"
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +205,7 @@ class Spool:
         self.rejects = 0
         self.commits = 0
         self.last_error: str | None = None
+        self._pruned: dict[str, int] = {}
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -232,6 +241,7 @@ class Spool:
         # Totals over the spool's life, not this process's, so status survives restarts.
         self.stored = conn.execute("SELECT count(*) FROM tx").fetchone()[0]
         self.rejects = conn.execute("SELECT count(*) FROM reject").fetchone()[0]
+        self._pruned = dict(conn.execute("SELECT device_id, seq FROM pruned").fetchall())
         self._wconn = conn
         self._writer = threading.Thread(target=self._write_loop, name="spool-writer", daemon=True)
         self._writer.start()
@@ -351,6 +361,9 @@ class Spool:
             conn.execute("BEGIN IMMEDIATE")
             for item, _fut in appends:
                 if isinstance(item, Incoming):
+                    if item.device_seq <= self._pruned.get(item.device_id, -1):
+                        results.append(AppendResult(Outcome.BEYOND_RETENTION))
+                        continue
                     cur = conn.execute(
                         "INSERT INTO tx (device_id, device_seq, payload_sha256, tx_id, leaf, size,"
                         " received_ms) VALUES (?, ?, ?, ?, ?, ?, ?)"
@@ -596,6 +609,44 @@ class Spool:
     @staticmethod
     def w_mark_published(conn: sqlite3.Connection, ids: Iterable[int]) -> None:
         conn.executemany("UPDATE reject SET published = 1 WHERE id = ?", [(i,) for i in ids])
+
+
+def prune(spool: Spool, keep_from_seq: int, max_batches: int = 200) -> int:
+    """Delete batches below `keep_from_seq` (and their transactions and receipts), a
+    bounded number per call so the writer is never held for long. Returns batches pruned.
+    Runs on the writer thread through Spool.write()."""
+
+    def op(conn: sqlite3.Connection) -> tuple[int, dict[str, int]]:
+        row = conn.execute(
+            "SELECT min(seq), max(seq), max(last_rowid) FROM"
+            " (SELECT seq, last_rowid FROM batch WHERE seq < ? ORDER BY seq LIMIT ?)",
+            (keep_from_seq, max_batches),
+        ).fetchone()
+        if row[0] is None:
+            return 0, {}
+        first, last, last_rowid = row
+        marks = dict(
+            conn.execute(
+                "SELECT device_id, max(device_seq) FROM tx WHERE rowid <= ? GROUP BY device_id",
+                (last_rowid,),
+            ).fetchall()
+        )
+        conn.executemany(
+            "INSERT INTO pruned (device_id, seq) VALUES (?, ?) ON CONFLICT (device_id)"
+            " DO UPDATE SET seq = max(seq, excluded.seq)",
+            list(marks.items()),
+        )
+        conn.execute("DELETE FROM tx WHERE rowid <= ?", (last_rowid,))
+        conn.execute("DELETE FROM receipt WHERE seq <= ?", (last,))
+        conn.execute("DELETE FROM batch WHERE seq <= ?", (last,))
+        # Updated here, on the writer thread, so no append slips between.
+        for device, seq in marks.items():
+            if seq > spool._pruned.get(device, -1):
+                spool._pruned[device] = seq
+        return last - first + 1, marks
+
+    n, _marks = spool.write(op).result()
+    return int(n)
 
 
 def stored_batches(conn: sqlite3.Connection, from_seq: int, limit: int) -> Sequence[StoredBatch]:

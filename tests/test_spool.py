@@ -13,7 +13,7 @@ import pytest
 from gateway.batcher import decide_cut
 from gateway.config import BatchConfig, SpoolConfig
 from gateway.errors import SpoolError, SpoolIntegrityError
-from gateway.spool import Incoming, Outcome, PendingTx, RejectRecord, Spool, StoredBatch
+from gateway.spool import Incoming, Outcome, PendingTx, RejectRecord, Spool, StoredBatch, prune
 
 
 def cfg(path: Path) -> SpoolConfig:
@@ -161,3 +161,26 @@ def test_cut_rule_count_bytes_age_and_flush() -> None:
     huge = [PendingTx(1, b"", 5000, 1000)]
     assert decide_cut(huge, c, now=1000).count == 1  # one oversize tx still makes a batch
     assert decide_cut([], c, now=99999).count == 0
+
+
+def test_retention_prunes_old_batches_and_refuses_their_seqs(tmp_path: Path) -> None:
+    s = Spool(cfg(tmp_path / "s.db"), "gw-1")
+    s.open()
+    for i in range(1, 101):
+        s.append(tx("d", i)).result()
+    for seq in range(10):
+        first, last = seq * 10 + 1, seq * 10 + 10
+        b = StoredBatch(seq, b"h", b"s", bytes(32), first, last, 10, 0, 1)
+        s.write(lambda c, b=b: Spool.w_store_batch(c, b)).result()
+    assert prune(s, keep_from_seq=5) == 5
+    assert s.read(lambda c: c.execute("SELECT min(seq) FROM batch").fetchone()[0]).result() == 5
+    assert s.read(lambda c: c.execute("SELECT min(rowid) FROM tx").fetchone()[0]).result() == 51
+    assert s.append(tx("d", 50)).result().outcome is Outcome.BEYOND_RETENTION
+    assert s.append(tx("d", 51)).result().outcome is Outcome.DUPLICATE
+    assert s.append(tx("d", 101)).result().outcome is Outcome.STORED
+    s.close()
+    again = Spool(cfg(tmp_path / "s.db"), "gw-1")
+    again.open()
+    assert again.append(tx("d", 7)).result().outcome is Outcome.BEYOND_RETENTION
+    assert again.read(Spool.q_last_batch).result().seq == 9  # type: ignore[union-attr]
+    again.close()
