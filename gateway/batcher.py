@@ -83,6 +83,7 @@ class Batcher:
         self.oldest_pending_ms: int | None = None
         self.paused_reason: str | None = None
         self.hsm_failures = 0
+        self._cut_listeners: list[Callable[[], None]] = []
         self.hsm_error: str | None = None
 
     async def resume(self) -> None:
@@ -94,6 +95,10 @@ class Batcher:
             self.prev_hash = last.header_hash
             self.cursor = last.last_rowid
         self.spool.on_commit(self._committed)
+
+    def on_cut(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` on the event loop after each batch is stored."""
+        self._cut_listeners.append(listener)
 
     def _committed(self, _max_rowid: int) -> None:
         # Runs on the spool writer thread.
@@ -222,3 +227,5 @@ class Batcher:
         metrics.last_signed_seq.set(seq)
         log.debug("batch %d cut (%s): %d txs", seq, reason, len(rows))
         self._on_signed(seq)
+        for listener in self._cut_listeners:
+            listener()

@@ -6,6 +6,7 @@ tests/vectors pins them.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections.abc import Mapping, Sequence
 from typing import TypeAlias
@@ -121,8 +122,41 @@ def _encode(value: object, out: list[str], depth: int) -> None:
         raise CanonicalError(f"{type(value).__name__} has no JSON form")
 
 
+def _plain(value: object, depth: int) -> bool:
+    """True when the stdlib encoder's output equals RFC 8785 for `value`: ASCII keys
+    (code-point order is then UTF-16 order), no floats, safe integers, no lone
+    surrogates, nesting within bounds."""
+    if depth > 64:
+        return False
+    if value is None or value is True or value is False:
+        return True
+    if isinstance(value, int):
+        return -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER
+    if isinstance(value, str):
+        if value.isascii():
+            return True
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, dict):
+        return all(
+            isinstance(k, str) and k.isascii() and _plain(v, depth + 1) for k, v in value.items()
+        )
+    if isinstance(value, list):
+        return all(_plain(v, depth + 1) for v in value)
+    return False
+
+
 def canonical_json(value: object) -> bytes:
     """RFC 8785 JSON Canonicalization Scheme bytes of `value`."""
+    if _plain(value, 1 if isinstance(value, dict | list) else 0):
+        # The C encoder escapes exactly '"', '\\' and control characters (lowercase
+        # \u00xx, \b \t \n \f \r) and keeps the rest as UTF-8, as RFC 8785 does.
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(
+            "utf-8"
+        )
     out: list[str] = []
     _encode(value, out, 0)
     return "".join(out).encode("utf-8")

@@ -42,7 +42,9 @@ INTAKE_HEALTH = "edgegateway.v1.Intake"
 STUCK_AFTER_S = 60.0
 DRAIN_TIMEOUT_S = 20.0
 RESUME_FRACTION = 0.9
-PRUNE_EVERY_S = 30.0  # hysteresis: resume once depth falls below 90 % of the limit
+PRUNE_EVERY_S = 30.0
+# Transactions waiting to be batched beyond which MQTT intake waits for the batcher.
+FLOW_WINDOW_BATCHES = 8  # hysteresis: resume once depth falls below 90 % of the limit
 
 
 _box_registered = False
@@ -199,6 +201,7 @@ class Gateway:
                 self.mqtt.resume()
             elif reason is not None and not self.mqtt.paused:
                 self.mqtt.pause()
+            self.mqtt.release()  # in case no cut came to release the flow window
             if reason != self.paused_reason:
                 serving = health_pb2.HealthCheckResponse
                 if reason is not None:
@@ -275,7 +278,10 @@ class Gateway:
             lambda: batcher.depth,
             cfg.spool.max_depth,
             extra_topics=self._profile_topics(),
+            window=FLOW_WINDOW_BATCHES * cfg.batch.max_tx,
         )
+        mqtt_ingest = self.mqtt
+        self.batcher.on_cut(mqtt_ingest.release)
 
         server = grpc.aio.server(
             options=list(SERVER_OPTIONS), interceptors=authz.interceptors(cfg.api)

@@ -48,6 +48,10 @@ def _pairs_unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+# Built once: json.loads with hooks would construct a new decoder per call.
+_DECODER = json.JSONDecoder(object_pairs_hook=_pairs_unique, parse_constant=_no_constants)
+
+
 def parse_json(payload: bytes) -> Any:
     """Strict JSON: UTF-8 only, no NaN/Infinity, no duplicate keys, bounded depth."""
     try:
@@ -57,7 +61,7 @@ def parse_json(payload: bytes) -> Any:
     # Deep nesting ends in RecursionError inside the parser (a rejection, not a
     # crash); canonical_json then bounds the accepted depth at 64.
     try:
-        return json.loads(text, object_pairs_hook=_pairs_unique, parse_constant=_no_constants)
+        return _DECODER.decode(text)
     except (ValueError, RecursionError) as e:
         raise Rejected("not_decodable", f"payload is not JSON: {e}") from None
 
