@@ -359,7 +359,15 @@ class Spool:
         stored = dup = rej = 0
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for item, _fut in appends:
+            fast = self._insert_all_new(conn, appends)
+            if fast:
+                stored = len(appends)
+                for item, _fut in appends:
+                    results.append(AppendResult(Outcome.STORED, item.tx_id))
+                    prev = devices.get(item.device_id)
+                    if prev is None or item.device_seq > prev[0]:
+                        devices[item.device_id] = (item.device_seq, item.received_ms)
+            for item, _fut in [] if fast else appends:
                 if isinstance(item, Incoming):
                     if item.device_seq <= self._pruned.get(item.device_id, -1):
                         results.append(AppendResult(Outcome.BEYOND_RETENTION))
@@ -434,6 +442,45 @@ class Spool:
         if stored:
             for listener in self._commit_listeners:
                 listener(self.max_rowid)
+
+    _INSERT = (
+        "INSERT INTO tx (device_id, device_seq, payload_sha256, tx_id, leaf, size,"
+        " received_ms) VALUES (?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (device_id, device_seq) DO NOTHING"
+    )
+
+    def _insert_all_new(self, conn: sqlite3.Connection, appends: list[Any]) -> bool:
+        """The common case in one executemany: every item a new transaction. If any
+        was a duplicate (fewer rows changed), undo to the savepoint and let the
+        per-row path sort them out."""
+        if not all(
+            type(item) is Incoming and item.device_seq > self._pruned.get(item.device_id, -1)
+            for item, _fut in appends
+        ):
+            return False
+        conn.execute("SAVEPOINT bulk")
+        before = conn.total_changes
+        conn.executemany(
+            self._INSERT,
+            [
+                (
+                    i.device_id,
+                    i.device_seq,
+                    i.payload_sha256,
+                    i.tx_id,
+                    i.leaf,
+                    len(i.leaf),
+                    i.received_ms,
+                )
+                for i, _fut in appends
+            ],
+        )
+        if conn.total_changes - before == len(appends):
+            conn.execute("RELEASE bulk")
+            return True
+        conn.execute("ROLLBACK TO bulk")
+        conn.execute("RELEASE bulk")
+        return False
 
     @staticmethod
     def _rollback(conn: sqlite3.Connection) -> None:
