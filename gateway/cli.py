@@ -79,6 +79,15 @@ def _cmd_profiles(args: argparse.Namespace) -> int:
     return code
 
 
+def _cmd_pki(args: argparse.Namespace) -> int:
+    from gateway import pki
+
+    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
+    made = pki.make_dev_pki(args.out, hosts, args.days, force=args.force)
+    print("\n".join(pki.describe(made, hosts)))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from gateway import demo
 
@@ -144,6 +153,22 @@ def parser() -> argparse.ArgumentParser:
 
     add_profiles_arguments(p)
     p.set_defaults(fn=_cmd_profiles)
+
+    p = sub.add_parser("pki", help="TLS certificates for a lab")
+    psub = p.add_subparsers(dest="pki_cmd", required=True)
+    pp = psub.add_parser(
+        "dev",
+        help="a throwaway CA with server and client certificates (never for production)",
+    )
+    pp.add_argument("--out", type=Path, required=True, help="directory to write into")
+    pp.add_argument(
+        "--hosts",
+        default="127.0.0.1,localhost,::1",
+        help="comma-separated names and addresses the server certificates carry",
+    )
+    pp.add_argument("--days", type=int, default=30, help="validity in days (default 30)")
+    pp.add_argument("--force", action="store_true", help="replace a dev PKI already in --out")
+    pp.set_defaults(fn=_cmd_pki)
 
     p = sub.add_parser("demo", help="the whole pipeline on this machine, then a summary")
     p.add_argument("--seconds", type=float, default=20.0)

@@ -40,6 +40,8 @@ class ClientOptions:
             raise GatewayError(
                 "--ca-file is required for TLS (or --plaintext for a loopback gateway without TLS)"
             )
+        if (a.cert_file is None) != (a.key_file is None):
+            raise GatewayError("--cert-file and --key-file go together (mutual TLS)")
         return cls(a.address, TlsClient(a.ca_file, a.cert_file, a.key_file))
 
 

@@ -153,6 +153,9 @@ class ForwarderConfig:
 class ApiConfig:
     listen: str
     tls: TlsServer | None
+    # Under mutual TLS: certificate subjects (CN or full RFC 4514 string) allowed to call
+    # the administrative methods; see gateway.authz.
+    admin_subjects: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -486,9 +489,9 @@ def parse_gateway_config(data: Mapping[str, Any], source: Path) -> GatewayConfig
     f.finish()
 
     a = root.table("api")
-    api = ApiConfig(
-        listen=_address(a, "listen", "127.0.0.1:7443"), tls=_tls_server(a, "tls", "plaintext")
-    )
+    api_listen = _address(a, "listen", "127.0.0.1:7443")
+    api_tls = _tls_server(a, "tls", "plaintext")
+    api = ApiConfig(listen=api_listen, tls=api_tls, admin_subjects=_admin_subjects(a, api_tls))
     a.finish()
 
     mt = root.table("metrics")
@@ -518,6 +521,27 @@ def parse_gateway_config(data: Mapping[str, Any], source: Path) -> GatewayConfig
         source=source,
         profiles=profiles,
     )
+
+
+def _admin_subjects(a: _Reader, tls: TlsServer | None) -> tuple[str, ...]:
+    if not a.has("admin_subjects"):
+        return ()
+    v = a._get("admin_subjects", None)
+    if not isinstance(v, list) or not all(isinstance(s, str) and s.strip() for s in v):
+        raise a.fail(
+            "admin_subjects",
+            v,
+            'expected a list of certificate subjects, e.g. ["operator"] or '
+            '["CN=operator,O=Example"]',
+        )
+    if tls is None or tls.client_ca_file is None:
+        raise a.fail(
+            "admin_subjects",
+            v,
+            "only takes effect with mutual TLS: set api.tls.client_ca_file (the CA of client "
+            "certificates), or remove admin_subjects",
+        )
+    return tuple(s.strip() for s in v)
 
 
 def _profiles(root: _Reader) -> ProfilesConfig:

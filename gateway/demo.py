@@ -20,8 +20,6 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import grpc
-
 from gateway import batchformat, client, simulate
 from gateway._pb.edgegateway.v1 import (
     gateway_pb2,
@@ -111,7 +109,7 @@ def check_ledger(
 ) -> tuple[int, int, set[tuple[str, int]]]:
     """Chain verified batches, duplicates applied, and the (device, seq) set it holds."""
     key = batchformat.load_public_key(key_pem.read_bytes())
-    with grpc.insecure_channel(ledger.address) as ch:
+    with ledger.channel() as ch:
         stub = ledger_pb2_grpc.LedgerServiceStub(ch)
         batches = list(
             stub.ListBatches(ledger_pb2.ListBatchesRequest(gateway_id=gateway_id), timeout=120)
@@ -129,7 +127,7 @@ def check_ledger(
 def verify_proofs(gw: GatewayProc, tx_ids: list[str], sample: int) -> tuple[int, int]:
     key = batchformat.load_public_key(gw.public_key.read_bytes())
     ok = bad = 0
-    with grpc.insecure_channel(gw.api_address) as ch:
+    with gw.channel("admin") as ch:
         stub = gateway_pb2_grpc.GatewayServiceStub(ch)
         for tx_id in random.Random(7).sample(tx_ids, min(sample, len(tx_ids))):
             resp = stub.GetTransaction(gateway_pb2.GetTransactionRequest(tx_id=tx_id), timeout=10)
@@ -142,7 +140,8 @@ def verify_proofs(gw: GatewayProc, tx_ids: list[str], sample: int) -> tuple[int,
 
 
 def gateway_status(gw: GatewayProc) -> gateway_pb2.GatewayStatus:
-    with grpc.insecure_channel(gw.api_address) as ch:
+    # Status needs no administrative rights: the read-only certificate is enough.
+    with gw.channel("reader") as ch:
         stub = gateway_pb2_grpc.GatewayServiceStub(ch)
         st: gateway_pb2.GatewayStatus = stub.GetStatus(gateway_pb2.GetStatusRequest(), timeout=10)
         return st
@@ -205,17 +204,25 @@ def run_demo(
         hsm = sb.hsm()
         broker = sb.mosquitto()
         say(f"mosquitto on 127.0.0.1:{broker.port}, SoftHSM token {hsm.token_label!r}")
+        if sb.pki is not None:
+            say(
+                f"TLS everywhere, client certificates required (dev CA in {sb.pki.dir}): "
+                "devices and the gateway to MQTT, the gateway to the ledger nodes, "
+                "operators to the API"
+            )
         ports = [free_port() for _ in range(3)]
         names = [f"ledger-{i + 1}" for i in range(3)]
-        opts = simulate.SimulateOptions(
-            port=broker.port,
-            devices=devices,
-            rate=rate,
-            seconds=seconds,
-            bad_ratio=bad_ratio,
-            start_seq=int(time.time() * 1000),
-            profiles=DEMO_PROFILES,
-            profiles_dir=PROFILES_DIR,
+        opts = sb.simulate_options(
+            simulate.SimulateOptions(
+                port=broker.port,
+                devices=devices,
+                rate=rate,
+                seconds=seconds,
+                bad_ratio=bad_ratio,
+                start_seq=int(time.time() * 1000),
+                profiles=DEMO_PROFILES,
+                profiles_dir=PROFILES_DIR,
+            )
         )
         keys_dir = root / "keys"
         keys_dir.mkdir(mode=0o700, exist_ok=True)

@@ -17,6 +17,7 @@ EXIT_SOFTWARE = 70
 EXIT_IOERR = 74  # spool not writable
 EXIT_NOPERM = 77  # HSM PIN rejected, PIN file too open
 EXIT_CONFIG = 78  # configuration invalid
+EXIT_CERTIFICATE = 79  # a TLS certificate, key or CA file missing, expired or mismatched
 
 
 class GatewayError(Exception):
@@ -29,6 +30,14 @@ class ConfigError(GatewayError):
     """The configuration cannot be used; the message names key, value and what is allowed."""
 
     exit_code = EXIT_CONFIG
+
+
+class CertificateError(ConfigError):
+    """A configured TLS file cannot be used: missing, unreadable, unparsable, outside its
+    validity window, or a key that does not belong to its certificate. An operator must
+    renew or replace it; restarting does not help."""
+
+    exit_code = EXIT_CERTIFICATE
 
 
 class HsmError(GatewayError):

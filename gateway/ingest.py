@@ -226,6 +226,7 @@ class MqttIngest:
         self._max_depth = max_depth
         self._window = window
         self._inflight = 0
+        self._sub_mid: int | None = -1
         self.spool = spool
         self.intake = Intake(spool, decoder, cfg.reject_topic_prefix, self.publish_dead_letter)
         self.connected = False
@@ -251,6 +252,7 @@ class MqttIngest:
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
         c.on_publish = self._on_publish
+        c.on_subscribe = self._on_subscribe
         c.reconnect_delay_set(max(1, int(self.cfg.reconnect_min_s)), int(self.cfg.reconnect_max_s))
         # Dead letters queue while the broker is away; they are also in the spool.
         c.max_queued_messages_set(0)
@@ -314,9 +316,28 @@ class MqttIngest:
         self._republish_dead_letters()
 
     def _subscribe(self) -> None:
-        result, _ = self._client.subscribe([(t, 1) for t in self.topics])
+        result, mid = self._client.subscribe([(t, 1) for t in self.topics])
         if result == MQTTErrorCode.MQTT_ERR_SUCCESS:
-            self.subscribed.set()
+            with self._lock:
+                self._sub_mid = mid
+
+    def _on_subscribe(
+        self, _c: mqtt.Client, _u: Any, mid: int, reason_codes: list[Any], _p: Any
+    ) -> None:
+        # Ready only once the broker confirmed (SUBACK): before it, a device message
+        # published to a topic without a session subscriber would be dropped.
+        with self._lock:
+            if mid != self._sub_mid:
+                return
+        refused = [str(rc) for rc in reason_codes if rc.is_failure]
+        if refused:
+            log.error(
+                "mqtt subscription refused by the broker: %s (topics %s)",
+                ", ".join(refused),
+                ", ".join(self.topics),
+            )
+            return
+        self.subscribed.set()
 
     def resubscribe(self, topics: tuple[str, ...]) -> None:
         """Subscribe to a new set of filters (after a profile reload); drop the old ones."""

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gateway import batchformat, grpcutil
+from gateway import batchformat, certcheck, grpcutil
 from gateway._pb.edgegateway.v1 import batch_pb2, ledger_pb2, ledger_pb2_grpc
 from gateway.batchformat import BatchInvalid
 from gateway.config import LedgerNodeConfig
@@ -489,6 +489,7 @@ async def serve(
     stop: asyncio.Event | None = None,
 ) -> None:
     """Run the node until `stop` is set (forever without one); then drain and close."""
+    certcheck.check_ledger(cfg)
     keys = load_gateway_keys(cfg.gateway_keys)
     store = await LedgerStore.open(cfg.db_path)
     verify_executor = ThreadPoolExecutor(thread_name_prefix="ledger-verify")

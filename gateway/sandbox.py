@@ -5,6 +5,12 @@ Used by `edge-gateway demo`, `make bench` and the integration tests: the same
 real components an edge box runs, on free 127.0.0.1 ports, all stopped by
 close(). Processes are started from this Python, so the package under test is
 the one that runs.
+
+With tls=True (the default) every link is TLS with client certificates from a
+throwaway `pki dev` CA, as production runs: Mosquitto requires a client
+certificate, ledger nodes require the gateway's, and the gateway API requires
+one and lets only the "admin" (operator) certificate submit and read
+transactions. tls=False keeps the plain-text mode for tests that need it.
 """
 
 from __future__ import annotations
@@ -16,16 +22,25 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
+from gateway import pki as devpki
+from gateway.config import TlsClient
 from gateway.errors import GatewayError
+
+if TYPE_CHECKING:
+    import paho.mqtt.client as mqtt
+
+    from gateway.simulate import SimulateOptions
 
 SOFTHSM_MODULE = Path("/usr/lib/softhsm/libsofthsm2.so")
 TEST_PIN = "314159"
@@ -70,6 +85,63 @@ def wait_port(
                 return
         time.sleep(0.05)
     raise SandboxError(f"{what} did not listen on 127.0.0.1:{port} within {timeout} s")
+
+
+# Client roles -> dev PKI leaf. "none" is TLS without a client certificate.
+ROLES = {"admin": "operator", "reader": "reader", "gateway": "gateway", "device": "device"}
+
+
+@dataclass(frozen=True)
+class ClientFiles:
+    """What a TLS client of the sandbox needs: the CA and, for mutual TLS, its certificate."""
+
+    ca_file: Path
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    def tls_client(self) -> TlsClient:
+        return TlsClient(self.ca_file, self.cert_file, self.key_file)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca_file.read_bytes(),
+            private_key=self.key_file.read_bytes() if self.key_file else None,
+            certificate_chain=self.cert_file.read_bytes() if self.cert_file else None,
+        )
+
+    def apply_paho(self, client: mqtt.Client) -> None:
+        client.tls_set(
+            ca_certs=str(self.ca_file),
+            certfile=str(self.cert_file) if self.cert_file else None,
+            keyfile=str(self.key_file) if self.key_file else None,
+            tls_version=ssl.PROTOCOL_TLS_CLIENT,
+        )
+
+    def cli_args(self) -> list[str]:
+        """--ca-file/--cert-file/--key-file for `edge-gateway status` and `proof`."""
+        args = ["--ca-file", str(self.ca_file)]
+        if self.cert_file and self.key_file:
+            args += ["--cert-file", str(self.cert_file), "--key-file", str(self.key_file)]
+        return args
+
+
+def client_files(pki: devpki.DevPki | None, role: str) -> ClientFiles | None:
+    """The files for `role` ("admin", "reader", "gateway", "device" or "none"); None in
+    plain-text mode."""
+    if pki is None:
+        return None
+    if role == "none":
+        return ClientFiles(pki.ca.cert)
+    if role not in ROLES:
+        raise ValueError(f"role {role!r}: expected one of {', '.join(ROLES)} or none")
+    leaf = pki[ROLES[role]]
+    return ClientFiles(pki.ca.cert, leaf.cert, leaf.key)
+
+
+def grpc_channel(address: str, files: ClientFiles | None) -> grpc.Channel:
+    if files is None:
+        return grpc.insecure_channel(address)
+    return grpc.secure_channel(address, files.channel_credentials())
 
 
 @dataclass
@@ -140,10 +212,14 @@ class Ledger:
     config: Path
     db: Path
     proc: Proc
+    pki: devpki.DevPki | None = None
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.proc.port}"
+
+    def channel(self, role: str = "admin") -> grpc.Channel:
+        return grpc_channel(self.address, client_files(self.pki, role))
 
 
 @dataclass
@@ -155,10 +231,19 @@ class GatewayProc:
     proc: Proc
     notify_socket: Path
     spool: Path
+    pki: devpki.DevPki | None = None
 
     @property
     def api_address(self) -> str:
         return f"127.0.0.1:{self.api_port}"
+
+    def channel(self, role: str = "admin") -> grpc.Channel:
+        """A channel to the API: "admin" may do everything, "reader" only GetStatus."""
+        return grpc_channel(self.api_address, client_files(self.pki, role))
+
+    def cli_args(self, role: str = "admin") -> list[str]:
+        files = client_files(self.pki, role)
+        return ["--plaintext"] if files is None else files.cli_args()
 
 
 @dataclass
@@ -166,12 +251,49 @@ class Sandbox:
     root: Path
     python: str = sys.executable
     procs: list[Proc] = field(default_factory=list)
+    tls: bool = True
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         self.env = dict(os.environ)
         self.env.pop("NOTIFY_SOCKET", None)
         self.env["PYTHONUNBUFFERED"] = "1"
+        self.pki: devpki.DevPki | None = (
+            devpki.make_dev_pki(self.root / "pki", force=True) if self.tls else None
+        )
+
+    # ---- TLS clients ----------------------------------------------------------
+
+    def client_files(self, role: str = "admin") -> ClientFiles | None:
+        return client_files(self.pki, role)
+
+    def grpc_channel(self, address: str, role: str = "admin") -> grpc.Channel:
+        """A channel to a gateway API or ledger node of this sandbox, as `role`."""
+        return grpc_channel(address, client_files(self.pki, role))
+
+    def mqtt_tls(self, role: str = "device") -> ClientFiles | None:
+        """What an MQTT client of this sandbox's brokers needs; None in plain-text mode."""
+        return client_files(self.pki, role)
+
+    def mqtt_client(self, client_id: str, role: str = "device", **kw: object) -> mqtt.Client:
+        """A paho MQTT 3.1.1/5 client, TLS set up when the sandbox runs TLS."""
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, **kw)  # type: ignore[arg-type]
+        files = self.mqtt_tls(role)
+        if files is not None:
+            files.apply_paho(c)
+        return c
+
+    def simulate_options(self, opts: SimulateOptions, role: str = "device") -> SimulateOptions:
+        """`opts` with this sandbox's MQTT TLS files (unchanged in plain-text mode)."""
+        files = self.mqtt_tls(role)
+        if files is None:
+            return opts
+        return replace(
+            opts, ca_file=files.ca_file, cert_file=files.cert_file, key_file=files.key_file
+        )
 
     # ---- SoftHSM2 -----------------------------------------------------------
 
@@ -213,18 +335,49 @@ class Sandbox:
 
     # ---- Mosquitto ----------------------------------------------------------
 
-    def mosquitto(self, port: int | None = None, name: str = "mosquitto") -> Proc:
+    def mosquitto(
+        self,
+        port: int | None = None,
+        name: str = "mosquitto",
+        passwords: dict[str, str] | None = None,
+    ) -> Proc:
+        """Mosquitto on loopback. In TLS mode clients need a certificate from the sandbox's
+        CA, or, with `passwords`, a user name and password over server-authenticated TLS."""
         binary = require("mosquitto", "mosquitto")
         port = port or free_port()
         d = self.root / name
         d.mkdir(exist_ok=True)
         conf = d / "mosquitto.conf"
         user = "root" if os.geteuid() == 0 else getpass.getuser()
+        auth: list[str] = []
+        if self.pki is not None:
+            auth += [
+                f"cafile {self.pki.ca.cert}",
+                f"certfile {self.pki['mosquitto'].cert}",
+                f"keyfile {self.pki['mosquitto'].key}",
+            ]
+        if passwords is not None:
+            pw = d / "passwords"
+            pw.write_text("")
+            pw.chmod(0o600)
+            tool = require("mosquitto_passwd", "mosquitto")
+            for u, secret in passwords.items():
+                subprocess.run([tool, "-b", str(pw), u, secret], check=True, timeout=30)
+            auth += ["allow_anonymous false", f"password_file {pw}"]
+        elif self.pki is not None:
+            # The certificate is the identity: its CN becomes the MQTT user name.
+            auth += [
+                "require_certificate true",
+                "use_identity_as_username true",
+                "allow_anonymous false",
+            ]
+        else:
+            auth += ["allow_anonymous true"]
         conf.write_text(
             "\n".join(
                 [
                     f"listener {port} 127.0.0.1",
-                    "allow_anonymous true",
+                    *auth,
                     f"user {user}",
                     "persistence true",
                     f"persistence_location {d}/",
@@ -268,9 +421,18 @@ class Sandbox:
         db = d / "ledger.db"
         cfg = d / "ledger-node.toml"
         keys = "\n".join(f'"{g}" = "{k}"' for g, k in gateway_keys.items())
+        if self.pki is None:
+            tls = "plaintext = true\n"
+        else:
+            # Mutual TLS: only clients with a certificate from the sandbox CA get in.
+            tls = (
+                f'\n[node.tls]\ncert_file = "{self.pki["ledger"].cert}"\n'
+                f'key_file = "{self.pki["ledger"].key}"\n'
+                f'client_ca_file = "{self.pki.ca.cert}"\n'
+            )
         cfg.write_text(
             f'[node]\nid = "{node_id}"\nlisten = "127.0.0.1:{port}"\n'
-            f'db_path = "{db}"\nplaintext = true\n\n[gateways]\n{keys}\n'
+            f'db_path = "{db}"\n{tls}\n[gateways]\n{keys}\n'
         )
         p = Proc(
             name=node_id,
@@ -282,7 +444,7 @@ class Sandbox:
         p.start()
         wait_port(port, 30, p.proc, f"ledger node {node_id}")
         self.procs.append(p)
-        return Ledger(node_id=node_id, config=cfg, db=db, proc=p)
+        return Ledger(node_id=node_id, config=cfg, db=db, proc=p, pki=self.pki)
 
     # ---- gateway ------------------------------------------------------------
 
@@ -295,10 +457,34 @@ class Sandbox:
         quorum: int = 2,
         batch: str = "max_tx = 500\nmax_age_s = 1.0",
         extra: str = "",
+        mqtt_password: tuple[str, Path] | None = None,
     ) -> Path:
+        """The gateway's TOML. In TLS mode: its client certificate to MQTT and the ledger
+        nodes, and an API that requires client certificates with the operator as admin.
+        `mqtt_password` (user, password file) logs in to MQTT by password instead of a
+        certificate (a broker started with `passwords`)."""
         d = self.root / gateway_id
         d.mkdir(exist_ok=True)
         nodes = ",\n".join(f'  {{ id = "{n}", address = "{a}" }}' for n, a in ledgers)
+        mqtt_login = ""
+        if mqtt_password is not None:
+            mqtt_login = f'username = "{mqtt_password[0]}"\npassword_file = "{mqtt_password[1]}"\n'
+        pki = self.pki
+        if pki is None:
+            mqtt_tls = forwarder_tls = api_tls = "plaintext = true\n"
+        else:
+            gw = pki["gateway"]
+            client_cert = f'cert_file = "{gw.cert}"\nkey_file = "{gw.key}"\n'
+            mqtt_tls = f'\n[mqtt.tls]\nca_file = "{pki.ca.cert}"\n' + (
+                "" if mqtt_password is not None else client_cert
+            )
+            forwarder_tls = f'\n[forwarder.tls]\nca_file = "{pki.ca.cert}"\n{client_cert}'
+            api_tls = (
+                f'admin_subjects = ["{pki["operator"].subject}"]\n\n[api.tls]\n'
+                f'cert_file = "{pki["gateway-api"].cert}"\n'
+                f'key_file = "{pki["gateway-api"].key}"\n'
+                f'client_ca_file = "{pki.ca.cert}"\n'
+            )
         cfg = d / "gateway.toml"
         cfg.write_text(f"""[gateway]
 id = "{gateway_id}"
@@ -317,10 +503,9 @@ port = {mqtt_port}
 client_id = "{gateway_id}"
 topics = ["devices/+/tx"]
 reject_topic_prefix = "devices/rejected"
-plaintext = true
 reconnect_min_s = 0.2
 reconnect_max_s = 2
-
+{mqtt_login}{mqtt_tls}
 [spool]
 path = "{d / "spool.db"}"
 
@@ -335,12 +520,10 @@ quorum = {quorum}
 call_timeout_s = 5
 backoff_initial_s = 0.1
 backoff_max_s = 2
-plaintext = true
-
+{forwarder_tls}
 [api]
 listen = "127.0.0.1:{free_port()}"
-plaintext = true
-
+{api_tls}
 [metrics]
 listen = "127.0.0.1:{free_port()}"
 {extra}
@@ -405,6 +588,7 @@ listen = "127.0.0.1:{free_port()}"
             proc=p,
             notify_socket=sock_path,
             spool=Path(data["spool"]["path"]),
+            pki=self.pki,
         )
         try:
             self._wait_ready(notify, p, ready_timeout)

@@ -11,10 +11,8 @@ import time
 from pathlib import Path
 
 import grpc
-import paho.mqtt.client as mqtt
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway import batchformat, demo, simulate
 from gateway._pb.edgegateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -25,10 +23,11 @@ pytestmark = pytest.mark.integration
 
 
 def publish_load(
-    port: int, devices: int, count: int, start_seq: int = 1, **kw: object
+    d: Deployment, devices: int, count: int, start_seq: int = 1, **kw: object
 ) -> simulate.SimulateResult:
+    """Device load on the deployment's broker, over TLS with the device certificate."""
     opts = simulate.SimulateOptions(
-        port=port,
+        port=d.broker.port,
         devices=devices,
         count=count,
         rate=100_000,
@@ -36,7 +35,7 @@ def publish_load(
         start_seq=start_seq,
         **kw,
     )  # type: ignore[arg-type]
-    return asyncio.run(simulate.run(opts))
+    return asyncio.run(simulate.run(d.sandbox.simulate_options(opts)))
 
 
 def ledger_device_seqs(d: Deployment) -> list[set[tuple[str, int]]]:
@@ -53,7 +52,7 @@ def test_ten_thousand_transactions_committed_exactly_once_with_verifying_proofs(
 ) -> None:
     d = deployment
     gw = d.start_gateway()
-    res = publish_load(d.broker.port, devices=100, count=100)
+    res = publish_load(d, devices=100, count=100)
     assert res.acknowledged == 10_000 and res.failed == 0, res.line()
 
     st = demo.wait_drained(gw, 10_000, timeout=120)
@@ -74,9 +73,9 @@ def test_ten_thousand_transactions_committed_exactly_once_with_verifying_proofs(
 def test_batch_signature_verifies_with_openssl(deployment: Deployment, tmp_path: Path) -> None:
     d = deployment
     gw = d.start_gateway()
-    publish_load(d.broker.port, devices=5, count=10)
+    publish_load(d, devices=5, count=10)
     demo.wait_drained(gw, 50, timeout=60)
-    with grpc.insecure_channel(gw.api_address) as ch:
+    with gw.channel() as ch:
         stub = gateway_pb2_grpc.GatewayServiceStub(ch)
         b = stub.GetBatch(gateway_pb2.GetBatchRequest(seq=0), timeout=10)
     signed = tmp_path / "signed.bin"
@@ -124,7 +123,7 @@ def test_unacknowledged_message_comes_back_after_kill(sandbox: Sandbox) -> None:
     # the rest stay unacknowledged, in the gateway's hands or the broker's.
     d = deploy(sandbox, batch="max_tx = 100000\nmax_age_s = 3600", spool_extra="max_depth = 20")
     gw = d.start_gateway()
-    res = publish_load(d.broker.port, devices=10, count=10)
+    res = publish_load(d, devices=10, count=10)
     assert res.acknowledged == 100
     deadline = time.monotonic() + 30
     while demo.gateway_status(gw).transactions_stored < 20 and time.monotonic() < deadline:
@@ -156,7 +155,7 @@ def test_kill_during_load_loses_nothing_acknowledged(deployment: Deployment) -> 
     result: dict[str, simulate.SimulateResult] = {}
 
     def load() -> None:
-        result["r"] = publish_load(d.broker.port, devices=50, count=60)
+        result["r"] = publish_load(d, devices=50, count=60)
 
     t = threading.Thread(target=load)
     t.start()
@@ -180,14 +179,14 @@ def test_bad_payloads_go_to_dead_letter_topic_and_pipeline_keeps_serving(
     d = deployment
     gw = d.start_gateway()
     got: list[dict[str, object]] = []
-    sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="dlq-watcher")
+    sub = d.sandbox.mqtt_client("dlq-watcher")
     sub.on_message = lambda _c, _u, m: got.append(json.loads(m.payload))
     sub.connect("127.0.0.1", d.broker.port)
     sub.subscribe("devices/rejected/#", qos=1)
     sub.loop_start()
     try:
         time.sleep(0.5)
-        pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bad-device")
+        pub = d.sandbox.mqtt_client("bad-device")
         pub.connect("127.0.0.1", d.broker.port)
         pub.loop_start()
         cases = [
@@ -214,7 +213,7 @@ def test_bad_payloads_go_to_dead_letter_topic_and_pipeline_keeps_serving(
             assert m["device"] == "m1" and len(str(m["payload_sha256"])) == 64
         pub.loop_stop()
         pub.disconnect()
-        publish_load(d.broker.port, devices=3, count=5)
+        publish_load(d, devices=3, count=5)
         st = demo.wait_drained(gw, 16, timeout=60)
         assert st.transactions_stored == 16  # 15 good + seq 8 once
         assert st.transactions_rejected == len(want)
@@ -227,7 +226,7 @@ def test_bad_payloads_go_to_dead_letter_topic_and_pipeline_keeps_serving(
 def test_grpc_submit_dedup_status_health_and_reflection(deployment: Deployment) -> None:
     d = deployment
     gw = d.start_gateway()
-    with grpc.insecure_channel(gw.api_address) as ch:
+    with gw.channel("admin") as ch:
         stub = gateway_pb2_grpc.GatewayServiceStub(ch)
         req = gateway_pb2.SubmitTransactionsRequest(
             payloads=[
@@ -281,7 +280,15 @@ def test_grpc_submit_dedup_status_health_and_reflection(deployment: Deployment) 
             assert resp.status == health_pb2.HealthCheckResponse.SERVING
 
     out = subprocess.run(
-        [sys.executable, "-m", "gateway", "status", "--address", gw.api_address, "--plaintext"],
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "status",
+            "--address",
+            gw.api_address,
+            *gw.cli_args("reader"),
+        ],
         capture_output=True,
         text=True,
         timeout=30,
@@ -296,7 +303,7 @@ def test_grpc_submit_dedup_status_health_and_reflection(deployment: Deployment) 
             tx_id,
             "--address",
             gw.api_address,
-            "--plaintext",
+            *gw.cli_args("admin"),
             "--public-key",
             str(d.public_key),
         ],
@@ -310,7 +317,7 @@ def test_grpc_submit_dedup_status_health_and_reflection(deployment: Deployment) 
 def test_graceful_stop_signs_the_open_batch_and_exits_zero(sandbox: Sandbox) -> None:
     d = deploy(sandbox, batch="max_tx = 100000\nmax_age_s = 3600")
     gw = d.start_gateway()
-    publish_load(d.broker.port, devices=4, count=25)
+    publish_load(d, devices=4, count=25)
     deadline = time.monotonic() + 30
     while demo.gateway_status(gw).transactions_stored < 100 and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -342,7 +349,7 @@ def test_wrong_pin_stops_with_one_line_and_exit_77(deployment: Deployment) -> No
 def test_pin_never_appears_in_logs(deployment: Deployment) -> None:
     d = deployment
     gw = d.start_gateway()
-    publish_load(d.broker.port, devices=2, count=5)
+    publish_load(d, devices=2, count=5)
     demo.wait_drained(gw, 10, timeout=60)
     assert gw.proc.terminate(30) == 0
     text = gw.proc.log_text()

@@ -56,7 +56,7 @@ def test_profiles_decode_commit_and_hot_reload(sandbox: Sandbox, tmp_path: Path)
             profiles_dir=demo.PROFILES_DIR,
         )
         simulate.provision_keys(opts, keys_dir)
-        return asyncio.run(simulate.run(opts))
+        return asyncio.run(simulate.run(sandbox.simulate_options(opts)))
 
     r = publish("lte-m-tracker", "cdr-usage")
     assert r.acknowledged == 100

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway import simulate
 from gateway.errors import Rejected
@@ -60,7 +59,7 @@ def test_simulated_profiles_decode_and_their_malformed_payloads_are_rejected(
 
     received: list[tuple[str, bytes, int]] = []
     lock = threading.Lock()
-    sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="profile-sub")
+    sub = sandbox.mqtt_client("profile-sub")
     ready = threading.Event()
     sub.on_connect = lambda c, *_: (c.subscribe([(f, 1) for f in ps.subscriptions()]), ready.set())
 
@@ -74,7 +73,7 @@ def test_simulated_profiles_decode_and_their_malformed_payloads_are_rejected(
     try:
         assert ready.wait(10)
         time.sleep(0.3)
-        result = asyncio.run(simulate.run(opts))
+        result = asyncio.run(simulate.run(sandbox.simulate_options(opts)))
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and len(received) < result.published:
             time.sleep(0.05)

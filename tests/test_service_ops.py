@@ -70,7 +70,7 @@ def test_notify_protocol_watchdog_metrics_and_logs(sandbox: Sandbox, tmp_path: P
             bad_ratio=0.1,
             start_seq=1,
         )
-        res = asyncio.run(simulate.run(opts))
+        res = asyncio.run(simulate.run(sandbox.simulate_options(opts)))
         deadline = time.monotonic() + 60
         status = ""
         while time.monotonic() < deadline:

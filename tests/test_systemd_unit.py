@@ -19,7 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from gateway.errors import EXIT_CONFIG, EXIT_DATAERR, EXIT_NOPERM, EXIT_USAGE
+from gateway.errors import (
+    EXIT_CERTIFICATE,
+    EXIT_CONFIG,
+    EXIT_DATAERR,
+    EXIT_NOPERM,
+    EXIT_USAGE,
+)
 
 UNITS_DIR = Path(__file__).resolve().parent.parent / "systemd"
 GATEWAY_UNIT = UNITS_DIR / "edge-gateway.service"
@@ -154,9 +160,15 @@ def test_gateway_unit_matches_the_lifecycle() -> None:
     ("unit", "codes"),
     [
         pytest.param(
-            GATEWAY_UNIT, {EXIT_USAGE, EXIT_DATAERR, EXIT_NOPERM, EXIT_CONFIG}, id=GATEWAY_UNIT.name
+            GATEWAY_UNIT,
+            {EXIT_USAGE, EXIT_DATAERR, EXIT_NOPERM, EXIT_CONFIG, EXIT_CERTIFICATE},
+            id=GATEWAY_UNIT.name,
         ),
-        pytest.param(LEDGER_UNIT, {EXIT_USAGE, EXIT_DATAERR, EXIT_CONFIG}, id=LEDGER_UNIT.name),
+        pytest.param(
+            LEDGER_UNIT,
+            {EXIT_USAGE, EXIT_DATAERR, EXIT_CONFIG, EXIT_CERTIFICATE},
+            id=LEDGER_UNIT.name,
+        ),
     ],
 )
 def test_operator_exit_codes_are_not_restarted(unit: Path, codes: set[int]) -> None:

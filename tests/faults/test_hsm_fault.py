@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 def test_hsm_token_lost_mid_run_pauses_batching_and_resumes(sandbox: Sandbox) -> None:
     d = deploy(sandbox, batch=FAULT_BATCH)
     gw = d.start_gateway()
-    pub = harness.Publisher(d.broker.port, "hsm-fault", devices=50)
+    pub = harness.Publisher(d.broker.port, "hsm-fault", devices=50, tls=d.sandbox.mqtt_tls())
     pub.publish(1000, rate=2000)
     pub.wait_acked()
     harness.wait_committed(gw, d.ledgers, pub.acked, timeout=60)
