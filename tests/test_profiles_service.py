@@ -15,7 +15,7 @@ import pytest
 
 from gateway import demo, simulate
 from gateway._pb.edgegateway.v1 import transaction_pb2
-from gateway.sandbox import Sandbox
+from gateway.sandbox import TEST_PIN, Sandbox
 from tests.conftest import deploy
 
 pytestmark = pytest.mark.integration
@@ -99,3 +99,8 @@ def test_profiles_decode_commit_and_hot_reload(sandbox: Sandbox, tmp_path: Path)
     assert demo.committed_by_profile(gw.spool)["cellsite-power@1"] == 100
     assert gw.proc.alive()
     assert gw.proc.terminate(30) == 0
+    # No subscriber identity (15-digit IMSI, MSISDN) and no PIN in any log line.
+    log = gw.proc.log_text()
+    # (A run of digits inside a hex key_id is not an identity: hex neighbours excluded.)
+    assert not re.search(r"(?<![0-9a-fA-F])\d{10,15}(?![0-9a-fA-F])", log), log[-2000:]
+    assert TEST_PIN not in log
