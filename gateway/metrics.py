@@ -110,6 +110,9 @@ class BoxCollector:
     def __init__(self, spool_dir: Path) -> None:
         self.spool_dir = spool_dir
         self.proc = psutil.Process()
+        # cpu_percent() compares with the previous call; prime it so the first
+        # scrape does not read 0.
+        psutil.cpu_percent()
 
     def describe(self) -> list[Metric]:
         return []
