@@ -68,6 +68,44 @@ def parse_json(payload: bytes) -> Any:
         raise Rejected("not_decodable", f"payload is not JSON: {e}") from None
 
 
+def make_incoming(
+    *,
+    device_id: str,
+    seq: int,
+    device_time_ms: int,
+    received_ms: int,
+    profile: str,
+    kind: str,
+    fields: bytes,
+    payload: bytes,
+    gateway_id: str,
+    channel: str,
+) -> Incoming:
+    """The canonical Transaction every profile produces, as its leaf on the way to the spool."""
+    payload_sha = hashlib.sha256(payload).digest()
+    tx = transaction_pb2.Transaction(
+        device_id=device_id,
+        device_seq=seq,
+        device_time_ms=device_time_ms,
+        received_time_ms=received_ms,
+        profile=profile,
+        kind=kind,
+        fields=fields,
+        payload_sha256=payload_sha,
+        gateway_id=gateway_id,
+        channel=channel,
+    )
+    leaf = transaction_bytes(tx)
+    return Incoming(
+        device_id=device_id,
+        device_seq=seq,
+        payload_sha256=payload_sha,
+        tx_id=leaf_hash(leaf),
+        leaf=leaf,
+        received_ms=received_ms,
+    )
+
+
 class JsonDecoder:
     """The built-in `json@1` profile."""
 
@@ -114,25 +152,15 @@ class JsonDecoder:
             raise Rejected("out_of_range", str(e)) from None
         if len(fields) > MAX_FIELDS_BYTES:
             raise Rejected("too_large", f"normalised fields are {len(fields)} bytes")
-        payload_sha = hashlib.sha256(payload).digest()
-        tx = transaction_pb2.Transaction(
+        return make_incoming(
             device_id=device_id,
-            device_seq=seq,
+            seq=seq,
             device_time_ms=device_time,
-            received_time_ms=received_ms,
+            received_ms=received_ms,
             profile=self.profile,
             kind=kind,
             fields=fields,
-            payload_sha256=payload_sha,
+            payload=payload,
             gateway_id=self.gateway_id,
             channel=channel,
-        )
-        leaf = transaction_bytes(tx)
-        return Incoming(
-            device_id=device_id,
-            device_seq=seq,
-            payload_sha256=payload_sha,
-            tx_id=leaf_hash(leaf),
-            leaf=leaf,
-            received_ms=received_ms,
         )

@@ -29,12 +29,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from gateway._pb.edgegateway.v1 import transaction_pb2
-from gateway.canonical import MAX_SAFE_INTEGER, CanonicalError, canonical_json, transaction_bytes
+from gateway.canonical import MAX_SAFE_INTEGER, CanonicalError, canonical_json
 from gateway.errors import Rejected
-from gateway.merkle import leaf_hash
 from gateway.profiles import cbor, strictjson
-from gateway.profiles.builtin import MAX_FIELDS_BYTES
+from gateway.profiles.builtin import MAX_FIELDS_BYTES, make_incoming
 from gateway.profiles.spec import BINARY_TYPES, MAX_SEQ, FieldSpec, Profile
 from gateway.spool import Incoming
 
@@ -577,26 +575,16 @@ class ProfileDecoder:
             raise Rejected("out_of_range", str(e)) from None
         if len(fields) > MAX_FIELDS_BYTES:
             raise Rejected("too_large", f"normalised fields are {len(fields)} bytes")
-        payload_sha = hashlib.sha256(payload).digest()
-        tx = transaction_pb2.Transaction(
+        incoming = make_incoming(
             device_id=device_id,
-            device_seq=seq,
+            seq=seq,
             device_time_ms=device_time,
-            received_time_ms=received_ms,
+            received_ms=received_ms,
             profile=self.id,
             kind=profile.kind,
             fields=fields,
-            payload_sha256=payload_sha,
+            payload=payload,
             gateway_id=self.gateway_id,
             channel=channel,
-        )
-        leaf = transaction_bytes(tx)
-        incoming = Incoming(
-            device_id=device_id,
-            device_seq=seq,
-            payload_sha256=payload_sha,
-            tx_id=leaf_hash(leaf),
-            leaf=leaf,
-            received_ms=received_ms,
         )
         return Decoded(incoming=incoming, device_time_ms=device_time)
