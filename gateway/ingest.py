@@ -15,12 +15,14 @@ import base64
 import json
 import logging
 import ssl
+import struct
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.client import PUBACK
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -84,6 +86,22 @@ def device_from_topic(topic: str, level: int) -> str | None:
     return parts[level]
 
 
+_PUBACK = struct.Struct("!BBH")
+
+
+def send_pubacks(client: mqtt.Client, mids: list[int]) -> None:
+    """PUBACK (success, the 4-byte form both MQTT 3.1.1 and 5 allow) for each of
+    `mids`, as one write: paho's ack() costs a wake-up of its network thread and a
+    socket write per message. Uses paho's packet queue, the same call ack() ends in;
+    falls back to ack() per message if a paho release renames it."""
+    queue = getattr(client, "_packet_queue", None)
+    if queue is None or len(mids) == 1:
+        for mid in mids:
+            client.ack(mid, 1)
+        return
+    queue(PUBACK, b"".join([_PUBACK.pack(PUBACK, 2, mid) for mid in mids]), 0, 1)
+
+
 _CHILDREN: dict[tuple[int, str], Any] = {}
 
 
@@ -140,8 +158,9 @@ class Intake:
             item = self._reject_record(
                 r, device, topic, payload, received, hashlib.sha256(payload).digest()
             )
-        fut = self.spool.append(item)
-        fut.add_done_callback(lambda f: self._appended(f, item, rej, topic, payload, channel, done))
+        self.spool.append_cb(
+            item, lambda res: self._appended(res, item, rej, topic, payload, channel, done)
+        )
 
     def _reject_record(
         self, r: Rejected, device_id: str, topic: str, payload: bytes, received: int, sha: bytes
@@ -156,7 +175,7 @@ class Intake:
 
     def _appended(
         self,
-        f: Future[AppendResult],
+        res: AppendResult | BaseException,
         item: Incoming | RejectRecord,
         rej: Rejected | None,
         topic: str,
@@ -164,11 +183,10 @@ class Intake:
         channel: str,
         done: Callable[[AppendResult | BaseException, Rejected | None], None],
     ) -> None:
-        exc = f.exception()
-        if exc is not None:
-            done(exc, rej)
+        """Runs on the spool writer thread once the append is durable (or failed)."""
+        if isinstance(res, BaseException):
+            done(res, rej)
             return
-        res = f.result()
         if res.outcome is Outcome.STORED:
             _child(metrics.stored, channel).inc()
         elif res.outcome is Outcome.DUPLICATE:
@@ -193,9 +211,8 @@ class Intake:
             rec = self._reject_record(
                 r, item.device_id, topic, payload, item.received_ms, item.payload_sha256
             )
-            fut2 = self.spool.append(rec)
-            fut2.add_done_callback(
-                lambda f2: self._appended(f2, rec, r, topic, payload, channel, done)
+            self.spool.append_cb(
+                rec, lambda res2: self._appended(res2, rec, r, topic, payload, channel, done)
             )
             return
         elif res.outcome is Outcome.REJECT_RECORDED:
@@ -236,10 +253,12 @@ class MqttIngest:
         self._gen = 0
         self._lock = threading.Lock()
         self._pub_mids: dict[int, int] = {}
+        self._acks: list[int] = []  # committed this group, acknowledged after it
         self._published: list[int] = []
         self._flush_scheduled = False
         self._held: list[tuple[str | None, str, bytes, int, int, int]] = []
         self._client = self._make_client()
+        spool.after_group(self._flush_acks)
 
     def _make_client(self) -> mqtt.Client:
         c = mqtt.Client(
@@ -292,8 +311,7 @@ class MqttIngest:
 
     def stop(self) -> None:
         """Stop intake: disconnect; unacknowledged messages stay with the broker."""
-        with self._lock:
-            self._gen += 1
+        self._new_generation()
         self._client.disconnect()
         self._client.loop_stop()
         self.connected = False
@@ -307,8 +325,7 @@ class MqttIngest:
         if reason.is_failure:
             log.warning("mqtt connect to %s:%s refused: %s", self.cfg.host, self.cfg.port, reason)
             return
-        with self._lock:
-            self._gen += 1
+        self._new_generation()
         self.connected = True
         metrics.mqtt_connected.set(1)
         log.info("mqtt connected to %s:%s", self.cfg.host, self.cfg.port)
@@ -349,11 +366,17 @@ class MqttIngest:
                 self._client.unsubscribe(gone)
             self._subscribe()
 
+    def _new_generation(self) -> None:
+        """A new (or lost) connection: message ids of the old one mean nothing now,
+        so acknowledgements still pending for it are dropped; the broker re-sends."""
+        with self._lock:
+            self._gen += 1
+            self._acks.clear()
+
     def _on_disconnect(
         self, _c: mqtt.Client, _u: Any, _flags: Any, reason: Any, _props: Any
     ) -> None:
-        with self._lock:
-            self._gen += 1
+        self._new_generation()
         self.connected = False
         self.subscribed.clear()
         metrics.mqtt_connected.set(0)
@@ -406,19 +429,25 @@ class MqttIngest:
         )
 
     def _done(self, res: AppendResult | BaseException, mid: int, qos: int, gen: int) -> None:
+        """Runs on the spool writer thread; the PUBACK leaves with its group (_flush_acks)."""
         with self._lock:
             self._inflight -= 1
-        if isinstance(res, BaseException):
-            # Not committed: no PUBACK. The broker re-sends it after the next reconnect.
-            log.error("spool append failed, message %d stays unacknowledged: %s", mid, res)
-            return
-        if qos == 0:
-            return
+            if isinstance(res, BaseException):
+                # Not committed: no PUBACK. The broker re-sends it after the next reconnect.
+                log.error("spool append failed, message %d stays unacknowledged: %s", mid, res)
+                return
+            if qos == 1 and gen == self._gen:
+                # (From an older connection: not acknowledged; the broker re-sends it.)
+                self._acks.append(mid)
+
+    def _flush_acks(self) -> None:
+        """After a group commit: one write with the PUBACKs of everything it made durable."""
         with self._lock:
-            if gen != self._gen:
-                return  # arrived on an older connection; the broker re-sends it
-            self._client.ack(mid, qos)
-            self.acks += 1
+            if not self._acks:
+                return
+            mids, self._acks = self._acks, []
+            send_pubacks(self._client, mids)
+            self.acks += len(mids)
 
     # ---- dead letters ----------------------------------------------------
 
