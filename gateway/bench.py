@@ -204,7 +204,8 @@ def say(text: str) -> None:
 
 
 class Watch:
-    """CPU seconds and peak RSS of one process, sampled on a thread."""
+    """CPU seconds and peak RSS of one process and its children (the gateway's intake
+    process), sampled on a thread."""
 
     def __init__(self, pid: int, interval: float = 0.1) -> None:
         self.proc = psutil.Process(pid)
@@ -218,16 +219,27 @@ class Watch:
     def _run(self) -> None:
         while not self._stop.is_set():
             with contextlib.suppress(psutil.Error):
-                self.rss = self.proc.memory_info().rss
+                rss = self.proc.memory_info().rss
+                for child in self.proc.children(recursive=True):
+                    with contextlib.suppress(psutil.Error):
+                        rss += child.memory_info().rss
+                self.rss = rss
                 self.peak_rss = max(self.peak_rss, self.rss)
             self._stop.wait(self._interval)
 
     def cpu(self) -> float:
+        """CPU seconds of the process and of its children, living or reaped."""
         try:
             t = self.proc.cpu_times()
+            children = self.proc.children(recursive=True)
         except psutil.Error:
             return 0.0
-        return float(t.user + t.system)
+        total = t.user + t.system + t.children_user + t.children_system
+        for child in children:
+            with contextlib.suppress(psutil.Error):
+                c = child.cpu_times()
+                total += c.user + c.system
+        return float(total)
 
     def close(self) -> None:
         self._stop.set()
@@ -342,7 +354,8 @@ def py_spy(pid: int, seconds: float, out: Path | None, gil: bool = False) -> Ite
         yield
         return
     argv = [exe, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "100"]
-    argv += ["--threads", "--format", "raw", "-o", str(out)] + (["--gil"] if gil else [])
+    argv += ["--threads", "--subprocesses", "--format", "raw", "-o", str(out)]
+    argv += ["--gil"] if gil else []
     p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         yield

@@ -222,6 +222,42 @@ class Intake:
         done(res, rej)
 
 
+def make_client(cfg: MqttConfig) -> mqtt.Client:
+    """A paho client as `cfg` asks (auth, TLS, reconnect, windows), without callbacks.
+    Raises ConfigError for files that cannot be loaded."""
+    c = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=cfg.client_id,
+        protocol=MQTTProtocolVersion.MQTTv5,
+        manual_ack=True,
+    )
+    c.reconnect_delay_set(max(1, int(cfg.reconnect_min_s)), int(cfg.reconnect_max_s))
+    # Dead letters queue while the broker is away; they are also in the spool.
+    c.max_queued_messages_set(0)
+    c.max_inflight_messages_set(1000)
+    if cfg.username is not None:
+        password = None
+        if cfg.password_file is not None:
+            try:
+                password = cfg.password_file.read_text(encoding="utf-8").strip()
+            except OSError as e:
+                raise ConfigError(
+                    f"mqtt.password_file {cfg.password_file} cannot be read: {e.strerror}"
+                ) from None
+        c.username_pw_set(cfg.username, password)
+    if cfg.tls is not None:
+        try:
+            c.tls_set(
+                ca_certs=str(cfg.tls.ca_file),
+                certfile=str(cfg.tls.cert_file) if cfg.tls.cert_file else None,
+                keyfile=str(cfg.tls.key_file) if cfg.tls.key_file else None,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(f"mqtt.tls files cannot be loaded: {e}") from None
+    return c
+
+
 class MqttIngest:
     """The paho client: subscription, manual PUBACKs, dead-letter publishing."""
 
@@ -261,41 +297,12 @@ class MqttIngest:
         spool.after_group(self._flush_acks)
 
     def _make_client(self) -> mqtt.Client:
-        c = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=self.cfg.client_id,
-            protocol=MQTTProtocolVersion.MQTTv5,
-            manual_ack=True,
-        )
+        c = make_client(self.cfg)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
         c.on_publish = self._on_publish
         c.on_subscribe = self._on_subscribe
-        c.reconnect_delay_set(max(1, int(self.cfg.reconnect_min_s)), int(self.cfg.reconnect_max_s))
-        # Dead letters queue while the broker is away; they are also in the spool.
-        c.max_queued_messages_set(0)
-        c.max_inflight_messages_set(1000)
-        if self.cfg.username is not None:
-            password = None
-            if self.cfg.password_file is not None:
-                try:
-                    password = self.cfg.password_file.read_text(encoding="utf-8").strip()
-                except OSError as e:
-                    raise ConfigError(
-                        f"mqtt.password_file {self.cfg.password_file} cannot be read: {e.strerror}"
-                    ) from None
-            c.username_pw_set(self.cfg.username, password)
-        if self.cfg.tls is not None:
-            try:
-                c.tls_set(
-                    ca_certs=str(self.cfg.tls.ca_file),
-                    certfile=str(self.cfg.tls.cert_file) if self.cfg.tls.cert_file else None,
-                    keyfile=str(self.cfg.tls.key_file) if self.cfg.tls.key_file else None,
-                    tls_version=ssl.PROTOCOL_TLS_CLIENT,
-                )
-            except (OSError, ssl.SSLError) as e:
-                raise ConfigError(f"mqtt.tls files cannot be loaded: {e}") from None
         return c
 
     def start(self) -> None:
@@ -330,7 +337,7 @@ class MqttIngest:
         metrics.mqtt_connected.set(1)
         log.info("mqtt connected to %s:%s", self.cfg.host, self.cfg.port)
         self._subscribe()
-        self._republish_dead_letters()
+        self.republish_dead_letters()
 
     def _subscribe(self) -> None:
         result, mid = self._client.subscribe([(t, 1) for t in self.topics])
@@ -477,11 +484,17 @@ class MqttIngest:
             self._flush_scheduled = False
         Spool.w_mark_published(conn, ids)
 
-    def _republish_dead_letters(self) -> None:
+    def republish_dead_letters(self) -> None:
+        """Publish what the spool holds unpublished (on connect; when another process
+        recorded rejects), skipping what is already on its way."""
+
         def publish(f: Future[list[tuple[int, str, bytes]]]) -> None:
             if f.exception() is None:
+                with self._lock:
+                    pending = set(self._pub_mids.values())
                 for rid, topic, message in f.result():
-                    self.publish_dead_letter(rid, topic, message)
+                    if rid not in pending:
+                        self.publish_dead_letter(rid, topic, message)
 
         self.spool.read(lambda c: Spool.q_unpublished_rejects(c, 10_000)).add_done_callback(publish)
 
@@ -495,6 +508,11 @@ class MqttIngest:
     def pause(self) -> None:
         with self._lock:
             self.paused = True
+
+    @property
+    def inflight(self) -> int:
+        """Messages decoded and on their way to the spool."""
+        return self._inflight
 
     def load(self) -> int:
         """Transactions spooled but not batched, plus those on their way to the spool."""

@@ -27,9 +27,11 @@ from gateway._pb.edgegateway.v1 import gateway_pb2, gateway_pb2_grpc
 from gateway.api import SERVICE_NAME, GatewayApi
 from gateway.batcher import Batcher
 from gateway.config import GatewayConfig
+from gateway.errors import EXIT_OK
 from gateway.forwarder import Forwarder
 from gateway.grpcutil import SERVER_OPTIONS, add_port
-from gateway.ingest import MqttIngest
+from gateway.ingest import Intake, make_client
+from gateway.intakeproc import IntakeProcess, writer_turn
 from gateway.notify import Notifier
 from gateway.profiles import ProfileSet
 from gateway.signer import Signer
@@ -67,9 +69,11 @@ class Gateway:
         self.signer: Signer | None = None
         self.batcher: Batcher | None = None
         self.forwarder: Forwarder | None = None
-        self.mqtt: MqttIngest | None = None
+        self.mqtt: IntakeProcess | None = None
         self.profiles: ProfileSet | None = None
         self.ready = False
+        self.exit_code = EXIT_OK
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._server: grpc.aio.Server | None = None
         # A forwarder loop may legitimately sleep a full backoff plus a call deadline.
@@ -85,8 +89,9 @@ class Gateway:
         st = gateway_pb2.GatewayStatus(gateway_id=self.cfg.gateway_id, version=__version__)
         st.uptime_s = int(time.monotonic() - self.started_at)
         if self.spool is not None:
-            st.transactions_stored = self.spool.stored
-            st.transactions_rejected = self.spool.rejects
+            child = self.mqtt
+            st.transactions_stored = self.spool.stored + (child.stored if child else 0)
+            st.transactions_rejected = self.spool.rejects + (child.rejects if child else 0)
         if self.batcher is not None:
             st.spool_depth = self.batcher.depth
             oldest = self.batcher.oldest_pending_ms
@@ -249,7 +254,8 @@ class Gateway:
         cfg = self.cfg
         certcheck.check_gateway(cfg)
         pin = cfg.hsm.pin.read()
-        self.spool = Spool(cfg.spool, cfg.gateway_id)
+        turn = writer_turn()
+        self.spool = Spool(cfg.spool, cfg.gateway_id, turn, "ask")
         await asyncio.to_thread(self.spool.open)
         self.signer = Signer(cfg.hsm, pin)
         del pin
@@ -271,22 +277,32 @@ class Gateway:
         self.profiles = await asyncio.to_thread(ProfileSet.from_config, cfg)
         log.info("profiles: %s", ", ".join(self.profiles.names()))
         batcher = self.batcher
-        self.mqtt = MqttIngest(
-            cfg.mqtt,
-            self.spool,
-            self.profiles,
-            lambda: batcher.depth,
-            cfg.spool.max_depth,
-            extra_topics=self._profile_topics(),
+        make_client(cfg.mqtt)  # TLS and password files: fail here, with the config's words
+        # MQTT intake runs in a process of its own (gateway.intakeproc), sharing the spool.
+        self.mqtt = IntakeProcess(
+            cfg,
+            turn,
+            cursor=lambda: batcher.cursor,
+            depth=lambda: batcher.depth,
+            on_commit=self.spool.note_commit,
+            on_exit=self._intake_exited,
             window=FLOW_WINDOW_BATCHES * cfg.batch.max_tx,
         )
-        mqtt_ingest = self.mqtt
-        self.batcher.on_cut(mqtt_ingest.release)
+        intake = self.mqtt
+        self.batcher.on_cut(intake.release)
+        # gRPC submits are decoded and spooled here; their rejects are published by the
+        # intake process, which holds the broker connection.
+        api_intake = Intake(
+            self.spool,
+            self.profiles,
+            cfg.mqtt.reject_topic_prefix,
+            lambda _rid, _topic, _message: intake.dead_letters(),
+        )
 
         server = grpc.aio.server(
             options=list(SERVER_OPTIONS), interceptors=authz.interceptors(cfg.api)
         )
-        api = GatewayApi(self.spool, self.mqtt.intake, self.status, lambda: self.paused_reason)
+        api = GatewayApi(self.spool, api_intake, self.status, lambda: self.paused_reason)
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server(api, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -308,7 +324,8 @@ class Gateway:
                 int(port), addr=host.strip("[]"), registry=metrics.REGISTRY
             )
             metrics_port = httpd.server_address[1]
-        self.mqtt.start()
+        self.mqtt.start()  # on this (the main) thread: see IntakeProcess.start
+        await asyncio.to_thread(self.mqtt.wait_started)
         log.info(
             "gateway %s api on port %d, mqtt %s:%d",
             cfg.gateway_id,
@@ -320,6 +337,7 @@ class Gateway:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        self._loop = loop
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
@@ -337,7 +355,18 @@ class Gateway:
                 await self._drain(batch_stop, fwd_stop)
         finally:
             await self._close()
-        return 0
+        return self.exit_code
+
+    def _intake_exited(self, code: int, message: str) -> None:
+        """The intake process died (it is never expected to): stop, so systemd restarts
+        the gateway; the broker keeps what was not acknowledged."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._fail, code, message)
+
+    def _fail(self, code: int, message: str) -> None:
+        log.error("%s; stopping so the service restarts", message)
+        self.exit_code = code
+        self.request_stop()
 
     async def _announce_ready(self) -> None:
         assert self.mqtt is not None
@@ -349,16 +378,13 @@ class Gateway:
                 return
             await asyncio.sleep(0.05)
 
-    def _profile_topics(self) -> tuple[str, ...]:
-        assert self.profiles is not None
-        share = self.cfg.profiles.share_group if self.cfg.profiles else None
-        return self.profiles.subscriptions(share)
-
     def _reload(self) -> None:
         """SIGHUP: reload firmware profiles; a broken file keeps the running set."""
         self.notifier.reloading()
-        if self.profiles is not None and self.profiles.try_reload(log) and self.mqtt is not None:
-            self.mqtt.resubscribe(self._profile_topics())
+        if self.profiles is not None:
+            self.profiles.try_reload(log)  # the set gRPC submits are decoded with
+        if self.mqtt is not None:
+            self.mqtt.reload()  # the intake process reloads and resubscribes
         log.info("reload done; other configuration changes take effect on restart")
         self.notifier.ready(self.summary())
 
@@ -388,7 +414,7 @@ class Gateway:
     async def _close(self) -> None:
         if self._server is not None:
             await self._server.stop(1.0)
-        if self.mqtt is not None and self.mqtt.connected:
+        if self.mqtt is not None:
             await asyncio.to_thread(self.mqtt.stop)
         if self.signer is not None:
             await asyncio.to_thread(self.signer.close)

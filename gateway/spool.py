@@ -203,8 +203,22 @@ class _Op:
 _STOP = object()
 
 
+# How long the intake process's writer waits, at most, while the parent asks for its
+# turn: the parent's writes (a batch, its receipts) are short and few.
+YIELD_MAX_S = 0.1
+
+
 class Spool:
-    def __init__(self, cfg: SpoolConfig, gateway_id: str) -> None:
+    def __init__(
+        self, cfg: SpoolConfig, gateway_id: str, turn: Any = None, turn_role: str = ""
+    ) -> None:
+        """`turn` (a shared byte, multiprocessing RawValue) lets two processes write one
+        spool fairly: SQLite's busy handler retries after 1, 2, 5 ... ms, so a writer
+        that commits back to back (intake, `turn_role` "yield") would starve the other
+        ("ask": batches and receipts). The asking side raises the byte for each of its
+        groups; the yielding side waits between groups while it is up."""
+        self._turn = turn
+        self._turn_role = turn_role
         self.cfg = cfg
         self.gateway_id = gateway_id
         self.path = cfg.path
@@ -213,6 +227,7 @@ class Spool:
         self._wconn: sqlite3.Connection | None = None
         self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="spool-read")
         self._local = threading.local()
+        self._reader_conns: list[sqlite3.Connection] = []
         self._commit_listeners: list[Callable[[int], None]] = []
         self._group_listeners: list[Callable[[], None]] = []
         self.max_rowid = 0
@@ -304,18 +319,38 @@ class Spool:
                 f"this gateway reads {SCHEMA_VERSION}"
             )
 
-    def close(self) -> None:
+    def close(self, checkpoint: bool = True) -> None:
+        """Stop the writer and the readers. With `checkpoint` (the process that closes
+        last), fold the WAL into the database file and truncate it: a spool at rest is
+        one file, whole, that an integrity check or a backup sees entirely."""
         if self._writer is not None and self._writer.is_alive():
             self._queue.put(_STOP)
             self._writer.join(30)
         self._readers.shutdown(wait=True)
+        for conn in self._reader_conns:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+        self._reader_conns.clear()
         if self._wconn is not None:
+            if checkpoint:
+                try:
+                    self._wconn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                except sqlite3.Error as e:
+                    log.warning("spool checkpoint at close failed: %s", e)
             self._wconn.close()
             self._wconn = None
 
     def on_commit(self, listener: Callable[[int], None]) -> None:
         """Call `listener(max_rowid)` on the writer thread after each commit that stored rows."""
         self._commit_listeners.append(listener)
+
+    def note_commit(self, max_rowid: int) -> None:
+        """Rows another process (the intake child) committed up to `max_rowid`: tell
+        the commit listeners as if this writer had stored them."""
+        if max_rowid > self.max_rowid:
+            self.max_rowid = max_rowid
+        for listener in self._commit_listeners:
+            listener(self.max_rowid)
 
     def after_group(self, listener: Callable[[], None]) -> None:
         """Call `listener()` on the writer thread once every append callback of a
@@ -379,10 +414,22 @@ class Spool:
                 group.append(item)
             appends = [g for g in group if not isinstance(g, _Op)]
             ops = [g for g in group if isinstance(g, _Op)]
-            if appends:
-                self._commit_appends(conn, appends)
-            for op in ops:
-                self._run_op(conn, op)
+            turn = self._turn
+            if turn is not None:
+                if self._turn_role == "ask":
+                    turn.value = 1
+                else:
+                    give_up = time.monotonic() + YIELD_MAX_S
+                    while turn.value and time.monotonic() < give_up:
+                        time.sleep(0.0002)
+            try:
+                if appends:
+                    self._commit_appends(conn, appends)
+                for op in ops:
+                    self._run_op(conn, op)
+            finally:
+                if turn is not None and self._turn_role == "ask":
+                    turn.value = 0
             if stop:
                 return
 
@@ -560,6 +607,7 @@ class Spool:
             conn.execute("PRAGMA busy_timeout=30000")
             conn.execute(f"PRAGMA cache_size=-{READER_CACHE_KIB}")
             self._local.conn = conn
+            self._reader_conns.append(conn)
         return conn
 
     def read(self, fn: Callable[[sqlite3.Connection], T]) -> Future[T]:

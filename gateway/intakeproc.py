@@ -1,0 +1,377 @@
+"""MQTT intake in a process of its own.
+
+Python runs one process's work on one core at a time. MQTT intake (paho's
+parsing, decoding by firmware profile, the group commit, PUBACKs) is most of
+the gateway's cost per message, so it runs in a child process beside the
+parent that batches, signs, forwards and serves the API. The two share only
+the spool, as DESIGN.md draws the stages: the child appends transactions and
+acknowledges them once durable (promise 1 is unchanged, it lives in the spool
+writer); the parent reads what is pending and cuts it into batches. SQLite's
+WAL lets both write (the child transactions, the parent batches and receipts),
+one transaction at a time; rowids stay monotonic across both.
+
+The pipe between them carries small tuples.
+
+child -> parent: ("started",) | ("fatal", exit_code, message) |
+    ("committed", max_rowid) after each group commit that stored rows |
+    ("state", connected, subscribed, paused, inflight, stored, rejects) |
+    ("counters", {(metric, labels): delta}) | ("stopped",)
+parent -> child: ("cursor", last batched rowid) | ("pause",) | ("resume",) |
+    ("reload",) | ("dead_letters",) | ("stop",)
+
+The child dies with its parent (PR_SET_PDEATHSIG, and the pipe's end of file),
+so a kill -9 of the gateway leaves no intake behind still holding the broker
+session. It ignores SIGTERM, SIGINT and SIGHUP, which systemd sends to the whole
+control group: the parent decides, and the child stops when told, after its
+last group commit and PUBACKs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+from prometheus_client import Counter
+
+from gateway import metrics
+from gateway.config import GatewayConfig
+from gateway.errors import EXIT_SOFTWARE, GatewayError
+
+log = logging.getLogger("gateway.intake")
+PROCESS_NAME = b"edge-gw-intake"
+STATE_EVERY_S = 0.1
+COUNTERS_EVERY_S = 0.5
+START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 30.0
+# Metrics the child counts; the parent adds the child's increments to its own.
+CHILD_COUNTERS = ("received", "stored", "duplicates", "rejected", "dead_letters_published")
+
+
+def profile_topics(cfg: GatewayConfig, profiles: Any) -> tuple[str, ...]:
+    share = cfg.profiles.share_group if cfg.profiles else None
+    return tuple(profiles.subscriptions(share))
+
+
+# ---- child ------------------------------------------------------------------
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(15, PROCESS_NAME)  # PR_SET_NAME: what ps, top and journald show
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:  # the parent died before the line above
+        os._exit(0)
+
+
+def _counter_values() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    values: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for name in CHILD_COUNTERS:
+        counter = getattr(metrics, name)
+        for fam in counter.collect():
+            for s in fam.samples:
+                if s.name.endswith("_total"):
+                    values[(name, tuple(sorted(s.labels.items())))] = s.value
+    return values
+
+
+class _Child:
+    def __init__(
+        self, cfg: GatewayConfig, conn: Connection, cursor: int, window: int, turn: Any
+    ) -> None:
+        from gateway.ingest import MqttIngest
+        from gateway.profiles import ProfileSet
+        from gateway.spool import Spool
+
+        self.cfg = cfg
+        self.conn = conn
+        self.cursor = cursor
+        self._send_lock = threading.Lock()
+        self.spool = Spool(cfg.spool, cfg.gateway_id, turn, "yield")
+        # The parent checked the file's integrity and schema before starting us.
+        self.spool.open(check_integrity=False)
+        self._stored0 = self.spool.stored
+        self._rejects0 = self.spool.rejects
+        self.profiles = ProfileSet.from_config(cfg)
+        spool = self.spool
+        self.mqtt = MqttIngest(
+            cfg.mqtt,
+            spool,
+            self.profiles,
+            lambda: max(0, spool.max_rowid - self.cursor),
+            cfg.spool.max_depth,
+            extra_topics=profile_topics(cfg, self.profiles),
+            window=window,
+        )
+        spool.on_commit(lambda max_rowid: self.send(("committed", max_rowid)))
+
+    def send(self, msg: tuple[Any, ...]) -> None:
+        with self._send_lock:
+            self.conn.send(msg)
+
+    def _state(self) -> tuple[Any, ...]:
+        m = self.mqtt
+        return (
+            "state",
+            m.connected,
+            m.subscribed.is_set(),
+            m.paused,
+            m.load() - max(0, self.spool.max_rowid - self.cursor),
+            self.spool.stored - self._stored0,
+            self.spool.rejects - self._rejects0,
+        )
+
+    def run(self) -> None:
+        self.mqtt.start()
+        self.send(("started",))
+        last_state: tuple[Any, ...] = ()
+        sent_counters: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        next_counters = 0.0
+        while True:
+            try:
+                ready = self.conn.poll(STATE_EVERY_S)
+                msg = self.conn.recv() if ready else None
+            except (EOFError, OSError):
+                log.error("gateway process gone; intake stops")
+                self.mqtt.stop()
+                return
+            if msg is not None:
+                kind = msg[0]
+                if kind == "stop":
+                    break
+                self._handle(kind, msg)
+            state = self._state()
+            if state != last_state:
+                self.send(state)
+                last_state = state
+            if time.monotonic() >= next_counters:
+                next_counters = time.monotonic() + COUNTERS_EVERY_S
+                sent_counters = self._send_counters(sent_counters)
+        # Graceful stop: no new messages, the last group committed and acknowledged.
+        self.mqtt.stop()
+        with contextlib.suppress(Exception):
+            self.spool.write(lambda _c: None).result(STOP_TIMEOUT_S)
+        self.spool.close(checkpoint=False)  # the parent, closing last, checkpoints
+        self.send(self._state())
+        self._send_counters(sent_counters)
+        self.send(("stopped",))
+
+    def _send_counters(
+        self, sent: dict[tuple[str, tuple[tuple[str, str], ...]], float]
+    ) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        now = _counter_values()
+        delta = {k: v - sent.get(k, 0.0) for k, v in now.items() if v != sent.get(k, 0.0)}
+        if delta:
+            self.send(("counters", delta))
+        return now
+
+    def _handle(self, kind: str, msg: tuple[Any, ...]) -> None:
+        if kind == "cursor":
+            self.cursor = max(self.cursor, int(msg[1]))
+            self.mqtt.release()
+        elif kind == "pause":
+            self.mqtt.pause()
+        elif kind == "resume":
+            self.mqtt.resume()
+        elif kind == "reload":
+            if self.profiles.try_reload(log):
+                self.mqtt.resubscribe(profile_topics(self.cfg, self.profiles))
+        elif kind == "dead_letters":
+            self.mqtt.republish_dead_letters()
+
+
+def child_main(
+    cfg: GatewayConfig, conn: Connection, parent_pid: int, cursor: int, window: int, turn: Any
+) -> None:
+    _die_with_parent(parent_pid)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    from gateway import logs
+
+    logs.configure(cfg.log_level)
+    try:
+        child = _Child(cfg, conn, cursor, window, turn)
+    except GatewayError as e:
+        conn.send(("fatal", e.exit_code, str(e)))
+        return
+    child.run()
+
+
+# ---- parent -----------------------------------------------------------------
+
+
+def writer_turn() -> Any:
+    """The shared byte two spool writers use to take turns (see Spool)."""
+    return multiprocessing.get_context("spawn").RawValue("b", 0)
+
+
+class IntakeProcess:
+    """The parent's handle on the intake child: what the service's monitor, drain and
+    status read and call (load, paused, pause, resume, release, connected, stop)."""
+
+    def __init__(
+        self,
+        cfg: GatewayConfig,
+        turn: Any,
+        cursor: Callable[[], int],
+        depth: Callable[[], int],
+        on_commit: Callable[[int], None],
+        on_exit: Callable[[int, str], None],
+        window: int,
+    ) -> None:
+        self.cfg = cfg
+        self._cursor = cursor
+        self._depth = depth
+        self._on_commit = on_commit
+        self._on_exit = on_exit
+        self._window = window
+        self.connected = False
+        self.subscribed = threading.Event()
+        self.paused = False
+        self.inflight = 0
+        self.stored = 0
+        self.rejects = 0
+        self._started = threading.Event()
+        self._stopped = threading.Event()
+        self._stopping = False
+        self._fatal: tuple[int, str] | None = None
+        self._send_lock = threading.Lock()
+        self._last_cursor = -1
+        self._counters: dict[str, Counter] = {n: getattr(metrics, n) for n in CHILD_COUNTERS}
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, self._child_conn = ctx.Pipe()
+        self._proc = ctx.Process(
+            target=child_main,
+            args=(cfg, self._child_conn, os.getpid(), cursor(), window, turn),
+            name="edge-gateway-intake",
+            daemon=True,
+        )
+        self._reader: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the child. Call from the main thread: the child's PR_SET_PDEATHSIG
+        fires when the thread that started it ends."""
+        self._proc.start()
+        self._child_conn.close()
+        self._reader = threading.Thread(target=self._read, name="intake-pipe", daemon=True)
+        self._reader.start()
+
+    def wait_started(self) -> None:
+        """Block until the child runs (raises its start-up error, exit code and all)."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self._started.wait(0.05):
+            if self._fatal is not None:
+                code, message = self._fatal
+                err = GatewayError(message)
+                err.exit_code = code
+                raise err
+            if not self._proc.is_alive() and self._stopped.is_set():
+                raise GatewayError(f"intake process exited at start (code {self._proc.exitcode})")
+            if time.monotonic() > deadline:
+                raise GatewayError(f"intake process did not start within {START_TIMEOUT_S:.0f} s")
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid
+
+    def _read(self) -> None:
+        while True:
+            try:
+                msg = self._conn.recv()
+            except (EOFError, OSError):
+                break
+            kind = msg[0]
+            if kind == "committed":
+                self._on_commit(int(msg[1]))
+            elif kind == "state":
+                (_k, connected, subscribed, paused, inflight, stored, rejects) = msg
+                if connected != self.connected:
+                    metrics.mqtt_connected.set(1 if connected else 0)
+                self.connected = connected
+                if subscribed:
+                    self.subscribed.set()
+                else:
+                    self.subscribed.clear()
+                self.paused = paused
+                self.inflight = inflight
+                self.stored = stored
+                self.rejects = rejects
+            elif kind == "counters":
+                for (name, labels), delta in msg[1].items():
+                    counter = self._counters[name]
+                    (counter.labels(**dict(labels)) if labels else counter).inc(delta)
+            elif kind == "started":
+                self._started.set()
+            elif kind == "fatal":
+                self._fatal = (int(msg[1]), str(msg[2]))
+            elif kind == "stopped":
+                break
+        self._stopped.set()
+        self.connected = False
+        self.subscribed.clear()
+        metrics.mqtt_connected.set(0)
+        if not self._stopping and self._started.is_set():
+            self._proc.join(5)
+            code = self._proc.exitcode
+            self._on_exit(EXIT_SOFTWARE, f"intake process exited unexpectedly (code {code})")
+
+    def _send(self, msg: tuple[Any, ...]) -> None:
+        if self._stopped.is_set():
+            return
+        with self._send_lock, contextlib.suppress(OSError, ValueError):
+            self._conn.send(msg)
+
+    # ---- what the service calls ----------------------------------------
+
+    def load(self) -> int:
+        """Transactions spooled but not batched, plus those on their way to the spool."""
+        return self._depth() + self.inflight
+
+    def pause(self) -> None:
+        self.paused = True
+        self._send(("pause",))
+
+    def resume(self) -> None:
+        self._send(("resume",))
+
+    def release(self) -> None:
+        """Tell the child where batching stands, so held messages can come in."""
+        cursor = self._cursor()
+        if cursor != self._last_cursor:
+            self._last_cursor = cursor
+            self._send(("cursor", cursor))
+
+    def reload(self) -> None:
+        self._send(("reload",))
+
+    def dead_letters(self) -> None:
+        """Rejects the parent recorded (gRPC submits) wait in the spool; the child
+        publishes them on the dead-letter topic."""
+        self._send(("dead_letters",))
+
+    def stop(self) -> None:
+        """Stop intake: the child disconnects after its last group commit and PUBACKs;
+        what it has not acknowledged stays with the broker."""
+        if self._stopping:
+            self._stopped.wait(STOP_TIMEOUT_S)
+            return
+        self._stopping = True
+        if self._proc.is_alive():
+            self._send(("stop",))
+            if not self._stopped.wait(STOP_TIMEOUT_S):
+                log.error("intake process did not stop within %.0f s; killing it", STOP_TIMEOUT_S)
+            self._proc.join(5)
+            if self._proc.is_alive():
+                self._proc.kill()
+                self._proc.join(5)
+        self._stopped.set()
+        with contextlib.suppress(OSError):
+            self._conn.close()

@@ -1,0 +1,77 @@
+"""The MQTT intake process: it lives and dies with the gateway, never on its own."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+
+import psutil
+
+from gateway import simulate
+from gateway._pb.edgegateway.v1 import gateway_pb2, gateway_pb2_grpc
+from gateway.sandbox import Sandbox
+from tests.conftest import deploy
+
+INTAKE_NAME = "edge-gw-intake"
+
+
+def intake_of(pid: int) -> psutil.Process:
+    found = [p for p in psutil.Process(pid).children(recursive=True) if p.name() == INTAKE_NAME]
+    assert len(found) == 1, f"expected one {INTAKE_NAME} child of {pid}, found {found}"
+    return found[0]
+
+
+def wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    _gone, alive = psutil.wait_procs(procs, timeout=timeout)
+    return list(alive)
+
+
+def test_kill_9_of_the_gateway_takes_its_intake_process_along(sandbox: Sandbox) -> None:
+    """A kill -9 of the gateway must not leave an intake behind, holding the broker
+    session and writing to the spool the next gateway opens."""
+    d = deploy(sandbox)
+    gw = d.start_gateway()
+    assert gw.proc.proc is not None
+    parent = psutil.Process(gw.proc.proc.pid)
+    intake = intake_of(parent.pid)
+    children = parent.children(recursive=True)
+    gw.proc.kill()
+    left = wait_gone(children, 10)
+    assert not left, f"children outlived a SIGKILLed gateway: {left}"
+    assert not intake.is_running()
+
+
+def test_intake_death_stops_the_gateway_for_a_restart_and_loses_nothing(
+    sandbox: Sandbox,
+) -> None:
+    d = deploy(sandbox, batch="max_tx = 100\nmax_age_s = 0.3")
+    gw = d.start_gateway()
+    assert gw.proc.proc is not None
+    opts = simulate.SimulateOptions(
+        port=d.broker.port, devices=20, count=50, rate=2000, seconds=60, start_seq=1
+    )
+    first = asyncio.run(simulate.run(sandbox.simulate_options(opts)))
+    assert first.acknowledged == 1000
+    intake_of(gw.proc.proc.pid).kill()
+    gw.proc.proc.wait(30)
+    assert gw.proc.proc.returncode == 70, gw.proc.log_text()[-2000:]
+    assert "intake process exited unexpectedly" in gw.proc.log_text()
+    assert "Traceback" not in gw.proc.log_text()
+
+    # The next start (systemd's Restart=on-failure) carries on from the spool.
+    gw2 = d.start_gateway()
+    more = dataclasses.replace(opts, start_seq=51)
+    second = asyncio.run(simulate.run(sandbox.simulate_options(more)))
+    assert second.acknowledged == 1000
+    deadline = time.monotonic() + 60
+    with gw2.channel() as ch:
+        stub = gateway_pb2_grpc.GatewayServiceStub(ch)
+        while True:
+            st = stub.GetStatus(gateway_pb2.GetStatusRequest(), timeout=5)
+            if st.transactions_stored == 2000 and st.last_committed_seq == st.last_signed_seq:
+                break
+            assert time.monotonic() < deadline, f"not all committed: {st}"
+            time.sleep(0.2)
+    assert st.transactions_stored == 2000
+    assert gw2.proc.terminate() == 0
