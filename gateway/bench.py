@@ -86,6 +86,7 @@ class Options:
     lookups: int = 2000
     batch_max_tx: int = 500
     batch_max_age_s: float = 1.0
+    intake_processes: int = 1
     workdir: Path | None = None
     keep: bool = False
     profile: Path | None = None
@@ -423,7 +424,13 @@ class Bench:
         batch = f"max_tx = {self.opts.batch_max_tx}\nmax_age_s = {self.opts.batch_max_age_s}"
         for gid in gateway_ids:
             cfg = self.sb.gateway_config(
-                gid, self.hsm, self.port, nodes, quorum=QUORUM, batch=batch
+                gid,
+                self.hsm,
+                self.port,
+                nodes,
+                quorum=QUORUM,
+                batch=batch,
+                intake_processes=self.opts.intake_processes,
             )
             pem = self.root / f"{gid}.pem"
             self.sb.hsm_init(cfg, pem)
@@ -1156,6 +1163,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     p.add_argument("--lookups", type=int, help="GetTransaction calls on the big spool")
     p.add_argument("--batch-max-tx", type=int, help="gateway batch.max_tx (default 500)")
     p.add_argument("--batch-max-age", type=float, help="gateway batch.max_age_s (default 1.0)")
+    p.add_argument("--intake-processes", type=int, help="gateway mqtt.intake_processes (default 1)")
     p.add_argument(
         "--tls",
         action="store_true",
@@ -1193,6 +1201,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         o.batch_max_tx = a.batch_max_tx
     if a.batch_max_age is not None:
         o.batch_max_age_s = a.batch_max_age
+    if a.intake_processes is not None:
+        o.intake_processes = a.intake_processes
     o.workdir = a.workdir
     o.profile = a.profile
     o.profile_gil = a.profile_gil

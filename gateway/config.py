@@ -112,6 +112,7 @@ class MqttConfig:
     username: str | None
     password_file: Path | None
     tls: TlsClient | None
+    intake_processes: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -436,6 +437,7 @@ def parse_gateway_config(data: Mapping[str, Any], source: Path) -> GatewayConfig
         username=m.opt_string("username"),
         password_file=m.opt_path("password_file"),
         tls=_tls_client(m, "tls", "plaintext"),
+        intake_processes=m.integer("intake_processes", 1, 1, 8),
     )
     m.finish()
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -61,6 +62,29 @@ def profile_topics(cfg: GatewayConfig, profiles: Any) -> tuple[str, ...]:
     return tuple(profiles.subscriptions(share))
 
 
+def shared(topics: tuple[str, ...], group: str) -> tuple[str, ...]:
+    """Filters as one MQTT 5 shared subscription: the broker hands each message to
+    one session of the group."""
+    return tuple(t if t.startswith("$share/") else f"$share/{group}/{t}" for t in topics)
+
+
+def child_config(cfg: GatewayConfig, index: int) -> GatewayConfig:
+    """Intake process `index` of mqtt.intake_processes: with more than one, each has its
+    own persistent session (client id suffixed -0, -1, ...) in one shared subscription
+    (profiles.share_group, or the gateway id)."""
+    n = cfg.mqtt.intake_processes
+    if n == 1:
+        return cfg
+    group = (cfg.profiles.share_group if cfg.profiles else None) or cfg.gateway_id
+    mqtt = dataclasses.replace(
+        cfg.mqtt, client_id=f"{cfg.mqtt.client_id}-{index}", topics=shared(cfg.mqtt.topics, group)
+    )
+    profiles = cfg.profiles
+    if profiles is not None and profiles.share_group is None:
+        profiles = dataclasses.replace(profiles, share_group=group)
+    return dataclasses.replace(cfg, mqtt=mqtt, profiles=profiles)
+
+
 # ---- child ------------------------------------------------------------------
 
 
@@ -84,9 +108,7 @@ def _counter_values() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 class _Child:
-    def __init__(
-        self, cfg: GatewayConfig, conn: Connection, cursor: int, window: int, turn: Any
-    ) -> None:
+    def __init__(self, cfg: GatewayConfig, conn: Connection, cursor: int, window: int) -> None:
         from gateway.ingest import MqttIngest
         from gateway.profiles import ProfileSet
         from gateway.spool import Spool
@@ -95,7 +117,7 @@ class _Child:
         self.conn = conn
         self.cursor = cursor
         self._send_lock = threading.Lock()
-        self.spool = Spool(cfg.spool, cfg.gateway_id, turn, "yield")
+        self.spool = Spool(cfg.spool, cfg.gateway_id)
         # The parent checked the file's integrity and schema before starting us.
         self.spool.open(check_integrity=False)
         self._stored0 = self.spool.stored
@@ -189,7 +211,7 @@ class _Child:
 
 
 def child_main(
-    cfg: GatewayConfig, conn: Connection, parent_pid: int, cursor: int, window: int, turn: Any
+    cfg: GatewayConfig, conn: Connection, parent_pid: int, cursor: int, window: int
 ) -> None:
     _die_with_parent(parent_pid)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -198,7 +220,7 @@ def child_main(
 
     logs.configure(cfg.log_level)
     try:
-        child = _Child(cfg, conn, cursor, window, turn)
+        child = _Child(cfg, conn, cursor, window)
     except GatewayError as e:
         conn.send(("fatal", e.exit_code, str(e)))
         return
@@ -208,11 +230,6 @@ def child_main(
 # ---- parent -----------------------------------------------------------------
 
 
-def writer_turn() -> Any:
-    """The shared byte two spool writers use to take turns (see Spool)."""
-    return multiprocessing.get_context("spawn").RawValue("b", 0)
-
-
 class IntakeProcess:
     """The parent's handle on the intake child: what the service's monitor, drain and
     status read and call (load, paused, pause, resume, release, connected, stop)."""
@@ -220,7 +237,7 @@ class IntakeProcess:
     def __init__(
         self,
         cfg: GatewayConfig,
-        turn: Any,
+        index: int,
         cursor: Callable[[], int],
         depth: Callable[[], int],
         on_commit: Callable[[int], None],
@@ -250,8 +267,8 @@ class IntakeProcess:
         self._conn, self._child_conn = ctx.Pipe()
         self._proc = ctx.Process(
             target=child_main,
-            args=(cfg, self._child_conn, os.getpid(), cursor(), window, turn),
-            name="edge-gateway-intake",
+            args=(child_config(cfg, index), self._child_conn, os.getpid(), cursor(), window),
+            name=f"edge-gateway-intake-{index}",
             daemon=True,
         )
         self._reader: threading.Thread | None = None
@@ -333,7 +350,10 @@ class IntakeProcess:
 
     def load(self) -> int:
         """Transactions spooled but not batched, plus those on their way to the spool."""
-        return self._depth() + self.inflight
+        return self.load_of(self.inflight)
+
+    def load_of(self, inflight: int) -> int:
+        return self._depth() + inflight
 
     def pause(self) -> None:
         self.paused = True
@@ -357,15 +377,21 @@ class IntakeProcess:
         publishes them on the dead-letter topic."""
         self._send(("dead_letters",))
 
+    def stop_begin(self) -> None:
+        """Ask the child to stop; stop() waits for it."""
+        if not self._stopping:
+            self._stopping = True
+            if self._proc.is_alive():
+                self._send(("stop",))
+
     def stop(self) -> None:
         """Stop intake: the child disconnects after its last group commit and PUBACKs;
         what it has not acknowledged stays with the broker."""
-        if self._stopping:
+        if self._stopping and not self._proc.is_alive():
             self._stopped.wait(STOP_TIMEOUT_S)
             return
-        self._stopping = True
+        self.stop_begin()
         if self._proc.is_alive():
-            self._send(("stop",))
             if not self._stopped.wait(STOP_TIMEOUT_S):
                 log.error("intake process did not stop within %.0f s; killing it", STOP_TIMEOUT_S)
             self._proc.join(5)
@@ -375,3 +401,86 @@ class IntakeProcess:
         self._stopped.set()
         with contextlib.suppress(OSError):
             self._conn.close()
+
+
+class _AllSet:
+    def __init__(self, events: list[threading.Event]) -> None:
+        self._events = events
+
+    def is_set(self) -> bool:
+        return all(e.is_set() for e in self._events)
+
+
+class IntakePool:
+    """mqtt.intake_processes intake processes, seen by the service as one."""
+
+    def __init__(self, procs: list[IntakeProcess]) -> None:
+        self.procs = procs
+        self.subscribed = _AllSet([p.subscribed for p in procs])
+
+    @classmethod
+    def create(
+        cls,
+        cfg: GatewayConfig,
+        cursor: Callable[[], int],
+        depth: Callable[[], int],
+        on_commit: Callable[[int], None],
+        on_exit: Callable[[int, str], None],
+        window: int,
+    ) -> IntakePool:
+        n = cfg.mqtt.intake_processes
+        return cls(
+            [IntakeProcess(cfg, i, cursor, depth, on_commit, on_exit, window) for i in range(n)]
+        )
+
+    def start(self) -> None:
+        for p in self.procs:
+            p.start()
+
+    def wait_started(self) -> None:
+        for p in self.procs:
+            p.wait_started()
+
+    @property
+    def connected(self) -> bool:
+        return all(p.connected for p in self.procs)
+
+    @property
+    def paused(self) -> bool:
+        return any(p.paused for p in self.procs)
+
+    @property
+    def stored(self) -> int:
+        return sum(p.stored for p in self.procs)
+
+    @property
+    def rejects(self) -> int:
+        return sum(p.rejects for p in self.procs)
+
+    def load(self) -> int:
+        return self.procs[0].load_of(sum(p.inflight for p in self.procs))
+
+    def pause(self) -> None:
+        for p in self.procs:
+            p.pause()
+
+    def resume(self) -> None:
+        for p in self.procs:
+            p.resume()
+
+    def release(self) -> None:
+        for p in self.procs:
+            p.release()
+
+    def reload(self) -> None:
+        for p in self.procs:
+            p.reload()
+
+    def dead_letters(self) -> None:
+        self.procs[0].dead_letters()
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.stop_begin()
+        for p in self.procs:
+            p.stop()

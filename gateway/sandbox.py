@@ -458,6 +458,7 @@ class Sandbox:
         batch: str = "max_tx = 500\nmax_age_s = 1.0",
         extra: str = "",
         mqtt_password: tuple[str, Path] | None = None,
+        intake_processes: int = 1,
     ) -> Path:
         """The gateway's TOML. In TLS mode: its client certificate to MQTT and the ledger
         nodes, and an API that requires client certificates with the operator as admin.
@@ -505,6 +506,7 @@ topics = ["devices/+/tx"]
 reject_topic_prefix = "devices/rejected"
 reconnect_min_s = 0.2
 reconnect_max_s = 2
+intake_processes = {intake_processes}
 {mqtt_login}{mqtt_tls}
 [spool]
 path = "{d / "spool.db"}"

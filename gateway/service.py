@@ -31,7 +31,7 @@ from gateway.errors import EXIT_OK
 from gateway.forwarder import Forwarder
 from gateway.grpcutil import SERVER_OPTIONS, add_port
 from gateway.ingest import Intake, make_client
-from gateway.intakeproc import IntakeProcess, writer_turn
+from gateway.intakeproc import IntakePool
 from gateway.notify import Notifier
 from gateway.profiles import ProfileSet
 from gateway.signer import Signer
@@ -69,7 +69,7 @@ class Gateway:
         self.signer: Signer | None = None
         self.batcher: Batcher | None = None
         self.forwarder: Forwarder | None = None
-        self.mqtt: IntakeProcess | None = None
+        self.mqtt: IntakePool | None = None
         self.profiles: ProfileSet | None = None
         self.ready = False
         self.exit_code = EXIT_OK
@@ -254,8 +254,7 @@ class Gateway:
         cfg = self.cfg
         certcheck.check_gateway(cfg)
         pin = cfg.hsm.pin.read()
-        turn = writer_turn()
-        self.spool = Spool(cfg.spool, cfg.gateway_id, turn, "ask")
+        self.spool = Spool(cfg.spool, cfg.gateway_id, write_priority=True)
         await asyncio.to_thread(self.spool.open)
         self.signer = Signer(cfg.hsm, pin)
         del pin
@@ -279,9 +278,8 @@ class Gateway:
         batcher = self.batcher
         make_client(cfg.mqtt)  # TLS and password files: fail here, with the config's words
         # MQTT intake runs in a process of its own (gateway.intakeproc), sharing the spool.
-        self.mqtt = IntakeProcess(
+        self.mqtt = IntakePool.create(
             cfg,
-            turn,
             cursor=lambda: batcher.cursor,
             depth=lambda: batcher.depth,
             on_commit=self.spool.note_commit,

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import fcntl
 import logging
 import os
 import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,11 @@ CREATE TABLE IF NOT EXISTS pruned (
     seq INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS reject_unpublished ON reject (published) WHERE published = 0;
+-- A seq at or below what retention pruned for its device is never stored again, whichever
+-- process writes it (the intake processes do not share the pruning process's memory).
+CREATE TRIGGER IF NOT EXISTS tx_beyond_retention BEFORE INSERT ON tx
+WHEN NEW.device_seq <= (SELECT seq FROM pruned WHERE device_id = NEW.device_id)
+BEGIN SELECT RAISE(IGNORE); END;
 """
 
 
@@ -203,22 +209,11 @@ class _Op:
 _STOP = object()
 
 
-# How long the intake process's writer waits, at most, while the parent asks for its
-# turn: the parent's writes (a batch, its receipts) are short and few.
-YIELD_MAX_S = 0.1
-
-
 class Spool:
-    def __init__(
-        self, cfg: SpoolConfig, gateway_id: str, turn: Any = None, turn_role: str = ""
-    ) -> None:
-        """`turn` (a shared byte, multiprocessing RawValue) lets two processes write one
-        spool fairly: SQLite's busy handler retries after 1, 2, 5 ... ms, so a writer
-        that commits back to back (intake, `turn_role` "yield") would starve the other
-        ("ask": batches and receipts). The asking side raises the byte for each of its
-        groups; the yielding side waits between groups while it is up."""
-        self._turn = turn
-        self._turn_role = turn_role
+    def __init__(self, cfg: SpoolConfig, gateway_id: str, write_priority: bool = False) -> None:
+        """`write_priority`: this process's writes (a batch, its receipts: few and short)
+        go ahead of the intake processes' group commits waiting for the same turn."""
+        self._priority = write_priority
         self.cfg = cfg
         self.gateway_id = gateway_id
         self.path = cfg.path
@@ -228,6 +223,8 @@ class Spool:
         self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="spool-read")
         self._local = threading.local()
         self._reader_conns: list[sqlite3.Connection] = []
+        self._lock_fd: int | None = None
+        self._next_fd: int | None = None
         self._commit_listeners: list[Callable[[int], None]] = []
         self._group_listeners: list[Callable[[], None]] = []
         self.max_rowid = 0
@@ -255,6 +252,9 @@ class Spool:
             )
         if self.path.exists() and check_integrity:
             self._check_integrity()
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        self._lock_fd = os.open(f"{self.path}.lock", flags, 0o600)
+        self._next_fd = os.open(f"{self.path}.lock-next", flags, 0o600)
         try:
             conn = _connect(self.path)
         except sqlite3.DatabaseError as e:
@@ -263,8 +263,9 @@ class Spool:
                 "move it aside to start with an empty spool"
             ) from None
         try:
-            conn.executescript(SCHEMA)
-            self._check_meta(conn)
+            with self._write_lock():
+                conn.executescript(SCHEMA)
+                self._check_meta(conn)
         except sqlite3.DatabaseError as e:
             conn.close()
             raise SpoolIntegrityError(f"spool {self.path} is not a gateway spool: {e}") from None
@@ -339,6 +340,10 @@ class Spool:
                     log.warning("spool checkpoint at close failed: %s", e)
             self._wconn.close()
             self._wconn = None
+        for fd in (self._lock_fd, self._next_fd):
+            if fd is not None:
+                os.close(fd)
+        self._lock_fd = self._next_fd = None
 
     def on_commit(self, listener: Callable[[int], None]) -> None:
         """Call `listener(max_rowid)` on the writer thread after each commit that stored rows."""
@@ -414,26 +419,46 @@ class Spool:
                 group.append(item)
             appends = [g for g in group if not isinstance(g, _Op)]
             ops = [g for g in group if isinstance(g, _Op)]
-            turn = self._turn
-            if turn is not None:
-                if self._turn_role == "ask":
-                    turn.value = 1
-                else:
-                    give_up = time.monotonic() + YIELD_MAX_S
-                    while turn.value and time.monotonic() < give_up:
-                        time.sleep(0.0002)
-            try:
-                if appends:
-                    self._commit_appends(conn, appends)
-                for op in ops:
-                    self._run_op(conn, op)
-            finally:
-                if turn is not None and self._turn_role == "ask":
-                    turn.value = 0
+            # Only the database work holds the writers' turn; answering the callers
+            # (PUBACKs, futures) comes after it is released.
+            with self._write_lock():
+                deliver = [self._commit_appends(conn, appends)] if appends else []
+                deliver += [self._run_op(conn, op) for op in ops]
+            for d in deliver:
+                d()
             if stop:
                 return
 
-    def _commit_appends(self, conn: sqlite3.Connection, appends: list[Any]) -> None:
+    @contextlib.contextmanager
+    def _write_lock(self) -> Iterator[None]:
+        """One writer at a time across processes (the gateway and its intake processes):
+        an exclusive flock on <spool>.lock around each write transaction. SQLite would
+        serialise them too, but its busy handler retries after sleeping 1, 2, 5 ... 100 ms,
+        so a writer committing back to back starves the others; a waiter on the flock is
+        woken the moment it is free. A second lock, <spool>.lock-next, is the queue's
+        head: the priority writer holds it while it waits, and the others pass through it
+        before they queue, so batches and receipts are never stuck behind group commits."""
+        fd, nxt = self._lock_fd, self._next_fd
+        if fd is None or nxt is None:
+            yield
+            return
+        if self._priority:
+            fcntl.flock(nxt, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            finally:
+                fcntl.flock(nxt, fcntl.LOCK_UN)
+        else:
+            fcntl.flock(nxt, fcntl.LOCK_SH)
+            fcntl.flock(nxt, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _commit_appends(self, conn: sqlite3.Connection, appends: list[Any]) -> Callable[[], None]:
+        """Commit a group; returns what answers its callers once the turn is released."""
         results: list[AppendResult] = []
         devices: dict[str, tuple[int, int]] = {}
         stored = dup = rej = 0
@@ -478,7 +503,10 @@ class Spool:
                         " WHERE device_id = ? AND device_seq = ?",
                         (item.device_id, item.device_seq),
                     ).fetchone()
-                    if row is not None and row[0] == item.payload_sha256:
+                    if row is None:
+                        # Not inserted and not there: the retention trigger refused it.
+                        results.append(AppendResult(Outcome.BEYOND_RETENTION))
+                    elif row[0] == item.payload_sha256:
                         results.append(AppendResult(Outcome.DUPLICATE, row[1]))
                         dup += 1
                     else:
@@ -507,10 +535,13 @@ class Spool:
             self.last_error = f"{type(e).__name__}: {e}"
             log.error("spool group commit of %d failed: %s", len(appends), e)
             err = SpoolError(f"spool write failed: {e}")
-            for _item, callback in appends:
-                callback(err)
-            self._groups_done()
-            return
+
+            def fail() -> None:
+                for _item, callback in appends:
+                    callback(err)
+                self._groups_done()
+
+            return fail
         self.commits += 1
         self.stored += stored
         self.duplicates += dup
@@ -518,12 +549,16 @@ class Spool:
         self.last_error = None
         if stored:
             self.max_rowid = conn.execute("SELECT max(rowid) FROM tx").fetchone()[0]
-        for (_item, callback), res in zip(appends, results, strict=True):
-            callback(res)
-        self._groups_done()
-        if stored:
-            for listener in self._commit_listeners:
-                listener(self.max_rowid)
+
+        def answer() -> None:
+            for (_item, callback), res in zip(appends, results, strict=True):
+                callback(res)
+            self._groups_done()
+            if stored:
+                for listener in self._commit_listeners:
+                    listener(self.max_rowid)
+
+        return answer
 
     def _groups_done(self) -> None:
         for listener in self._group_listeners:
@@ -576,7 +611,9 @@ class Spool:
         with contextlib.suppress(sqlite3.Error):
             conn.execute("ROLLBACK")
 
-    def _run_op(self, conn: sqlite3.Connection, op: _Op) -> None:
+    def _run_op(self, conn: sqlite3.Connection, op: _Op) -> Callable[[], None]:
+        """Run an op in its own transaction; returns what resolves its future."""
+        fut = op.future
         try:
             conn.execute("BEGIN IMMEDIATE")
             result = op.fn(conn)
@@ -584,13 +621,13 @@ class Spool:
         except sqlite3.Error as e:
             self._rollback(conn)
             self.last_error = f"{type(e).__name__}: {e}"
-            op.future.set_exception(SpoolError(f"spool write failed: {e}"))
-            return
+            err: BaseException = SpoolError(f"spool write failed: {e}")
+            return lambda: fut.set_exception(err)
         except BaseException as e:  # the op's own error travels to its caller unchanged
             self._rollback(conn)
-            op.future.set_exception(e)
-            return
-        op.future.set_result(result)
+            own = e
+            return lambda: fut.set_exception(own)
+        return lambda: fut.set_result(result)
 
     # ---- readers ---------------------------------------------------------
 

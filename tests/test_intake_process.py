@@ -75,3 +75,39 @@ def test_intake_death_stops_the_gateway_for_a_restart_and_loses_nothing(
             time.sleep(0.2)
     assert st.transactions_stored == 2000
     assert gw2.proc.terminate() == 0
+
+
+def test_two_intake_processes_share_the_subscription_and_store_each_message_once(
+    sandbox: Sandbox,
+) -> None:
+    d = deploy(sandbox, batch="max_tx = 200\nmax_age_s = 0.3")
+    d.config.write_text(
+        d.config.read_text().replace("intake_processes = 1", "intake_processes = 2")
+    )
+    gw = d.start_gateway()
+    assert gw.proc.proc is not None
+    intakes = [
+        p
+        for p in psutil.Process(gw.proc.proc.pid).children(recursive=True)
+        if p.name() == INTAKE_NAME
+    ]
+    assert len(intakes) == 2
+    opts = simulate.SimulateOptions(
+        port=d.broker.port, devices=50, count=60, rate=3000, seconds=60, start_seq=1
+    )
+    res = asyncio.run(simulate.run(sandbox.simulate_options(opts)))
+    assert res.acknowledged == 3000
+    deadline = time.monotonic() + 60
+    with gw.channel() as ch:
+        stub = gateway_pb2_grpc.GatewayServiceStub(ch)
+        while True:
+            st = stub.GetStatus(gateway_pb2.GetStatusRequest(), timeout=5)
+            if st.transactions_stored >= 3000 and st.last_committed_seq == st.last_signed_seq:
+                break
+            assert time.monotonic() < deadline, f"not all committed: {st}"
+            time.sleep(0.2)
+    # Each message reached one of the two sessions and was stored once.
+    assert st.transactions_stored == 3000
+    assert gw.proc.terminate() == 0
+    log = gw.proc.log_text()
+    assert "Traceback" not in log

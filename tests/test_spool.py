@@ -184,3 +184,28 @@ def test_retention_prunes_old_batches_and_refuses_their_seqs(tmp_path: Path) -> 
     assert again.append(tx("d", 7)).result().outcome is Outcome.BEYOND_RETENTION
     assert again.read(Spool.q_last_batch).result().seq == 9  # type: ignore[union-attr]
     again.close()
+
+
+def test_a_second_writer_refuses_seqs_another_process_pruned(tmp_path: Path) -> None:
+    """Intake processes write the spool the gateway prunes: a writer opened before the
+    prune (its in-memory watermarks stale) still refuses the pruned seqs."""
+    s = Spool(cfg(tmp_path / "s.db"), "gw-1", write_priority=True)
+    s.open()
+    other = Spool(cfg(tmp_path / "s.db"), "gw-1")
+    other.open(check_integrity=False)
+    for i in range(1, 21):
+        other.append(tx("d", i)).result()
+    for seq in range(2):
+        b = StoredBatch(seq, b"h", b"s", bytes(32), seq * 10 + 1, seq * 10 + 10, 10, 0, 1)
+        s.write(lambda c, b=b: Spool.w_store_batch(c, b)).result()
+    assert prune(s, keep_from_seq=1) == 1
+    # Alone (slow path) and in a group of new transactions (executemany path).
+    assert other.append(tx("d", 3)).result().outcome is Outcome.BEYOND_RETENTION
+    futs = [other.append(tx("d", 5)), other.append(tx("d", 21)), other.append(tx("d", 22))]
+    outcomes = [f.result().outcome for f in futs]
+    assert outcomes == [Outcome.BEYOND_RETENTION, Outcome.STORED, Outcome.STORED]
+    assert other.append(tx("d", 11)).result().outcome is Outcome.DUPLICATE
+    q = "SELECT count(*) FROM tx WHERE device_seq = 3"
+    assert s.read(lambda c: c.execute(q).fetchone()[0]).result() == 0
+    other.close(checkpoint=False)
+    s.close()
