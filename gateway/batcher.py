@@ -10,6 +10,7 @@ are batched again under the same seq (promise 2).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -28,6 +29,9 @@ HSM_RETRY_MAX_S = 15.0
 POLL_S = 0.25
 # Between wake-ups, look at most this often unless a full batch is waiting.
 MIN_QUERY_INTERVAL_S = 0.02
+# Signed batches on their way into the spool while the next is cut. Storing waits for
+# the spool writers' turn; cutting need not wait for it.
+MAX_STORES_IN_FLIGHT = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +89,7 @@ class Batcher:
         self.hsm_failures = 0
         self._cut_listeners: list[Callable[[], None]] = []
         self.hsm_error: str | None = None
+        self._stores: collections.deque[asyncio.Future[None]] = collections.deque()
 
     async def resume(self) -> None:
         """Continue the chain from the spool's last batch."""
@@ -110,6 +115,12 @@ class Batcher:
         return max(0, self.spool.max_rowid - self.cursor)
 
     async def run(self, stop: asyncio.Event) -> None:
+        try:
+            await self._run(stop)
+        finally:
+            await self._drain_stores()
+
+    async def _run(self, stop: asyncio.Event) -> None:
         last_query = 0.0
         while not stop.is_set():
             rows = await asyncio.wrap_future(
@@ -176,15 +187,19 @@ class Batcher:
             )
             cut = decide_cut(rows, self.cfg, now_ms(), force=True)
             if not cut.count:
+                await self._drain_stores()
                 return made
             try:
                 await self._cut(rows[: cut.count], cut.reason)
             except HsmError as e:
                 log.error("open batch not signed at stop (%s); it is cut at the next start", e)
+                await self._drain_stores()
                 return made
             made += 1
 
     async def _cut(self, rows: Sequence[PendingTx], reason: str) -> None:
+        while self._stores and self._stores[0].done():
+            await self._stores.popleft()  # raises a store's spool error here
         root = merkle.root_from_hashes([r.tx_id for r in rows])
         created = now_ms()
         header = batchformat.encode_header(
@@ -216,16 +231,31 @@ class Batcher:
             created_ms=created,
             committed_ms=None,
         )
-        await asyncio.wrap_future(self.spool.write(lambda c: Spool.w_store_batch(c, stored)))
         seq = self.next_seq
+        # Header, signature and the tx-to-batch assignment are stored in one spool
+        # transaction; the next batch is cut meanwhile. Stores run in seq order on the
+        # spool's writer, and one that fails makes every later one fail (w_store_batch
+        # refuses a gap), so nothing is forwarded that is not durable behind it.
+        store = asyncio.wrap_future(self.spool.write(lambda c: Spool.w_store_batch(c, stored)))
         self.next_seq += 1
         self.prev_hash = hh
         self.cursor = rows[-1].rowid
         self.last_progress = time.monotonic()
-        metrics.batches_signed.inc()
-        metrics.batch_size.observe(len(rows))
-        metrics.last_signed_seq.set(seq)
         log.debug("batch %d cut (%s): %d txs", seq, reason, len(rows))
+        self._stores.append(asyncio.ensure_future(self._stored(store, seq, len(rows))))
+        while len(self._stores) >= MAX_STORES_IN_FLIGHT:
+            await self._stores.popleft()
+
+    async def _stored(self, store: asyncio.Future[None], seq: int, count: int) -> None:
+        await store  # a spool error ends the batcher, and the gateway with it
+        self.last_progress = time.monotonic()
+        metrics.batches_signed.inc()
+        metrics.batch_size.observe(count)
+        metrics.last_signed_seq.set(seq)
         self._on_signed(seq)
         for listener in self._cut_listeners:
             listener()
+
+    async def _drain_stores(self) -> None:
+        while self._stores:
+            await self._stores.popleft()

@@ -10,6 +10,7 @@ reported loudly, since the gateway never rewrites its own chain.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
@@ -27,6 +28,8 @@ from gateway.spool import Spool, StoredBatch, now_ms
 
 log = logging.getLogger("gateway.forwarder")
 
+# Receipts on their way into the spool, per node, while the next batch goes out.
+RECEIPTS_IN_FLIGHT = 4
 TRANSIENT = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -66,6 +69,9 @@ class Forwarder:
         self._beats = [time.monotonic() for _ in self.nodes]
         self._rng = random.Random()
         self._channels: list[grpc.aio.Channel] = []
+        self._receipts: dict[str, collections.deque[asyncio.Future[None]]] = {
+            n.ref.node_id: collections.deque() for n in self.nodes
+        }
 
     def notify_signed(self, seq: int) -> None:
         self.last_signed_seq = max(self.last_signed_seq, seq)
@@ -113,8 +119,25 @@ class Forwarder:
     async def _node_loop(
         self, i: int, node: NodeState, stub: ledger_pb2_grpc.LedgerServiceStub, stop: asyncio.Event
     ) -> None:
+        pending = self._receipts[node.ref.node_id]
+        try:
+            await self._turns(i, node, stub, stop, pending)
+        finally:
+            while pending:
+                await pending.popleft()
+
+    async def _turns(
+        self,
+        i: int,
+        node: NodeState,
+        stub: ledger_pb2_grpc.LedgerServiceStub,
+        stop: asyncio.Event,
+        pending: collections.deque[asyncio.Future[None]],
+    ) -> None:
         attempt = 0
         while not stop.is_set():
+            while pending and pending[0].done():
+                await pending.popleft()  # a receipt store's spool error ends the loop here
             self._beats[i] = time.monotonic()
             if node.state == "forked":
                 await self._wait(i, stop, 10)
@@ -231,7 +254,10 @@ class Forwarder:
                 f"ledger {node.ref.node_id} answered a receipt for seq "
                 f"{receipt.seq} that does not match batch {seq}"
             )
-        committed = await asyncio.wrap_future(
+        # The receipt is stored while the next batch goes out: the node loop does not
+        # wait for the spool writers' turn. A store that fails ends the loop (and the
+        # gateway) as before, at the next turn of this node's loop at the latest.
+        store = asyncio.wrap_future(
             self.spool.write(
                 lambda c: Spool.w_store_receipt(
                     c,
@@ -247,6 +273,15 @@ class Forwarder:
         node.state = "ok"
         node.last_error = ""
         self.last_progress = time.monotonic()
+        pending = self._receipts[node.ref.node_id]
+        pending.append(asyncio.ensure_future(self._receipt_stored(store, seq, received)))
+        while len(pending) >= RECEIPTS_IN_FLIGHT or (pending and pending[0].done()):
+            await pending.popleft()
+
+    async def _receipt_stored(
+        self, store: asyncio.Future[bool], seq: int, received: list[int]
+    ) -> None:
+        committed = await store
         if committed and seq > self.last_committed_seq:
             # Only the first node to reach the quorum sees seq beyond last_committed.
             now = now_ms()
