@@ -123,6 +123,8 @@ class Batcher:
     async def _run(self, stop: asyncio.Event) -> None:
         last_query = 0.0
         while not stop.is_set():
+            while self._stores and self._stores[0].done():
+                await self._stores.popleft()  # a failed store ends the batcher here
             rows = await asyncio.wrap_future(
                 self.spool.read(lambda c: Spool.q_pending(c, self.cursor, self.cfg.max_tx))
             )

@@ -9,7 +9,7 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 from gateway._pb.edgegateway.v1 import transaction_pb2
 
@@ -149,11 +149,46 @@ def _plain(value: object, depth: int) -> bool:
     return False
 
 
+def _flat_plain(value: dict[Any, Any]) -> bool:
+    """_plain for the common payload, a flat object of ASCII keys and plain scalars,
+    without a call per member; anything else goes to _plain."""
+    for k, v in value.items():
+        t = type(v)
+        if t is int:
+            if not -MAX_SAFE_INTEGER <= v <= MAX_SAFE_INTEGER:
+                return False
+        elif t is str:
+            if not v.isascii():
+                return _plain(value, 1)  # UTF-8 (and no lone surrogate) checked there
+        elif not (v is None or t is bool):
+            return _plain(value, 1)
+        if type(k) is not str or not k.isascii():
+            return False
+    return True
+
+
+# The stdlib's C encoder, built once with json.dumps(sort_keys=True, separators=(",", ":"),
+# ensure_ascii=False) settings; dumps would build a JSONEncoder and this on every call.
+# No circular-reference markers: decoded JSON has no cycles.
+_MAKE_ENCODER = getattr(json.encoder, "c_make_encoder", None)
+_C_ENCODE = (
+    _MAKE_ENCODER(None, None, json.encoder.encode_basestring, None, ":", ",", True, False, True)
+    if _MAKE_ENCODER is not None
+    else None
+)
+
+
 def canonical_json(value: object) -> bytes:
     """RFC 8785 JSON Canonicalization Scheme bytes of `value`."""
-    if _plain(value, 1 if isinstance(value, dict | list) else 0):
+    if (
+        _flat_plain(value)
+        if type(value) is dict
+        else _plain(value, 1 if isinstance(value, dict | list) else 0)
+    ):
         # The C encoder escapes exactly '"', '\\' and control characters (lowercase
         # \u00xx, \b \t \n \f \r) and keeps the rest as UTF-8, as RFC 8785 does.
+        if _C_ENCODE is not None and isinstance(value, dict | list):
+            return "".join(_C_ENCODE(value, 0)).encode("utf-8")
         return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(
             "utf-8"
         )

@@ -57,6 +57,9 @@ def channel_options(keepalive_s: float) -> Sequence[tuple[str, int]]:
 
 
 SERVER_OPTIONS: Sequence[tuple[str, int]] = [
+    # grpc binds with SO_REUSEPORT by default: a second server on the same port would
+    # silently take half the connections. A port in use is a start-up error instead.
+    ("grpc.so_reuseport", 0),
     ("grpc.max_send_message_length", 256 * 1024 * 1024),
     ("grpc.max_receive_message_length", 256 * 1024 * 1024),
     ("grpc.keepalive_permit_without_calls", 1),

@@ -17,7 +17,7 @@ child -> parent: ("started",) | ("fatal", exit_code, message) |
     ("state", connected, subscribed, paused, inflight, stored, rejects) |
     ("counters", {(metric, labels): delta}) | ("stopped",)
 parent -> child: ("cursor", last batched rowid) | ("pause",) | ("resume",) |
-    ("reload",) | ("dead_letters",) | ("stop",)
+    ("reload",) | ("dead_letter", reject_id, topic, message) | ("stop",)
 
 The child dies with its parent (PR_SET_PDEATHSIG, and the pipe's end of file),
 so a kill -9 of the gateway leaves no intake behind still holding the broker
@@ -28,6 +28,7 @@ last group commit and PUBACKs.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import dataclasses
@@ -177,10 +178,12 @@ class _Child:
             if time.monotonic() >= next_counters:
                 next_counters = time.monotonic() + COUNTERS_EVERY_S
                 sent_counters = self._send_counters(sent_counters)
-        # Graceful stop: no new messages, the last group committed and acknowledged.
-        self.mqtt.stop()
+        # Graceful stop: take no new messages, let the last group commit and its PUBACKs
+        # go out on this connection, then disconnect (paho writes them before DISCONNECT).
+        self.mqtt.pause()
         with contextlib.suppress(Exception):
             self.spool.write(lambda _c: None).result(STOP_TIMEOUT_S)
+        self.mqtt.stop()
         self.spool.close(checkpoint=False)  # the parent, closing last, checkpoints
         self.send(self._state())
         self._send_counters(sent_counters)
@@ -206,8 +209,8 @@ class _Child:
         elif kind == "reload":
             if self.profiles.try_reload(log):
                 self.mqtt.resubscribe(profile_topics(self.cfg, self.profiles))
-        elif kind == "dead_letters":
-            self.mqtt.republish_dead_letters()
+        elif kind == "dead_letter":
+            self.mqtt.publish_dead_letter(int(msg[1]), str(msg[2]), bytes(msg[3]))
 
 
 def child_main(
@@ -277,6 +280,8 @@ class IntakeProcess:
         """Start the child. Call from the main thread: the child's PR_SET_PDEATHSIG
         fires when the thread that started it ends."""
         self._proc.start()
+        # multiprocessing's own exit hook would SIGTERM (ignored) and join forever.
+        atexit.register(self._kill_if_alive)
         self._child_conn.close()
         self._reader = threading.Thread(target=self._read, name="intake-pipe", daemon=True)
         self._reader.start()
@@ -295,6 +300,11 @@ class IntakeProcess:
             if time.monotonic() > deadline:
                 raise GatewayError(f"intake process did not start within {START_TIMEOUT_S:.0f} s")
 
+    def _kill_if_alive(self) -> None:
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(5)
+
     @property
     def pid(self) -> int | None:
         return self._proc.pid
@@ -310,8 +320,6 @@ class IntakeProcess:
                 self._on_commit(int(msg[1]))
             elif kind == "state":
                 (_k, connected, subscribed, paused, inflight, stored, rejects) = msg
-                if connected != self.connected:
-                    metrics.mqtt_connected.set(1 if connected else 0)
                 self.connected = connected
                 if subscribed:
                     self.subscribed.set()
@@ -334,7 +342,6 @@ class IntakeProcess:
         self._stopped.set()
         self.connected = False
         self.subscribed.clear()
-        metrics.mqtt_connected.set(0)
         if not self._stopping and self._started.is_set():
             self._proc.join(5)
             code = self._proc.exitcode
@@ -372,10 +379,11 @@ class IntakeProcess:
     def reload(self) -> None:
         self._send(("reload",))
 
-    def dead_letters(self) -> None:
-        """Rejects the parent recorded (gRPC submits) wait in the spool; the child
-        publishes them on the dead-letter topic."""
-        self._send(("dead_letters",))
+    def dead_letter(self, reject_id: int, topic: str, message: bytes) -> None:
+        """A reject the parent recorded (a gRPC submit): the child, which holds the
+        broker connection, publishes it on the dead-letter topic and marks it published.
+        If it cannot now, the row stays unpublished in the spool for the next connect."""
+        self._send(("dead_letter", reject_id, topic, message))
 
     def stop_begin(self) -> None:
         """Ask the child to stop; stop() waits for it."""
@@ -387,6 +395,13 @@ class IntakeProcess:
     def stop(self) -> None:
         """Stop intake: the child disconnects after its last group commit and PUBACKs;
         what it has not acknowledged stays with the broker."""
+        if self._reader is None:  # never started (a later start step failed)
+            self._stopping = True
+            self._stopped.set()
+            for conn in (self._conn, self._child_conn):
+                with contextlib.suppress(OSError):
+                    conn.close()
+            return
         if self._stopping and not self._proc.is_alive():
             self._stopped.wait(STOP_TIMEOUT_S)
             return
@@ -476,8 +491,8 @@ class IntakePool:
         for p in self.procs:
             p.reload()
 
-    def dead_letters(self) -> None:
-        self.procs[0].dead_letters()
+    def dead_letter(self, reject_id: int, topic: str, message: bytes) -> None:
+        self.procs[0].dead_letter(reject_id, topic, message)
 
     def stop(self) -> None:
         for p in self.procs:

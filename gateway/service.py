@@ -204,8 +204,11 @@ class Gateway:
             # Intake may also have paused itself at the depth limit between looks.
             if reason is None and self.mqtt.paused:
                 self.mqtt.resume()
-            elif reason is not None and not self.mqtt.paused:
+            elif reason is not None:
+                # Every look, to every intake process: one may have paused itself (depth)
+                # while another has not seen this reason (disk, age).
                 self.mqtt.pause()
+            metrics.mqtt_connected.set(1 if self.mqtt.connected else 0)
             self.mqtt.release()  # in case no cut came to release the flow window
             if reason != self.paused_reason:
                 serving = health_pb2.HealthCheckResponse
@@ -291,10 +294,7 @@ class Gateway:
         # gRPC submits are decoded and spooled here; their rejects are published by the
         # intake process, which holds the broker connection.
         api_intake = Intake(
-            self.spool,
-            self.profiles,
-            cfg.mqtt.reject_topic_prefix,
-            lambda _rid, _topic, _message: intake.dead_letters(),
+            self.spool, self.profiles, cfg.mqtt.reject_topic_prefix, intake.dead_letter
         )
 
         server = grpc.aio.server(
@@ -345,12 +345,12 @@ class Gateway:
             batch_stop = asyncio.Event()
             fwd_stop = asyncio.Event()
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self.batcher.run(batch_stop), name="batcher")
+                batching = tg.create_task(self.batcher.run(batch_stop), name="batcher")
                 tg.create_task(self.forwarder.run(fwd_stop), name="forwarder")
                 tg.create_task(self._monitor(), name="monitor")
                 tg.create_task(self._announce_ready(), name="ready")
                 await self.stop_event.wait()
-                await self._drain(batch_stop, fwd_stop)
+                await self._drain(batching, batch_stop, fwd_stop)
         finally:
             await self._close()
         return self.exit_code
@@ -386,7 +386,9 @@ class Gateway:
         log.info("reload done; other configuration changes take effect on restart")
         self.notifier.ready(self.summary())
 
-    async def _drain(self, batch_stop: asyncio.Event, fwd_stop: asyncio.Event) -> None:
+    async def _drain(
+        self, batching: asyncio.Task[None], batch_stop: asyncio.Event, fwd_stop: asyncio.Event
+    ) -> None:
         """Graceful stop: no new intake, flush, sign the open batch, forward, stop."""
         assert self.mqtt and self.spool and self.batcher and self.forwarder
         self.notifier.stopping("draining")
@@ -395,6 +397,7 @@ class Gateway:
         await asyncio.to_thread(self.mqtt.stop)
         await asyncio.wrap_future(self.spool.write(lambda _c: None))  # group commit flushed
         batch_stop.set()
+        await batching  # a cut under way finishes before the open batch is cut
         made = await self.batcher.flush()
         while not self.forwarder.all_delivered() and time.monotonic() - t0 < DRAIN_TIMEOUT_S:
             await asyncio.sleep(0.05)

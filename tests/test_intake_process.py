@@ -111,3 +111,29 @@ def test_two_intake_processes_share_the_subscription_and_store_each_message_once
     assert gw.proc.terminate() == 0
     log = gw.proc.log_text()
     assert "Traceback" not in log
+
+
+def test_a_start_that_fails_after_the_intake_is_made_exits_at_once(sandbox: Sandbox) -> None:
+    """The API port is taken: the start fails after the intake processes were set up but
+    before they started; the gateway says so and exits 78 without waiting on them."""
+    import socket
+    import subprocess
+    import sys
+    import tomllib
+
+    d = deploy(sandbox)
+    port = int(tomllib.loads(d.config.read_text())["api"]["listen"].rpartition(":")[2])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        t0 = time.monotonic()
+        out = subprocess.run(
+            [sys.executable, "-m", "gateway", "run", "--config", str(d.config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=sandbox.env,
+        )
+    assert out.returncode == 78, out.stdout[-2000:] + out.stderr[-2000:]
+    assert time.monotonic() - t0 < 15
+    assert "address in use" in out.stderr and "Traceback" not in out.stderr + out.stdout
