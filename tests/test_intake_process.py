@@ -10,7 +10,7 @@ import psutil
 
 from gateway import simulate
 from gateway._pb.edgegateway.v1 import gateway_pb2, gateway_pb2_grpc
-from gateway.sandbox import Sandbox
+from gateway.sandbox import GatewayProc, Sandbox
 from tests.conftest import deploy
 
 INTAKE_NAME = "edge-gw-intake"
@@ -20,6 +20,21 @@ def intake_of(pid: int) -> psutil.Process:
     found = [p for p in psutil.Process(pid).children(recursive=True) if p.name() == INTAKE_NAME]
     assert len(found) == 1, f"expected one {INTAKE_NAME} child of {pid}, found {found}"
     return found[0]
+
+
+def settled(gw: GatewayProc, stored: int, timeout: float = 60) -> gateway_pb2.GatewayStatus:
+    """Status once at least `stored` transactions are spooled and every batch committed."""
+    deadline = time.monotonic() + timeout
+    with gw.channel() as ch:
+        stub = gateway_pb2_grpc.GatewayServiceStub(ch)
+        while True:
+            st: gateway_pb2.GatewayStatus = stub.GetStatus(
+                gateway_pb2.GetStatusRequest(), timeout=5
+            )
+            if st.transactions_stored >= stored and st.last_committed_seq == st.last_signed_seq:
+                return st
+            assert time.monotonic() < deadline, f"not all committed: {st}"
+            time.sleep(0.2)
 
 
 def wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
@@ -64,16 +79,7 @@ def test_intake_death_stops_the_gateway_for_a_restart_and_loses_nothing(
     more = dataclasses.replace(opts, start_seq=51)
     second = asyncio.run(simulate.run(sandbox.simulate_options(more)))
     assert second.acknowledged == 1000
-    deadline = time.monotonic() + 60
-    with gw2.channel() as ch:
-        stub = gateway_pb2_grpc.GatewayServiceStub(ch)
-        while True:
-            st = stub.GetStatus(gateway_pb2.GetStatusRequest(), timeout=5)
-            if st.transactions_stored == 2000 and st.last_committed_seq == st.last_signed_seq:
-                break
-            assert time.monotonic() < deadline, f"not all committed: {st}"
-            time.sleep(0.2)
-    assert st.transactions_stored == 2000
+    assert settled(gw2, 2000).transactions_stored == 2000
     assert gw2.proc.terminate() == 0
 
 
@@ -97,17 +103,8 @@ def test_two_intake_processes_share_the_subscription_and_store_each_message_once
     )
     res = asyncio.run(simulate.run(sandbox.simulate_options(opts)))
     assert res.acknowledged == 3000
-    deadline = time.monotonic() + 60
-    with gw.channel() as ch:
-        stub = gateway_pb2_grpc.GatewayServiceStub(ch)
-        while True:
-            st = stub.GetStatus(gateway_pb2.GetStatusRequest(), timeout=5)
-            if st.transactions_stored >= 3000 and st.last_committed_seq == st.last_signed_seq:
-                break
-            assert time.monotonic() < deadline, f"not all committed: {st}"
-            time.sleep(0.2)
     # Each message reached one of the two sessions and was stored once.
-    assert st.transactions_stored == 3000
+    assert settled(gw, 3000).transactions_stored == 3000
     assert gw.proc.terminate() == 0
     log = gw.proc.log_text()
     assert "Traceback" not in log
