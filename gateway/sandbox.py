@@ -558,6 +558,19 @@ listen = "127.0.0.1:{free_port()}"
                 return line.split()[1]
         raise SandboxError("hsm init printed no key_id")
 
+    def run_gateway_once(
+        self, config: Path, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        """`edge-gateway run` in the foreground, output captured: for starts that must
+        fail (a bad token, PIN, spool or port) with one line and an exit code."""
+        return subprocess.run(
+            [self.python, "-m", "gateway", "run", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.env,
+        )
+
     def gateway(
         self, gateway_id: str, config: Path, public_key: Path, ready_timeout: float = 60
     ) -> GatewayProc:

@@ -114,8 +114,6 @@ def test_a_start_that_fails_after_the_intake_is_made_exits_at_once(sandbox: Sand
     """The API port is taken: the start fails after the intake processes were set up but
     before they started; the gateway says so and exits 78 without waiting on them."""
     import socket
-    import subprocess
-    import sys
     import tomllib
 
     d = deploy(sandbox)
@@ -124,13 +122,7 @@ def test_a_start_that_fails_after_the_intake_is_made_exits_at_once(sandbox: Sand
         taken.bind(("127.0.0.1", port))
         taken.listen()
         t0 = time.monotonic()
-        out = subprocess.run(
-            [sys.executable, "-m", "gateway", "run", "--config", str(d.config)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=sandbox.env,
-        )
+        out = sandbox.run_gateway_once(d.config)
     assert out.returncode == 78, out.stdout[-2000:] + out.stderr[-2000:]
     assert time.monotonic() - t0 < 15
     assert "address in use" in out.stderr and "Traceback" not in out.stderr + out.stdout

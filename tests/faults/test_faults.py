@@ -7,7 +7,6 @@ from __future__ import annotations
 import random
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -268,24 +267,12 @@ def test_hsm_token_missing_and_wrong_pin_stop_the_start(sandbox: Sandbox) -> Non
     cfg = d.config.read_text()
     bad = d.config.parent / "no-token.toml"
     bad.write_text(cfg.replace('token_label = "edge-gateway"', 'token_label = "absent"'))
-    out = subprocess.run(
-        [sys.executable, "-m", "gateway", "run", "--config", str(bad)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=sandbox.env,
-    )
+    out = sandbox.run_gateway_once(bad)
     assert out.returncode == 69 and "no such token" in out.stderr
     assert "Traceback" not in out.stderr
     d.hsm.pin_file.write_text("999999\n")
     t0 = time.monotonic()
-    out = subprocess.run(
-        [sys.executable, "-m", "gateway", "run", "--config", str(d.config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=sandbox.env,
-    )
+    out = sandbox.run_gateway_once(d.config)
     assert out.returncode == 77 and "not retried" in out.stderr
     assert time.monotonic() - t0 < 30  # one attempt, no retry loop
 
@@ -369,13 +356,7 @@ def test_corrupt_spool_stops_the_start_with_exit_65(sandbox: Sandbox) -> None:
         data[off] ^= 0x5A
     gw.spool.write_bytes(bytes(data))
     before = gw.spool.read_bytes()
-    out = subprocess.run(
-        [sys.executable, "-m", "gateway", "run", "--config", str(d.config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=sandbox.env,
-    )
+    out = sandbox.run_gateway_once(d.config)
     assert out.returncode == 65, out.stderr
     assert "left untouched" in out.stderr and "Traceback" not in out.stderr
     assert gw.spool.read_bytes() == before
