@@ -5,7 +5,8 @@ the directives the gateway's lifecycle relies on.
 machine /opt/edge-gateway/bin/edge-gateway usually does not, so verify runs on a copy
 of the unit in which only that executable path is replaced by a stub script; every
 other line is verified as shipped. The untouched unit is verified too, and there the
-missing binary is the one message allowed.
+missing binary is the one message allowed. A template unit is checked as systemd loads
+it: as one of its instances.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ from gateway.errors import (
 UNITS_DIR = Path(__file__).resolve().parent.parent / "systemd"
 GATEWAY_UNIT = UNITS_DIR / "edge-gateway.service"
 LEDGER_UNIT = UNITS_DIR / "edge-ledger-node.service"
+# Several reference ledger nodes on one box; checked as systemd loads it, as an instance.
+LEDGER_TEMPLATE = UNITS_DIR / "edge-ledger-node@.service"
+TEMPLATE_INSTANCE = "ledger-1"
+ALL_UNITS = [GATEWAY_UNIT, LEDGER_UNIT, LEDGER_TEMPLATE]
 INSTALLED_BINARY = "/opt/edge-gateway/bin/edge-gateway"
 MAX_EXPOSURE = 2.0
 TIMEOUT_S = 60
@@ -73,13 +78,28 @@ def verify(unit: Path) -> subprocess.CompletedProcess[str]:
     return run_analyze("verify", "--recursive-errors=no", "--man=no", "--generators=no", str(unit))
 
 
+def loaded_name(unit: Path) -> str:
+    """The unit name systemd loads the file as: a template as one of its instances."""
+    prefix, at, suffix = unit.name.partition("@.")
+    return f"{prefix}@{TEMPLATE_INSTANCE}.{suffix}" if at else unit.name
+
+
+def as_loaded(unit: Path, tmp_path: Path) -> Path:
+    """The unit itself, or for a template an unchanged copy named as an instance."""
+    if loaded_name(unit) == unit.name:
+        return unit
+    copy = tmp_path / loaded_name(unit)
+    copy.write_text(unit.read_text())
+    return copy
+
+
 def with_stub_binary(unit: Path, tmp_path: Path) -> Path:
     stub = tmp_path / "edge-gateway"
     stub.write_text("#!/bin/sh\nexit 0\n")
     stub.chmod(0o755)
     text = unit.read_text()
     assert f"ExecStart={INSTALLED_BINARY} " in text
-    copy = tmp_path / unit.name  # verify names the unit after the file
+    copy = tmp_path / loaded_name(unit)  # verify names the unit after the file
     copy.write_text(text.replace(f"ExecStart={INSTALLED_BINARY} ", f"ExecStart={stub} "))
     return copy
 
@@ -101,29 +121,29 @@ def directives(unit: Path) -> dict[str, list[str]]:
     return out
 
 
-@pytest.mark.parametrize("unit", [GATEWAY_UNIT, LEDGER_UNIT], ids=lambda u: u.name)
+@pytest.mark.parametrize("unit", ALL_UNITS, ids=lambda u: u.name)
 def test_sandbox_exposure_is_at_most_2(
-    unit: Path, record_property: Callable[[str, object], None]
+    unit: Path, tmp_path: Path, record_property: Callable[[str, object], None]
 ) -> None:
-    level = exposure(unit)
+    level = exposure(as_loaded(unit, tmp_path))
     record_property("exposure", level)
     print(f"{unit.name}: overall exposure {level}")
     assert level <= MAX_EXPOSURE
 
 
-@pytest.mark.parametrize("unit", [GATEWAY_UNIT, LEDGER_UNIT], ids=lambda u: u.name)
+@pytest.mark.parametrize("unit", ALL_UNITS, ids=lambda u: u.name)
 def test_verify_is_clean_with_the_binary_present(unit: Path, tmp_path: Path) -> None:
     proc = verify(with_stub_binary(unit, tmp_path))
     assert proc.stderr == ""
     assert proc.returncode == 0
 
 
-@pytest.mark.parametrize("unit", [GATEWAY_UNIT, LEDGER_UNIT], ids=lambda u: u.name)
-def test_verify_as_shipped_only_misses_the_installed_binary(unit: Path) -> None:
-    proc = verify(unit)
+@pytest.mark.parametrize("unit", ALL_UNITS, ids=lambda u: u.name)
+def test_verify_as_shipped_only_misses_the_installed_binary(unit: Path, tmp_path: Path) -> None:
+    proc = verify(as_loaded(unit, tmp_path))
     lines = proc.stderr.splitlines()
     if not os.access(INSTALLED_BINARY, os.X_OK):
-        expected = f"{unit.name}: Command {INSTALLED_BINARY} is not executable"
+        expected = f"{loaded_name(unit)}: Command {INSTALLED_BINARY} is not executable"
         lines = [ln for ln in lines if not ln.startswith(expected)]
     assert lines == []
 
@@ -169,6 +189,11 @@ def test_gateway_unit_matches_the_lifecycle() -> None:
             {EXIT_USAGE, EXIT_DATAERR, EXIT_CONFIG, EXIT_CERTIFICATE},
             id=LEDGER_UNIT.name,
         ),
+        pytest.param(
+            LEDGER_TEMPLATE,
+            {EXIT_USAGE, EXIT_DATAERR, EXIT_CONFIG, EXIT_CERTIFICATE},
+            id=LEDGER_TEMPLATE.name,
+        ),
     ],
 )
 def test_operator_exit_codes_are_not_restarted(unit: Path, codes: set[int]) -> None:
@@ -177,7 +202,7 @@ def test_operator_exit_codes_are_not_restarted(unit: Path, codes: set[int]) -> N
     assert {int(c) for c in d["RestartPreventExitStatus"][0].split()} == codes
 
 
-@pytest.mark.parametrize("unit", [GATEWAY_UNIT, LEDGER_UNIT], ids=lambda u: u.name)
+@pytest.mark.parametrize("unit", ALL_UNITS, ids=lambda u: u.name)
 def test_no_capabilities_and_no_new_privileges(unit: Path) -> None:
     d = directives(unit)
     assert d["CapabilityBoundingSet"] == [""]
@@ -185,3 +210,17 @@ def test_no_capabilities_and_no_new_privileges(unit: Path) -> None:
     assert d["NoNewPrivileges"] == ["yes"]
     assert d["UMask"] == ["0077"]
     assert d["StateDirectoryMode"] == ["0700"]
+
+
+def test_ledger_template_has_the_single_node_units_sandbox() -> None:
+    # Only where an instance lives differs: its config file and its state directory.
+    single, template = directives(LEDGER_UNIT), directives(LEDGER_TEMPLATE)
+    differ = {"ExecStart", "StateDirectory"}
+    assert {k: v for k, v in template.items() if k not in differ} == {
+        k: v for k, v in single.items() if k not in differ
+    }
+    assert template["ExecStart"] == [
+        f"{INSTALLED_BINARY} ledger-node --config /etc/edge-ledger/%i.toml"
+    ]
+    assert template["StateDirectory"] == ["edge-ledger/%i"]
+    assert template["StateDirectoryMode"] == ["0700"]

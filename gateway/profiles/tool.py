@@ -19,6 +19,7 @@ from gateway.canonical import tx_id
 from gateway.config import load_gateway_config
 from gateway.errors import EXIT_FAILURE, EXIT_OK, Rejected
 from gateway.profiles import keys
+from gateway.profiles.decoder import Decoded, ProfileDecoder
 from gateway.profiles.profileset import (
     BUILTIN_ID,
     DEFAULT_KEYS_DIR,
@@ -151,27 +152,35 @@ def cmd_decode(
     as_file = Path(args.profile)
     from_file = args.profile.endswith(".toml") and as_file.is_file()
     if from_file:
-        decoders = bind([parse_profile(as_file)], gateway_id, keys_dir, pseudo)
+        profiles, source = [parse_profile(as_file)], as_file.parent
+    else:
+        profiles, source = read_profiles(profiles_dir), profiles_dir
+    payload = sys.stdin.buffer.read() if args.payload == "-" else Path(args.payload).read_bytes()
+    received = args.received_ms if args.received_ms is not None else time.time_ns() // 1_000_000
+    try:
+        # Only the profile asked for is bound to its keys: another profile in the
+        # directory whose key file is absent here must not stop this decode.
+        routing = ProfileSet(
+            [_unkeyed(p, gateway_id) for p in profiles],
+            gateway_id=gateway_id,
+            max_payload_bytes=cap,
+            enforce_rate_limits=False,
+            source=source,
+        )
+        name = profiles[0].id if from_file else args.profile
+        wanted = routing.profile(name)
+        decoders = [
+            bind([p], gateway_id, keys_dir, pseudo)[0] if p is wanted else _unkeyed(p, gateway_id)
+            for p in profiles
+        ]
         ps = ProfileSet(
             decoders,
             gateway_id=gateway_id,
             max_payload_bytes=cap,
             enforce_rate_limits=False,
-            source=as_file.parent,
+            source=source,
         )
-    else:
-        ps = ProfileSet.load(
-            profiles_dir,
-            gateway_id=gateway_id,
-            max_payload_bytes=cap,
-            keys_dir=keys_dir,
-            pseudonym_key_file=pseudo,
-            enforce_rate_limits=False,
-        )
-    payload = sys.stdin.buffer.read() if args.payload == "-" else Path(args.payload).read_bytes()
-    received = args.received_ms if args.received_ms is not None else time.time_ns() // 1_000_000
-    try:
-        profile = ps.profile(_only(ps) if from_file else args.profile)
+        profile = ps.profile(name)
         ident = profile.id if profile is not None else BUILTIN_ID
         topic = args.topic
         if topic is None:
@@ -190,6 +199,20 @@ def cmd_decode(
     return EXIT_OK
 
 
-def _only(ps: ProfileSet) -> str:
-    (p,) = ps.profiles()
-    return p.id
+class _RoutingOnly(ProfileDecoder):
+    """A profile not asked for, without its keys: it claims its topics, so routing and
+    the --topic check see the whole set as the gateway does, but it decodes nothing."""
+
+    def decode(self, device_id: str, payload: bytes, received_ms: int, channel: str) -> Decoded:
+        raise Rejected("unknown_profile", f"{self.id} is not the profile being decoded")
+
+
+def _unkeyed(profile: Profile, gateway_id: str) -> ProfileDecoder:
+    empty: dict[str, Any] = {}
+    return _RoutingOnly(
+        profile,
+        gateway_id,
+        hmac_keys=empty,
+        public_keys=empty,
+        pseudonym_key=b"" if profile.personal_data else None,
+    )
