@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROTO_SRC := $(shell find protos -name '*.proto' | sort)
 
-.PHONY: all system-deps venv protos check-protos lint typecheck test unit integration demo bench faults clean
+.PHONY: all system-deps venv protos check-protos lint typecheck test unit integration demo bench faults deb clean
 
 all: test
 
@@ -58,5 +58,9 @@ bench: venv
 faults: venv
 	@$(PY) -m pytest -q tests/faults
 
+# dist/edge-gateway_<version>_<arch>.deb: the service in /opt/edge-gateway, its units and users.
+deb: system-deps
+	@scripts/build-deb dist
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

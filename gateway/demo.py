@@ -20,7 +20,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from gateway import batchformat, client, simulate
+from gateway import batchformat, client, resources, simulate
 from gateway._pb.edgegateway.v1 import (
     gateway_pb2,
     gateway_pb2_grpc,
@@ -32,7 +32,7 @@ from gateway.errors import GatewayError
 from gateway.sandbox import GatewayProc, Ledger, Sandbox, free_port
 
 GATEWAY_ID = "edge-demo-01"
-PROFILES_DIR = Path(__file__).resolve().parent.parent / "firmware_profiles"
+PROFILES_DIR = resources.profiles_dir()
 # Four device families at once; esim-lifecycle is left out because its rate limit
 # (one event per second per eUICC) is below the demo's per-device rate.
 DEMO_PROFILES = ("nbiot-meter", "lte-m-tracker", "cellsite-power", "cdr-usage")

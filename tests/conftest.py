@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,3 +71,39 @@ def deploy(
 @pytest.fixture
 def deployment(sandbox: Sandbox) -> Deployment:
     return deploy(sandbox)
+
+
+BUILD_DEB = Path(__file__).resolve().parents[1] / "scripts" / "build-deb"
+
+
+@pytest.fixture(scope="session")
+def deb_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Debian package, built once per test session by scripts/build-deb into a temp dir.
+
+    Its staging directory is under the session's temp dir too, so a test can look for
+    that path in the package's files. A build that cannot run fails with its one line
+    (e.g. which Debian package to install).
+    """
+    out = tmp_path_factory.mktemp("deb")
+    staging = tmp_path_factory.mktemp("deb-staging")
+    env = {**os.environ, "TMPDIR": str(staging)}
+    try:
+        r = subprocess.run(
+            [str(BUILD_DEB), str(out)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("scripts/build-deb did not finish within 900 s", pytrace=False)
+    if r.returncode != 0:
+        pytest.fail(
+            f"scripts/build-deb failed (exit {r.returncode}): {r.stderr.strip()[-3000:]}",
+            pytrace=False,
+        )
+    debs = sorted(out.glob("edge-gateway_*.deb"))
+    if len(debs) != 1:
+        pytest.fail(f"scripts/build-deb wrote {debs} to {out}, expected one .deb", pytrace=False)
+    return debs[0]

@@ -17,11 +17,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway import resources
 from gateway.profiles import synth
 from gateway.profiles.profileset import BUILTIN_ID, ProfileSet, read_profiles
 from gateway.profiles.topics import example_topic
 
-REPO_PROFILES = Path(__file__).resolve().parents[2] / "firmware_profiles"
+SHIPPED_PROFILES = resources.profiles_dir()
 DEVICES = 64
 PAYLOADS = 2000
 
@@ -38,7 +39,7 @@ class BenchResult:
         return self.payloads / self.seconds if self.seconds else 0.0
 
 
-def run(directory: Path = REPO_PROFILES, seconds: float = 1.0) -> list[BenchResult]:
+def run(directory: Path = SHIPPED_PROFILES, seconds: float = 1.0) -> list[BenchResult]:
     """Measure each profile in `directory` for about `seconds`; json@1 too."""
     profiles = read_profiles(directory)
     keys = synth.DemoKeys()
@@ -98,7 +99,7 @@ def run(directory: Path = REPO_PROFILES, seconds: float = 1.0) -> list[BenchResu
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=1.0, help="per profile")
-    ap.add_argument("--dir", type=Path, default=REPO_PROFILES)
+    ap.add_argument("--dir", type=Path, default=SHIPPED_PROFILES)
     args = ap.parse_args()
     print(f"{'profile':<20} {'payload B':>9} {'payloads/s':>11} {'us/payload':>11}")
     for r in run(args.dir, args.seconds):
