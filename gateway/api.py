@@ -1,7 +1,8 @@
 """The gateway's own gRPC API: submit, transaction proofs, batches, status.
 
 SubmitTransactions answers only after every accepted transaction is committed
-to the spool (promise 1), through the same intake as MQTT.
+to the spool (promise 1), through the same intake as MQTT. A call bigger than
+max_receive_bytes is refused by grpc before it is buffered or reaches us.
 """
 
 from __future__ import annotations
@@ -13,14 +14,34 @@ from typing import Any
 
 import grpc
 
-from gateway import merkle
+from gateway import grpcutil, merkle
 from gateway._pb.edgegateway.v1 import batch_pb2, gateway_pb2, gateway_pb2_grpc
+from gateway.config import GatewayConfig
 from gateway.errors import Rejected
 from gateway.ingest import Intake
 from gateway.spool import AppendResult, Outcome, Spool
 
 MAX_PAYLOADS_PER_CALL = 10_000
+# What a DevicePayload adds around its payload: device id, topic, profile and framing.
+PAYLOAD_OVERHEAD_BYTES = 1024
+# No call is allowed more than this, whatever max_payload_bytes x MAX_PAYLOADS_PER_CALL
+# comes to (640 MiB with the defaults), unless one payload alone needs more.
+MAX_CALL_BYTES_CEILING = 16 * 1024 * 1024
+# Batch seqs are stored as SQLite integers: signed 64-bit.
+MAX_SEQ = 2**63 - 1
 SERVICE_NAME = "edgegateway.v1.GatewayService"
+
+
+def max_receive_bytes(max_payload_bytes: int) -> int:
+    """The largest request the API accepts: MAX_PAYLOADS_PER_CALL payloads of
+    mqtt.max_payload_bytes, capped at MAX_CALL_BYTES_CEILING but never below one payload."""
+    one = max_payload_bytes + PAYLOAD_OVERHEAD_BYTES
+    return max(one, min(MAX_CALL_BYTES_CEILING, one * MAX_PAYLOADS_PER_CALL))
+
+
+def server_options(cfg: GatewayConfig) -> list[tuple[str, int]]:
+    """The API server's grpc options, its receive limit sized from the configuration."""
+    return grpcutil.server_options(max_receive_bytes(cfg.mqtt.max_payload_bytes))
 
 
 def _proof_view(
@@ -161,6 +182,11 @@ class GatewayApi(gateway_pb2_grpc.GatewayServiceServicer):
     async def GetBatch(
         self, request: gateway_pb2.GetBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> gateway_pb2.GetBatchResponse:
+        if request.seq > MAX_SEQ:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"seq {request.seq} is out of range: batch seqs go from 0 to {MAX_SEQ}",
+            )
         view = await asyncio.wrap_future(
             self.spool.read(lambda c: _batch_view(c, request.seq, request.include_transactions))
         )

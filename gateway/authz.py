@@ -3,10 +3,9 @@
 The TLS handshake already refuses a client without a certificate from the client CA, so
 every call that reaches us is authenticated. Status, health and reflection are open to
 every such client; anything else (submitting transactions, reading transactions, proofs
-and batches, and any method added later) needs a certificate whose subject is listed in
-api.admin_subjects. An entry matches the subject's common name ("operator") or the whole
-subject as an RFC 4514 string ("CN=operator,O=Edge Gateway Dev PKI", the order
-`openssl x509 -noout -subject -nameopt RFC2253` prints).
+and batches, and any method added later) needs a certificate with an identity listed in
+api.admin_subjects: a SAN URI ("uri:spiffe://carrier.example/oss/submitter") or the whole
+subject DN ("CN=operator,O=Edge Gateway Dev PKI"), compared exactly (gateway.identity).
 """
 
 from __future__ import annotations
@@ -15,14 +14,12 @@ import functools
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from cryptography import x509
-from cryptography.x509.oid import NameOID
 
 from gateway.config import ApiConfig
+from gateway.identity import Identity, peer_certificate
 
 log = logging.getLogger("gateway.authz")
 
@@ -38,56 +35,31 @@ OPEN_METHODS = frozenset(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Peer:
-    subject: str  # RFC 4514
-    common_name: str | None
-
-    def matches(self, entries: Iterable[str]) -> bool:
-        return any(e == self.subject or e == self.common_name for e in entries)
-
-
-@functools.lru_cache(maxsize=256)
-def _peer_from_pem(pem: bytes) -> Peer | None:
-    try:
-        cert = x509.load_pem_x509_certificate(pem)
-    except ValueError:
-        return None
-    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    cn = cns[0].value if cns else None
-    return Peer(cert.subject.rfc4514_string(), cn if isinstance(cn, str) else None)
-
-
-def peer_of(auth_context: Mapping[str, Iterable[bytes]]) -> Peer | None:
-    """The client certificate's subject, from grpc's auth context; None without one."""
-    pems = list(auth_context.get("x509_pem_cert", ()))
-    return _peer_from_pem(bytes(pems[0])) if pems else None
-
-
 class AdminOnly(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Lets every authenticated client reach OPEN_METHODS; everything else needs an admin."""
 
-    def __init__(self, admin_subjects: tuple[str, ...]) -> None:
+    def __init__(self, admin_subjects: tuple[Identity, ...]) -> None:
         self.admin_subjects = admin_subjects
         if not admin_subjects:
             log.warning(
                 "api.admin_subjects is empty: no client may submit or read transactions "
-                "through the API; list the operator certificate's subject there"
+                "through the API; list the operator certificate's subject DN or SAN URI there"
             )
 
     async def _require_admin(
         self, method: str, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
         auth: Mapping[str, Iterable[bytes]] = context.auth_context()
-        peer = peer_of(auth)
+        peer = peer_certificate(auth)
         if peer is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required")
             return
-        if not peer.matches(self.admin_subjects):
-            log.warning("api: %s refused to %s (not in api.admin_subjects)", method, peer.subject)
+        if not peer.is_any(self.admin_subjects):
+            who = peer.description
+            log.warning("api: %s refused to %s (not in api.admin_subjects)", method, who)
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
-                f"{method} needs an administrative certificate; {peer.subject} is not one "
+                f"{method} needs an administrative certificate; {who} is not one "
                 "(api.admin_subjects)",
             )
 

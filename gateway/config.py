@@ -16,9 +16,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway.errors import ConfigError, HsmPinError
+from gateway.identity import ALLOWED, URI_PREFIX, Identity, parse_identity
 
 DEFAULT_PATH = Path("/etc/edge-gateway/gateway.toml")
 DEFAULT_HSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+# gRPC budgets (see gateway.api and gateway.ledger for the receive limits they size).
+DEFAULT_API_MAX_CONCURRENT_RPCS = 32
+DEFAULT_NODE_MAX_CONCURRENT_RPCS = 128
+DEFAULT_NODE_MAX_BATCH_BYTES = 16 * 1024 * 1024
 
 T = TypeVar("T")
 _REQUIRED: Any = object()
@@ -154,9 +159,11 @@ class ForwarderConfig:
 class ApiConfig:
     listen: str
     tls: TlsServer | None
-    # Under mutual TLS: certificate subjects (CN or full RFC 4514 string) allowed to call
-    # the administrative methods; see gateway.authz.
-    admin_subjects: tuple[str, ...] = ()
+    # Under mutual TLS: the certificate identities (SAN URI or whole subject DN) allowed to
+    # call the administrative methods; see gateway.authz.
+    admin_subjects: tuple[Identity, ...] = ()
+    # Calls in progress at once; past it grpc answers RESOURCE_EXHAUSTED.
+    max_concurrent_rpcs: int = DEFAULT_API_MAX_CONCURRENT_RPCS
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +205,13 @@ class LedgerNodeConfig:
     gateway_keys: Mapping[str, Path]  # gateway_id -> PEM public key
     tls: TlsServer | None
     source: Path = field(default=Path("<memory>"))
+    # Under mutual TLS: gateway_id -> the certificate identity that may act for it, and the
+    # identities that may read every gateway's batches.
+    gateway_clients: Mapping[str, Identity] = field(default_factory=dict)
+    readers: tuple[Identity, ...] = ()
+    max_concurrent_rpcs: int = DEFAULT_NODE_MAX_CONCURRENT_RPCS
+    # The largest batch (its transactions' bytes) a gateway may send; sizes the receive limit.
+    max_batch_bytes: int = DEFAULT_NODE_MAX_BATCH_BYTES
 
 
 class _Reader:
@@ -288,6 +302,33 @@ class _Reader:
             return None
         return self.path(name)
 
+    def identity(self, name: str, text: object, *, uri: bool | None = None) -> Identity:
+        """One certificate identity (gateway.identity); `uri` True/False insists on a SAN
+        URI or a subject DN."""
+        if not isinstance(text, str):
+            raise self.fail(name, text, ALLOWED)
+        is_uri = text.strip().startswith(URI_PREFIX)
+        if uri is True and not is_uri:
+            raise self.fail(name, text, 'expected "uri:<SAN URI>", e.g. "uri:spiffe://..."')
+        if uri is False and is_uri:
+            raise self.fail(name, text, "expected the full subject DN; SAN URIs go in client_uri")
+        try:
+            return parse_identity(text.strip())
+        except ValueError as e:
+            raise self.fail(name, text, str(e)) from None
+
+    def identities(self, name: str, tls: TlsServer | None, tls_key: str) -> tuple[Identity, ...]:
+        """A list of certificate identities, which only mutual TLS can check; absent: ()."""
+        v = self._get(name, None)
+        if v is None:
+            return ()
+        if not isinstance(v, list):
+            raise self.fail(name, v, f"expected a list of certificate identities; {ALLOWED}")
+        out = tuple(self.identity(f"{name}[{i}]", text) for i, text in enumerate(v))
+        if tls is None or tls.client_ca_file is None:
+            raise _mutual_tls_only(self, name, v, tls_key)
+        return out
+
     def strings(self, name: str, default: object) -> tuple[str, ...]:
         v = self._get(name, default)
         if not isinstance(v, list) or not v or not all(isinstance(s, str) and s for s in v):
@@ -299,6 +340,15 @@ class _Reader:
         if unknown:
             name = unknown[0]
             raise self.fail(name, self._data[name], "unknown key (check the spelling)")
+
+
+def _mutual_tls_only(r: _Reader, name: str, value: object, tls_key: str) -> ConfigError:
+    return r.fail(
+        name,
+        value,
+        f"only takes effect with mutual TLS: set {tls_key}.client_ca_file (the CA of client "
+        f"certificates), or remove {name}",
+    )
 
 
 def _address(r: _Reader, name: str, default: object = _REQUIRED) -> str:
@@ -363,6 +413,12 @@ def _load_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} does not exist") from None
     except PermissionError:
         raise ConfigError(f"config file {path} is not readable by this user") from None
+    except IsADirectoryError:
+        raise ConfigError(
+            f"config file {path} is a directory: give the path of the TOML file"
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
 
@@ -493,7 +549,14 @@ def parse_gateway_config(data: Mapping[str, Any], source: Path) -> GatewayConfig
     a = root.table("api")
     api_listen = _address(a, "listen", "127.0.0.1:7443")
     api_tls = _tls_server(a, "tls", "plaintext")
-    api = ApiConfig(listen=api_listen, tls=api_tls, admin_subjects=_admin_subjects(a, api_tls))
+    api = ApiConfig(
+        listen=api_listen,
+        tls=api_tls,
+        admin_subjects=a.identities("admin_subjects", api_tls, "api.tls"),
+        max_concurrent_rpcs=a.integer(
+            "max_concurrent_rpcs", DEFAULT_API_MAX_CONCURRENT_RPCS, 1, 10_000
+        ),
+    )
     a.finish()
 
     mt = root.table("metrics")
@@ -525,27 +588,6 @@ def parse_gateway_config(data: Mapping[str, Any], source: Path) -> GatewayConfig
     )
 
 
-def _admin_subjects(a: _Reader, tls: TlsServer | None) -> tuple[str, ...]:
-    if not a.has("admin_subjects"):
-        return ()
-    v = a._get("admin_subjects", None)
-    if not isinstance(v, list) or not all(isinstance(s, str) and s.strip() for s in v):
-        raise a.fail(
-            "admin_subjects",
-            v,
-            'expected a list of certificate subjects, e.g. ["operator"] or '
-            '["CN=operator,O=Example"]',
-        )
-    if tls is None or tls.client_ca_file is None:
-        raise a.fail(
-            "admin_subjects",
-            v,
-            "only takes effect with mutual TLS: set api.tls.client_ca_file (the CA of client "
-            "certificates), or remove admin_subjects",
-        )
-    return tuple(s.strip() for s in v)
-
-
 def _profiles(root: _Reader) -> ProfilesConfig:
     pr = root.table("profiles")
     fallback = pr.string("fallback", "json@1")
@@ -574,20 +616,78 @@ def parse_ledger_config(data: Mapping[str, Any], source: Path) -> LedgerNodeConf
     listen = _address(n, "listen", "127.0.0.1:7001")
     db_path = n.path("db_path", _REQUIRED)
     tls = _tls_server(n, "tls", "plaintext")
+    mutual = tls is not None and tls.client_ca_file is not None
+    readers = n.identities("readers", tls, "node.tls")
+    max_concurrent_rpcs = n.integer(
+        "max_concurrent_rpcs", DEFAULT_NODE_MAX_CONCURRENT_RPCS, 1, 10_000
+    )
+    max_batch_bytes = n.integer(
+        "max_batch_bytes", DEFAULT_NODE_MAX_BATCH_BYTES, 64 * 1024, 256 * 1024 * 1024
+    )
     n.finish()
     gk = root.table("gateways", required=True)
     keys: dict[str, Path] = {}
+    clients: dict[str, Identity] = {}
     for gid in list(gk._data):
         if not gid or not all(c.isalnum() or c in "-_." for c in gid):
             raise gk.fail(gid, gk._data[gid], "gateway ids are letters, digits, '-', '_', '.'")
-        keys[gid] = gk.path(gid)
+        if isinstance(gk._data[gid], dict):
+            g = gk.table(gid)
+            keys[gid] = g.path("public_key")
+            key_reader, key_name = g, "public_key"
+            client = _gateway_client(g, mutual)
+            if client is not None:
+                clients[gid] = client
+            g.finish()
+        else:
+            keys[gid] = gk.path(gid)
+            key_reader, key_name = gk, gid
+            if mutual:
+                raise gk.fail(
+                    gid,
+                    gk._data[gid],
+                    "with node.tls.client_ca_file set, bind the gateway to its client "
+                    f'certificate: "{gid}" = {{ public_key = "...pem", client_subject = '
+                    '"CN=...,O=..." }, or client_uri = "uri:..." in place of client_subject',
+                )
         if not keys[gid].is_file():
-            raise gk.fail(gid, str(keys[gid]), "expected the gateway's public key PEM file")
+            raise key_reader.fail(
+                key_name, str(keys[gid]), "expected the gateway's public key PEM file"
+            )
     gk.finish()
     root.finish()
     return LedgerNodeConfig(
-        node_id=node_id, listen=listen, db_path=db_path, gateway_keys=keys, tls=tls, source=source
+        node_id=node_id,
+        listen=listen,
+        db_path=db_path,
+        gateway_keys=keys,
+        tls=tls,
+        source=source,
+        gateway_clients=clients,
+        readers=readers,
+        max_concurrent_rpcs=max_concurrent_rpcs,
+        max_batch_bytes=max_batch_bytes,
     )
+
+
+def _gateway_client(g: _Reader, mutual: bool) -> Identity | None:
+    """The certificate identity a [gateways] table binds its gateway to (mutual TLS only)."""
+    subject = g._get("client_subject", None)
+    uri = g._get("client_uri", None)
+    if subject is not None and uri is not None:
+        raise g.fail("client_uri", uri, "set one of client_subject and client_uri, not both")
+    if subject is None and uri is None:
+        if mutual:
+            raise ConfigError(
+                f"config {g._source}: {g._key('client_subject')} is missing: with "
+                "node.tls.client_ca_file set, each gateway is bound to its client certificate "
+                'by client_subject = "CN=...,O=..." or client_uri = "uri:..."'
+            )
+        return None
+    name, value = ("client_subject", subject) if subject is not None else ("client_uri", uri)
+    if not mutual:
+        raise _mutual_tls_only(g, name, value, "node.tls")
+    return g.identity(name, value, uri=name == "client_uri")
 
 
 def load_ledger_config(path: Path) -> LedgerNodeConfig:

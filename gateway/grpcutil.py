@@ -56,16 +56,20 @@ def channel_options(keepalive_s: float) -> Sequence[tuple[str, int]]:
     ]
 
 
-SERVER_OPTIONS: Sequence[tuple[str, int]] = [
-    # grpc binds with SO_REUSEPORT by default: a second server on the same port would
-    # silently take half the connections. A port in use is a start-up error instead.
-    ("grpc.so_reuseport", 0),
-    ("grpc.max_send_message_length", 256 * 1024 * 1024),
-    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-    ("grpc.http2.max_ping_strikes", 0),
-]
+def server_options(max_receive_bytes: int) -> list[tuple[str, int]]:
+    """A server's options. grpc refuses a message over `max_receive_bytes` with
+    RESOURCE_EXHAUSTED as soon as its length prefix arrives, before buffering it or running
+    the handler: size it from what one call may legitimately carry."""
+    return [
+        # grpc binds with SO_REUSEPORT by default: a second server on the same port would
+        # silently take half the connections. A port in use is a start-up error instead.
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_send_message_length", 256 * 1024 * 1024),
+        ("grpc.max_receive_message_length", max_receive_bytes),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ("grpc.http2.max_ping_strikes", 0),
+    ]
 
 
 def aio_channel(address: str, tls: TlsClient | None, keepalive_s: float = 30.0) -> grpc.aio.Channel:

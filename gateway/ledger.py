@@ -3,6 +3,9 @@
 Promise: a batch is answered with a Receipt only after it is committed to SQLite on disk
 (WAL, synchronous=FULL); each gateway's chain is applied exactly once, in order, and a gap,
 a fork or a broken link is refused with the status the LedgerService contract names.
+Under mutual TLS a gateway's chain is written and its head read only with the client
+certificate bound to that gateway, and its batches are read only with that certificate or
+one listed in node.readers.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import logging
 import signal
 import sqlite3
 import time
+from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +35,7 @@ from gateway._pb.edgegateway.v1 import batch_pb2, ledger_pb2, ledger_pb2_grpc
 from gateway.batchformat import BatchInvalid
 from gateway.config import LedgerNodeConfig
 from gateway.errors import EXIT_IOERR, EXIT_OK, ConfigError, GatewayError, LedgerError
+from gateway.identity import Identity, peer_certificate
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +45,20 @@ T = TypeVar("T")
 SERVICE_NAME: str = ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name
 # Seconds in-flight calls get to finish when the node stops.
 SHUTDOWN_GRACE_S = 5.0
-# Bounds the work queued behind the single SQLite thread; excess calls get RESOURCE_EXHAUSTED
-# and the forwarder backs off.
-MAX_CONCURRENT_RPCS = 256
 # Batches fetched from SQLite per round trip while streaming ListBatches.
 LIST_PAGE = 32
 # SQLite integers are signed 64-bit; a uint64 seq beyond this cannot be stored anyway.
 _SQLITE_MAX_INT = 2**63 - 1
+# A SignedBatch beyond its leaves' bytes: the header and signature, and a tag and a length
+# per leaf, which is at most a quarter of the leaves (two bytes per leaf of eight or more).
+BATCH_FIXED_OVERHEAD = 64 * 1024
+
+
+def max_receive_bytes(max_batch_bytes: int) -> int:
+    """The largest request the node accepts: a batch of node.max_batch_bytes leaf bytes and
+    its framing. grpc refuses a bigger one before buffering it (RESOURCE_EXHAUSTED)."""
+    return max_batch_bytes + max_batch_bytes // 4 + BATCH_FIXED_OVERHEAD
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (
@@ -351,6 +363,29 @@ def load_gateway_keys(paths: Mapping[str, Path]) -> dict[str, ec.EllipticCurvePu
     return keys
 
 
+@dataclass(frozen=True, slots=True)
+class ClientAccess:
+    """Under mutual TLS: the certificate identity bound to each gateway id, and the
+    identities that may read every gateway's batches."""
+
+    gateways: Mapping[str, Identity]
+    readers: tuple[Identity, ...] = ()
+
+    @classmethod
+    def of(cls, cfg: LedgerNodeConfig) -> ClientAccess | None:
+        """None when the node takes no client certificates (plain text, no client CA)."""
+        if cfg.tls is None or cfg.tls.client_ca_file is None:
+            return None
+        return cls(dict(cfg.gateway_clients), cfg.readers)
+
+    def shared(self) -> list[list[str]]:
+        """Groups of gateway ids bound to one identity: each may act for the others."""
+        by_identity: defaultdict[object, list[str]] = defaultdict(list)
+        for gid, ident in self.gateways.items():
+            by_identity[(ident.uri, ident.subject)].append(gid)
+        return [sorted(g) for g in by_identity.values() if len(g) > 1]
+
+
 class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     """LedgerService over one LedgerStore; each gateway's submissions are applied one at a time."""
 
@@ -360,12 +395,50 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         keys: Mapping[str, ec.EllipticCurvePublicKey],
         store: LedgerStore,
         verify_executor: ThreadPoolExecutor | None = None,
+        access: ClientAccess | None = None,
     ) -> None:
         self._node_id = node_id
         self._keys = dict(keys)
         self._store = store
         self._verify_executor = verify_executor
+        self._access = access
         self._locks = {gid: asyncio.Lock() for gid in self._keys}
+
+    async def _authorize(
+        self,
+        method: str,
+        gateway_id: str,
+        context: grpc.aio.ServicerContext[Any, Any],
+        *,
+        read: bool,
+    ) -> None:
+        """Under mutual TLS: the gateway's own certificate, or for a read a reader's."""
+        if self._access is None:
+            return
+        peer = peer_certificate(context.auth_context())
+        if peer is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required")
+            return
+        bound = self._access.gateways.get(gateway_id)
+        if bound is not None and bound.matches(peer):
+            return
+        if read and peer.is_any(self._access.readers):
+            return
+        who = peer.description
+        log.warning("%s for gateway %r refused to %s", method, gateway_id, who)
+        if bound is None and not read:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"gateway {gateway_id!r} is not registered on ledger node {self._node_id}: "
+                "add its public key and client certificate under [gateways]",
+            )
+        allowed = "the certificate bound to it under [gateways]"
+        await context.abort(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"{method} for gateway {gateway_id!r} needs {allowed}"
+            + (" or one listed in node.readers" if read else "")
+            + f"; {who} is not one",
+        )
 
     async def SubmitBatch(
         self,
@@ -380,6 +453,14 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         except BatchInvalid as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         gateway_id = header.gateway_id
+        if header.seq > _SQLITE_MAX_INT:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"bad_header: seq {header.seq} is out of range: batch seqs go from 0 to "
+                f"{_SQLITE_MAX_INT}",
+            )
+        # Before the signature's CPU work: only the gateway's own certificate may write.
+        await self._authorize("SubmitBatch", gateway_id, context, read=False)
         key = self._keys.get(gateway_id)
         if key is None:
             await context.abort(
@@ -435,6 +516,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         request: ledger_pb2.GetHeadRequest,
         context: grpc.aio.ServicerContext[ledger_pb2.GetHeadRequest, ledger_pb2.Head],
     ) -> ledger_pb2.Head:
+        await self._authorize("GetHead", request.gateway_id, context, read=False)
         await self._require_registered(request.gateway_id, context)
         try:
             head = await self._store.head(request.gateway_id)
@@ -452,7 +534,14 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         request: ledger_pb2.ListBatchesRequest,
         context: grpc.aio.ServicerContext[ledger_pb2.ListBatchesRequest, batch_pb2.SignedBatch],
     ) -> AsyncIterator[batch_pb2.SignedBatch]:
+        await self._authorize("ListBatches", request.gateway_id, context, read=True)
         await self._require_registered(request.gateway_id, context)
+        if request.from_seq > _SQLITE_MAX_INT:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"from_seq {request.from_seq} is out of range: batch seqs go from 0 to "
+                f"{_SQLITE_MAX_INT}",
+            )
         remaining = request.limit or None
         seq = request.from_seq
         while remaining is None or remaining > 0:
@@ -491,13 +580,24 @@ async def serve(
     """Run the node until `stop` is set (forever without one); then drain and close."""
     certcheck.check_ledger(cfg)
     keys = load_gateway_keys(cfg.gateway_keys)
+    access = ClientAccess.of(cfg)
+    for group in access.shared() if access is not None else []:
+        log.warning(
+            "gateways %s are bound to one client certificate: each may write the others' "
+            "chains; give each gateway a certificate of its own",
+            ", ".join(group),
+        )
     store = await LedgerStore.open(cfg.db_path)
     verify_executor = ThreadPoolExecutor(thread_name_prefix="ledger-verify")
     try:
+        # Past max_concurrent_rpcs grpc answers RESOURCE_EXHAUSTED and the forwarder backs
+        # off: it bounds the work queued behind the single SQLite thread, and the memory
+        # held by calls in flight (each up to max_receive_bytes).
         server = grpc.aio.server(
-            options=grpcutil.SERVER_OPTIONS, maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS
+            options=grpcutil.server_options(max_receive_bytes(cfg.max_batch_bytes)),
+            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
         )
-        servicer = LedgerServicer(cfg.node_id, keys, store, verify_executor)
+        servicer = LedgerServicer(cfg.node_id, keys, store, verify_executor, access)
         # The generated registration helper carries no annotations.
         ledger_pb2_grpc.add_LedgerServiceServicer_to_server(servicer, server)
         # grpc-stubs predates the asyncio health servicer; it exists since grpcio-health 1.30.

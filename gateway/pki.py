@@ -8,6 +8,7 @@ not an X.509 key at all and never leaves the HSM.
 from __future__ import annotations
 
 import datetime as dt
+import grp
 import ipaddress
 import os
 from collections.abc import Mapping, Sequence
@@ -152,12 +153,16 @@ class Authority:
         hosts: Sequence[str],
         not_before: dt.datetime,
         not_after: dt.datetime,
+        san_uri: str | None = None,
+        subject: x509.Name | None = None,
     ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+        """A leaf for `common_name` in the dev organisation, or for `subject` when given;
+        `san_uri` adds a URI SAN (e.g. a SPIFFE id) to a client certificate."""
         key = ec.generate_private_key(ec.SECP256R1())
         eku = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
         b = (
             x509.CertificateBuilder()
-            .subject_name(_name(common_name))
+            .subject_name(subject if subject is not None else _name(common_name))
             .issuer_name(self.cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
@@ -189,6 +194,9 @@ class Authority:
         )
         if server:
             b = b.add_extension(_san(hosts), critical=False)
+        elif san_uri is not None:
+            uri = x509.UniformResourceIdentifier(san_uri)
+            b = b.add_extension(x509.SubjectAlternativeName([uri]), critical=False)
         return key, b.sign(self.key, hashes.SHA256())
 
 
@@ -221,8 +229,14 @@ def make_dev_pki(
     *,
     force: bool = False,
     now: dt.datetime | None = None,
+    group: str | None = None,
 ) -> DevPki:
-    """Write ca.crt/ca.key and <name>.crt/<name>.key for every entry of LEAVES into `out`."""
+    """Write ca.crt/ca.key and <name>.crt/<name>.key for every entry of LEAVES into `out`.
+
+    With `group` (root only), the directory and the leaf keys become readable by that
+    group (0750, 0640, owner root), as a service running as that group needs; the CA
+    key stays 0600."""
+    gid = _group_id(group)
     if days < 1:
         raise PkiError(f"pki dev --days {days}: expected at least 1")
     if not hosts:
@@ -262,10 +276,28 @@ def make_dev_pki(
             write_key(issued.key, key)
             write_cert(issued.cert, cert)
             leaves[spec.name] = issued
+        if gid is not None:
+            os.chown(out, 0, gid)
+            out.chmod(0o750)
+            for issued in leaves.values():
+                os.chown(issued.key, 0, gid)
+                issued.key.chmod(0o640)
     except OSError as e:
         raise PkiError(f"pki dev --out {out}: cannot write: {e}") from None
     ca_issued = Issued("ca", out / "ca.crt", out / "ca.key", subject_of(ca.cert), "the dev CA")
     return DevPki(dir=out, ca=ca_issued, leaves=leaves, not_after=not_after)
+
+
+def _group_id(group: str | None) -> int | None:
+    if group is None:
+        return None
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise PkiError(f"pki dev --group {group}: no such group") from None
+    if os.geteuid() != 0:
+        raise PkiError(f"pki dev --group {group}: changing owners needs root")
+    return gid
 
 
 def describe(pki: DevPki, hosts: Sequence[str]) -> list[str]:

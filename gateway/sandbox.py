@@ -8,9 +8,10 @@ the one that runs.
 
 With tls=True (the default) every link is TLS with client certificates from a
 throwaway `pki dev` CA, as production runs: Mosquitto requires a client
-certificate, ledger nodes require the gateway's, and the gateway API requires
-one and lets only the "admin" (operator) certificate submit and read
-transactions. tls=False keeps the plain-text mode for tests that need it.
+certificate, ledger nodes require the gateway's (bound to each gateway id they
+accept, with the operator as reader), and the gateway API requires one and lets
+only the "admin" (operator) certificate submit and read transactions.
+tls=False keeps the plain-text mode for tests that need it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -413,26 +415,43 @@ class Sandbox:
     # ---- ledger nodes -------------------------------------------------------
 
     def ledger(
-        self, node_id: str, gateway_keys: dict[str, Path], port: int | None = None
+        self,
+        node_id: str,
+        gateway_keys: dict[str, Path],
+        port: int | None = None,
+        node_extra: str = "",
+        clients: Mapping[str, str] | None = None,
     ) -> Ledger:
+        """A reference ledger node accepting `gateway_keys`. In TLS mode each gateway id is
+        bound to its entry in `clients` ("uri:..." or a subject DN), by default the sandbox's
+        gateway certificate. `node_extra` goes into [node] (e.g. "max_concurrent_rpcs = 4\n")."""
         port = port or free_port()
         d = self.root / node_id
         d.mkdir(exist_ok=True)
         db = d / "ledger.db"
         cfg = d / "ledger-node.toml"
-        keys = "\n".join(f'"{g}" = "{k}"' for g, k in gateway_keys.items())
         if self.pki is None:
             tls = "plaintext = true\n"
+            keys = "\n".join(f'"{g}" = "{k}"' for g, k in gateway_keys.items())
         else:
-            # Mutual TLS: only clients with a certificate from the sandbox CA get in.
+            # Mutual TLS: only clients with a certificate from the sandbox CA get in; each
+            # gateway id is bound to the gateway certificate, and the operator may read.
             tls = (
+                f'readers = ["{self.pki["operator"].subject}"]\n'
                 f'\n[node.tls]\ncert_file = "{self.pki["ledger"].cert}"\n'
                 f'key_file = "{self.pki["ledger"].key}"\n'
                 f'client_ca_file = "{self.pki.ca.cert}"\n'
             )
+            bound = {g: self.pki["gateway"].subject for g in gateway_keys} | dict(clients or {})
+            keys = "\n".join(
+                f'"{g}" = {{ public_key = "{k}", '
+                f"{'client_uri' if bound[g].startswith('uri:') else 'client_subject'} = "
+                f'"{bound[g]}" }}'
+                for g, k in gateway_keys.items()
+            )
         cfg.write_text(
             f'[node]\nid = "{node_id}"\nlisten = "127.0.0.1:{port}"\n'
-            f'db_path = "{db}"\n{tls}\n[gateways]\n{keys}\n'
+            f'db_path = "{db}"\n{node_extra}{tls}\n[gateways]\n{keys}\n'
         )
         p = Proc(
             name=node_id,

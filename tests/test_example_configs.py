@@ -119,9 +119,22 @@ def uncomment(text: str, index: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _entries(keys: set[str], map_tables: tuple[str, ...]) -> set[str]:
+    """Keys with the entries of a map table (one per gateway id) folded together: the ids
+    are data, not keys; the keys inside an entry's table are `<table>.*.<key>`."""
+    out = set()
+    for k in keys:
+        table = next((t for t in map_tables if k.startswith(t + ".")), None)
+        if table is None:
+            out.add(k)
+        elif "." in k[len(table) + 1 :]:
+            out.add(f"{table}.*.{k.rsplit('.', 1)[1]}")
+    return out
+
+
 def documented(text: str, map_tables: tuple[str, ...] = ()) -> set[str]:
     keys = _flatten(tomllib.loads(text)) | {k for _, k in commented_keys(text)}
-    return {k for k in keys if not k.startswith(tuple(t + "." for t in map_tables))}
+    return _entries(keys, map_tables)
 
 
 def keys_read(
@@ -143,7 +156,7 @@ def keys_read(
             parse(data)
         except ConfigError as e:
             assert "unknown key" not in str(e), f"documented key {key} is unknown: {e}"
-    return {k for k in seen if not k.startswith(tuple(t + "." for t in map_tables))}
+    return _entries(seen, map_tables)
 
 
 def parse_gateway(source: Path) -> Parse:
@@ -155,14 +168,15 @@ def parse_gateway(source: Path) -> Parse:
 
 def parse_ledger(source: Path, keys_dir: Path) -> Parse:
     """The ledger parser insists the gateways' public key files exist: point the
-    example's [gateways] entries at stand-ins in keys_dir."""
+    example's [gateways] entries (a path, or a table's public_key) at stand-ins in keys_dir."""
 
     def parse(data: dict[str, Any]) -> LedgerNodeConfig:
         keys_dir.mkdir(exist_ok=True)
-        stand_ins = {}
-        for gid in data.get("gateways", {}):
+        stand_ins: dict[str, Any] = {}
+        for gid, entry in data.get("gateways", {}).items():
             (keys_dir / f"{gid}.pem").write_text("stand-in\n")
-            stand_ins[gid] = str(keys_dir / f"{gid}.pem")
+            path = str(keys_dir / f"{gid}.pem")
+            stand_ins[gid] = {**entry, "public_key": path} if isinstance(entry, dict) else path
         return parse_ledger_config({**data, "gateways": stand_ins}, source)
 
     return parse
@@ -218,8 +232,22 @@ def test_ledger_example_parses_and_documents_every_key(record: set[str], tmp_pat
     cfg = parse(tomllib.loads(text))
     assert isinstance(cfg, LedgerNodeConfig)
     assert cfg.tls is not None and set(cfg.gateway_keys) == {"edge-01", "edge-02"}
+    assert {g: i.text for g, i in cfg.gateway_clients.items()} == {
+        "edge-01": "CN=edge-01,O=Example Carrier",
+        "edge-02": "uri:spiffe://carrier.example/gateway/edge-02",
+    }
     read = keys_read(text, parse, record, map_tables=("gateways",))
-    assert {"node.plaintext", "node.tls.client_ca_file", "node.db_path"} <= read
+    assert {
+        "node.plaintext",
+        "node.tls.client_ca_file",
+        "node.db_path",
+        "node.readers",
+        "node.max_concurrent_rpcs",
+        "node.max_batch_bytes",
+        "gateways.*.public_key",
+        "gateways.*.client_subject",
+        "gateways.*.client_uri",
+    } <= read
     assert_complete(text, read, map_tables=("gateways",))
 
 
@@ -282,11 +310,8 @@ def test_ledger_example_tls_files_are_what_pki_dev_writes(tmp_path: Path) -> Non
     tls = tmp_path / "tls"
     make_dev_pki(tls)
     text = LEDGER_EXAMPLE.read_text().replace("/etc/edge-ledger/tls/", f"{tls}/")
-    (index,) = [i for i, key in commented_keys(text) if key == "node.tls.client_ca_file"]
-    parse = parse_ledger(LEDGER_EXAMPLE, tmp_path / "keys")
-    for variant in (text, uncomment(text, index)):
-        cfg = parse(tomllib.loads(variant))
-        assert isinstance(cfg, LedgerNodeConfig) and cfg.tls is not None
-        assert cfg.tls.cert_file == tls / "ledger.crt"
-        check_ledger(cfg)
+    cfg = parse_ledger(LEDGER_EXAMPLE, tmp_path / "keys")(tomllib.loads(text))
+    assert isinstance(cfg, LedgerNodeConfig) and cfg.tls is not None
+    assert cfg.tls.cert_file == tls / "ledger.crt"
     assert cfg.tls.client_ca_file == tls / "ca.crt"
+    check_ledger(cfg)

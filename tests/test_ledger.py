@@ -422,7 +422,8 @@ def test_list_batches_returns_them_in_order(setup: Setup) -> None:
             assert await node.list(from_seq=35) == chain[35:]
             assert await node.list(from_seq=3, limit=33) == chain[3:36]
             assert await node.list(from_seq=40) == []
-            assert await node.list(from_seq=2**64 - 1, limit=2**64 - 1) == []
+            assert await node.list(from_seq=2**63 - 1, limit=2**64 - 1) == []
+            await expect_error(node.list(from_seq=2**63), grpc.StatusCode.INVALID_ARGUMENT)
             assert await node.list(OTHER_GW) == other
             await expect_error(node.list("edge-99"), grpc.StatusCode.NOT_FOUND)
 

@@ -25,7 +25,6 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway import certcheck, demo, pki, simulate
 from gateway._pb.edgegateway.v1 import gateway_pb2, gateway_pb2_grpc, ledger_pb2, ledger_pb2_grpc
-from gateway.authz import Peer
 from gateway.config import load_gateway_config, load_ledger_config, parse_gateway_config
 from gateway.errors import EXIT_CERTIFICATE, CertificateError, ConfigError
 from gateway.sandbox import ClientFiles, Hsm, Sandbox, free_port
@@ -101,32 +100,22 @@ def _api_config(api: dict[str, object]) -> dict[str, object]:
 def test_admin_subjects_need_mutual_tls() -> None:
     source = Path("/etc/edge-gateway/gateway.toml")
     tls = {"cert_file": "/tls/api.crt", "key_file": "/tls/api.key"}
+    ops = "CN=ops,O=Carrier"
     with pytest.raises(ConfigError) as e:
-        parse_gateway_config(_api_config({"tls": tls, "admin_subjects": ["operator"]}), source)
+        parse_gateway_config(_api_config({"tls": tls, "admin_subjects": [ops]}), source)
     assert str(e.value) == (
-        f"config {source}: api.admin_subjects = ['operator']: only takes effect with mutual "
+        f"config {source}: api.admin_subjects = ['{ops}']: only takes effect with mutual "
         "TLS: set api.tls.client_ca_file (the CA of client certificates), or remove "
         "admin_subjects"
     )
-    with pytest.raises(
-        ConfigError, match=re.escape("api.admin_subjects = 'operator': expected a list")
-    ):
-        parse_gateway_config(_api_config({"tls": tls, "admin_subjects": "operator"}), source)
+    with pytest.raises(ConfigError, match=re.escape(f"api.admin_subjects = '{ops}': expected a")):
+        parse_gateway_config(_api_config({"tls": tls, "admin_subjects": ops}), source)
     mutual = {**tls, "client_ca_file": "/tls/ca.crt"}
-    cfg = parse_gateway_config(
-        _api_config({"tls": mutual, "admin_subjects": ["operator", "CN=ops,O=Carrier"]}), source
-    )
-    assert cfg.api.admin_subjects == ("operator", "CN=ops,O=Carrier")
+    uri = "uri:spiffe://carrier.example/oss/submitter"
+    cfg = parse_gateway_config(_api_config({"tls": mutual, "admin_subjects": [ops, uri]}), source)
+    assert [i.text for i in cfg.api.admin_subjects] == [ops, uri]
+    assert cfg.api.admin_subjects[1].uri == "spiffe://carrier.example/oss/submitter"
     assert parse_gateway_config(_api_config({"tls": mutual}), source).api.admin_subjects == ()
-
-
-def test_an_admin_subject_matches_the_common_name_or_the_whole_subject() -> None:
-    peer = Peer(subject="CN=operator,O=Edge Gateway Dev PKI", common_name="operator")
-    assert peer.matches(["operator"])
-    assert peer.matches(["CN=operator,O=Edge Gateway Dev PKI"])
-    assert not peer.matches(["CN=operator"])  # a partial subject is not the subject
-    assert not peer.matches(["reader", "O=Edge Gateway Dev PKI"])
-    assert not peer.matches([])
 
 
 @pytest.fixture
@@ -153,7 +142,8 @@ def _ledger_cfg(tmp_path: Path, cert: Path, key: Path, ca: Path) -> Path:
     cfg.write_text(
         f'[node]\nid = "l1"\ndb_path = "{tmp_path / "l.db"}"\n[node.tls]\n'
         f'cert_file = "{cert}"\nkey_file = "{key}"\nclient_ca_file = "{ca}"\n'
-        f'[gateways]\ngw = "{tmp_path / "gw.pem"}"\n'
+        f'[gateways]\ngw = {{ public_key = "{tmp_path / "gw.pem"}", '
+        'client_subject = "CN=edge-gateway,O=Edge Gateway Dev PKI" }\n'
     )
     return cfg
 
