@@ -99,6 +99,8 @@ class Batcher:
             self.next_seq = last.seq + 1
             self.prev_hash = last.header_hash
             self.cursor = last.last_rowid
+        # Right after a restart, not only from the next signing on.
+        metrics.last_signed_seq.set(self.next_seq - 1)
         self.spool.on_commit(self._committed)
 
     def on_cut(self, listener: Callable[[], None]) -> None:

@@ -7,6 +7,7 @@ signature, the inclusion proof against the signed Merkle root, the leaf bytes.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric import ec
+from google.protobuf.message import Message
 
 from gateway import batchformat, merkle
 from gateway._pb.edgegateway.v1 import (
@@ -23,7 +25,7 @@ from gateway._pb.edgegateway.v1 import (
     transaction_pb2,
 )
 from gateway.config import TlsClient
-from gateway.errors import GatewayError
+from gateway.errors import EXIT_DEGRADED, EXIT_OK, GatewayError, Unreachable
 from gateway.grpcutil import aio_channel
 
 
@@ -95,7 +97,51 @@ def verify_chain(
     return n
 
 
-async def print_status(opts: ClientOptions) -> int:
+def _rpc_error(what: str, e: grpc.aio.AioRpcError) -> GatewayError:
+    if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        # exit 69: nothing answered
+        return Unreachable(f"{what} unreachable: {e.code().name}: {e.details()}")
+    return GatewayError(f"{what}: {e.code().name}: {e.details()}")
+
+
+def degraded(st: gateway_pb2.GatewayStatus) -> list[str]:
+    """Why the gateway is degraded; empty when it is not."""
+    reasons = []
+    ok = sum(1 for n in st.ledger_nodes if n.state == "ok")
+    if ok < st.quorum:
+        reasons.append(f"{ok} of {len(st.ledger_nodes)} ledger nodes ok, quorum {st.quorum}")
+    forked = [n.node_id for n in st.ledger_nodes if n.state == "forked"]
+    if forked:
+        reasons.append("ledger forked: " + ", ".join(forked))
+    if st.intake_paused:
+        reasons.append(f"intake paused: {st.intake_paused_reason}")
+    if st.hsm_state != "ok":
+        reasons.append(f"hsm {st.hsm_state or 'state unknown'}")
+    if not st.mqtt_connected:
+        reasons.append("mqtt disconnected")
+    return reasons
+
+
+def plain(msg: Message) -> dict[str, object]:
+    """A message's fields as JSON-ready values, every field present, 64-bit integers as
+    numbers (protobuf's JSON mapping would make them strings)."""
+    out: dict[str, object] = {}
+    for f in msg.DESCRIPTOR.fields:
+        v = getattr(msg, f.name)
+        if isinstance(v, Message):
+            out[f.name] = plain(v)
+        elif f.message_type is not None:  # repeated messages
+            out[f.name] = [plain(x) for x in v]
+        elif isinstance(v, str | bytes | bool | int | float):
+            out[f.name] = v
+        else:  # repeated scalars
+            out[f.name] = list(v)
+    return out
+
+
+async def print_status(opts: ClientOptions, as_json: bool = False) -> int:
+    """The status as a table (or one JSON object). Exit code 2 when the gateway is
+    degraded, with the reasons on one stderr line; 69 when it does not answer."""
     async with aio_channel(opts.address, opts.tls) as ch:
         stub = gateway_pb2_grpc.GatewayServiceStub(ch)
         try:
@@ -103,9 +149,21 @@ async def print_status(opts: ClientOptions) -> int:
                 gateway_pb2.GetStatusRequest(), timeout=10
             )
         except grpc.aio.AioRpcError as e:
-            raise GatewayError(
-                f"gateway at {opts.address}: {e.code().name}: {e.details()}"
-            ) from None
+            raise _rpc_error(f"gateway at {opts.address}", e) from None
+    if as_json:
+        print(json.dumps(plain(st), sort_keys=True))
+    else:
+        _print_table(st)
+    reasons = degraded(st)
+    if reasons:
+        print(
+            f"edge-gateway: gateway {st.gateway_id} degraded: {'; '.join(reasons)}", file=sys.stderr
+        )
+        return EXIT_DEGRADED
+    return EXIT_OK
+
+
+def _print_table(st: gateway_pb2.GatewayStatus) -> None:
     rows = [
         ("gateway", f"{st.gateway_id} (version {st.version}, up {st.uptime_s} s)"),
         ("intake", "PAUSED: " + st.intake_paused_reason if st.intake_paused else "open"),
@@ -132,7 +190,6 @@ async def print_status(opts: ClientOptions) -> int:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
-    return 0
 
 
 async def check_proof(opts: ClientOptions, tx_id: str, public_key: Path) -> int:
@@ -147,7 +204,7 @@ async def check_proof(opts: ClientOptions, tx_id: str, public_key: Path) -> int:
                 gateway_pb2.GetTransactionRequest(tx_id=tx_id), timeout=10
             )
         except grpc.aio.AioRpcError as e:
-            raise GatewayError(f"GetTransaction {tx_id}: {e.code().name}: {e.details()}") from None
+            raise _rpc_error(f"GetTransaction {tx_id}", e) from None
     header = verify_transaction(resp, key)
     tx = transaction_pb2.Transaction.FromString(resp.transaction)
     state = gateway_pb2.GetTransactionResponse.State.Name(resp.state)

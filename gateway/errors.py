@@ -10,11 +10,14 @@ from __future__ import annotations
 # Exit codes (sysexits.h where one fits). Documented in README.md.
 EXIT_OK = 0
 EXIT_FAILURE = 1
+EXIT_DEGRADED = 2  # `status`: the gateway answers but is degraded
 EXIT_USAGE = 64
 EXIT_DATAERR = 65  # spool integrity check failed
 EXIT_UNAVAILABLE = 69  # HSM module, token or key not found; broker/ledger unreachable at start
-EXIT_SOFTWARE = 70
+EXIT_SOFTWARE = 70  # a bug (traceback printed), or the intake process died
+EXIT_CANTCREAT = 73  # a file a command was asked to write cannot be written
 EXIT_IOERR = 74  # spool not writable
+EXIT_TEMPFAIL = 75  # another gateway holds the spool; a restart succeeds once it stopped
 EXIT_NOPERM = 77  # HSM PIN rejected, PIN file too open
 EXIT_CONFIG = 78  # configuration invalid
 EXIT_CERTIFICATE = 79  # a TLS certificate, key or CA file missing, expired or mismatched
@@ -62,6 +65,26 @@ class SpoolIntegrityError(SpoolError):
     """The spool file failed SQLite's integrity check; it is left untouched."""
 
     exit_code = EXIT_DATAERR
+
+
+class SpoolInUse(SpoolError):
+    """Another gateway process holds the spool. Two gateways on one spool would sign
+    the same seqs: a fork at the ledger. Temporary: systemd's restart succeeds once the
+    other one has stopped."""
+
+    exit_code = EXIT_TEMPFAIL
+
+
+class Unreachable(GatewayError):
+    """A broker, ledger node or gateway that a command needs does not answer."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+
+class OutputFileError(GatewayError):
+    """A file a command was asked to write (e.g. `hsm init --pem-out`) cannot be written."""
+
+    exit_code = EXIT_CANTCREAT
 
 
 class LedgerError(GatewayError):

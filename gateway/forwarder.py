@@ -48,6 +48,10 @@ class NodeState:
     last_error: str = ""
     sent: int = 0
     failures: int = 0
+    # Since when (monotonic) and after how many failed attempts the node has been
+    # unreachable or refusing; None while it answers.
+    down_since: float | None = None
+    down_attempts: int = 0
 
 
 def backoff_delay(attempt: int, initial: float, maximum: float, rng: random.Random) -> float:
@@ -72,6 +76,40 @@ class Forwarder:
         self._receipts: dict[str, collections.deque[asyncio.Future[None]]] = {
             n.ref.node_id: collections.deque() for n in self.nodes
         }
+        metrics.forwarder_quorum.set(cfg.quorum)
+        for n in self.nodes:
+            self._publish_state(n)
+
+    def _set_state(self, node: NodeState, state: str) -> None:
+        """Every change of a node's state goes through here, so the gauges follow it."""
+        if state in ("unreachable", "refused"):
+            if node.down_since is None:
+                node.down_since = time.monotonic()
+                node.down_attempts = 0
+            node.down_attempts += 1
+        if state != node.state:
+            node.state = state
+            self._publish_state(node)
+
+    def _working(self, node: NodeState) -> None:
+        """The node took a batch, or holds every one: state ok, and if it was unreachable
+        or refusing, one line saying it is back. (Answering GetHead alone is not enough: a
+        node that needs a pruned batch answers it, then refuses again.)"""
+        if node.down_since is not None:
+            log.info(
+                "ledger node %s reachable again at %s after %.0f s (%d failed attempts)",
+                node.ref.node_id,
+                node.ref.address,
+                time.monotonic() - node.down_since,
+                node.down_attempts,
+            )
+            node.down_since = None
+        self._set_state(node, "ok")
+
+    def _publish_state(self, node: NodeState) -> None:
+        for s in metrics.LEDGER_NODE_STATES:
+            metrics.ledger_node_state.labels(node.ref.node_id, s).set(1 if s == node.state else 0)
+        metrics.ledger_nodes_ok.set(sum(1 for n in self.nodes if n.state == "ok"))
 
     def notify_signed(self, seq: int) -> None:
         self.last_signed_seq = max(self.last_signed_seq, seq)
@@ -147,14 +185,14 @@ class Forwarder:
                     await self._sync_head(node, stub)
                 if node.next_seq is None or node.next_seq > self.last_signed_seq:
                     if node.state not in ("forked",):
-                        node.state = "ok"
+                        self._working(node)
                     await self._wait(i, stop, 1.0)
                     continue
                 await self._send(node, stub, node.next_seq)
                 attempt = 0
                 continue
             except LedgerError as e:
-                node.state = "refused"
+                self._set_state(node, "refused")
                 node.last_error = str(e)
                 node.failures += 1
                 attempt += 1
@@ -172,14 +210,14 @@ class Forwarder:
                         node.ref.node_id,
                         e.details(),
                     )
-                    node.state = "resyncing"
+                    self._set_state(node, "resyncing")
                     node.next_seq = None
                     attempt += 1
                 elif code is grpc.StatusCode.ABORTED:  # the node holds another batch at this seq
                     self._forked(node, e.details() or "")
                     continue
                 else:
-                    node.state = "unreachable" if code in TRANSIENT else "refused"
+                    self._set_state(node, "unreachable" if code in TRANSIENT else "refused")
                     attempt += 1
                     if attempt == 1 or attempt % 10 == 0:
                         log.warning(
@@ -196,7 +234,7 @@ class Forwarder:
                 await asyncio.wait_for(stop.wait(), delay)
 
     def _forked(self, node: NodeState, detail: str) -> None:
-        node.state = "forked"
+        self._set_state(node, "forked")
         node.last_error = detail
         log.error(
             "LEDGER FORK: node %s holds a different batch than this gateway (%s); "
@@ -227,7 +265,7 @@ class Forwarder:
                 self._forked(node, f"header hash at seq {head.next_seq - 1} differs")
                 return
         node.next_seq = head.next_seq
-        node.state = "ok"
+        self._set_state(node, "ok")
         log.info("ledger %s head: next seq %d", node.ref.node_id, head.next_seq)
 
     async def _send(
@@ -270,7 +308,7 @@ class Forwarder:
         )
         node.next_seq = seq + 1
         node.sent += 1
-        node.state = "ok"
+        self._working(node)
         node.last_error = ""
         self.last_progress = time.monotonic()
         pending = self._receipts[node.ref.node_id]

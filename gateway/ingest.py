@@ -16,7 +16,9 @@ import json
 import logging
 import ssl
 import struct
+import sys
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, Protocol
@@ -34,6 +36,8 @@ from gateway.spool import AppendResult, Incoming, Outcome, RejectRecord, Spool, 
 
 log = logging.getLogger("gateway.ingest")
 PAYLOAD_HEAD_BYTES = 256
+# While the broker stays out of reach, its failure is logged at once, then at most this often.
+CONNECT_FAIL_LOG_EVERY_S = 30.0
 
 
 class Decoder(Protocol):
@@ -77,6 +81,25 @@ def dead_letter(
         separators=(",", ":"),
         sort_keys=True,
     ).encode("utf-8")
+
+
+def connect_failure(exc: BaseException | None) -> str:
+    """Why a connection to the broker failed, in the operator's words."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        what = exc.verify_message or exc.reason or str(exc)
+        return (
+            f"TLS: certificate verify failed ({what}): check mqtt.tls.ca_file against the "
+            "broker's certificate"
+        )
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS: {exc.reason or exc}: check mqtt.tls and the broker's TLS listener"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (no broker listening on that port)"
+    if isinstance(exc, TimeoutError):
+        return "timed out (the broker is not reachable from this host)"
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc) or type(exc).__name__
+    return "unknown reason" if exc is None else str(exc) or type(exc).__name__
 
 
 def device_from_topic(topic: str, level: int) -> str | None:
@@ -293,12 +316,19 @@ class MqttIngest:
         self._published: list[int] = []
         self._flush_scheduled = False
         self._held: list[tuple[str | None, str, bytes, int, int, int]] = []
+        # Connection failures since the last successful connect, when the first came and
+        # when one was last logged (the log says it once, then every ~30 s, then recovery).
+        self._fails = 0
+        self._failing_since = 0.0
+        self._fail_logged_at = 0.0
+        self._stopping = False
         self._client = self._make_client()
         spool.after_group(self._flush_acks)
 
     def _make_client(self) -> mqtt.Client:
         c = make_client(self.cfg)
         c.on_connect = self._on_connect
+        c.on_connect_fail = self._on_connect_fail
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
         c.on_publish = self._on_publish
@@ -318,6 +348,7 @@ class MqttIngest:
 
     def stop(self) -> None:
         """Stop intake: disconnect; unacknowledged messages stay with the broker."""
+        self._stopping = True
         self._new_generation()
         self._client.disconnect()
         self._client.loop_stop()
@@ -330,14 +361,55 @@ class MqttIngest:
         self, client: mqtt.Client, _u: Any, _flags: Any, reason: Any, _props: Any
     ) -> None:
         if reason.is_failure:
-            log.warning("mqtt connect to %s:%s refused: %s", self.cfg.host, self.cfg.port, reason)
+            self._connect_failed(f"refused by the broker: {reason}")
             return
         self._new_generation()
         self.connected = True
         metrics.mqtt_connected.set(1)
-        log.info("mqtt connected to %s:%s", self.cfg.host, self.cfg.port)
+        if self._fails:
+            log.info(
+                "mqtt connected to %s:%s after %d failed attempts over %.0f s",
+                self.cfg.host,
+                self.cfg.port,
+                self._fails,
+                time.monotonic() - self._failing_since,
+            )
+            self._fails = 0
+        else:
+            log.info("mqtt connected to %s:%s", self.cfg.host, self.cfg.port)
         self._subscribe()
         self.republish_dead_letters()
+
+    def _on_connect_fail(self, _client: mqtt.Client, _userdata: Any) -> None:
+        # paho calls this from inside its `except OSError:` around the connect, without
+        # the error; it is the exception being handled here (refused, TLS, timeout...).
+        self._connect_failed(connect_failure(sys.exc_info()[1]))
+
+    def _connect_failed(self, why: str) -> None:
+        """One line at the first failure, then at most every CONNECT_FAIL_LOG_EVERY_S while
+        it persists (paho keeps retrying with backoff up to mqtt.reconnect_max_s)."""
+        now = time.monotonic()
+        if not self._fails:
+            self._failing_since = now
+        self._fails += 1
+        if self._fails == 1:
+            self._fail_logged_at = now
+            log.warning(
+                "mqtt connect to %s:%s failed: %s; retrying with backoff",
+                self.cfg.host,
+                self.cfg.port,
+                why,
+            )
+        elif now - self._fail_logged_at >= CONNECT_FAIL_LOG_EVERY_S:
+            self._fail_logged_at = now
+            log.warning(
+                "mqtt connect to %s:%s failed: %s (still: %d attempts over %.0f s; retrying)",
+                self.cfg.host,
+                self.cfg.port,
+                why,
+                self._fails,
+                now - self._failing_since,
+            )
 
     def _subscribe(self) -> None:
         result, mid = self._client.subscribe([(t, 1) for t in self.topics])
@@ -387,7 +459,10 @@ class MqttIngest:
         self.connected = False
         self.subscribed.clear()
         metrics.mqtt_connected.set(0)
-        log.warning("mqtt disconnected: %s; reconnecting with backoff", reason)
+        if self._stopping:
+            log.info("mqtt disconnected: intake stopped")
+        else:
+            log.warning("mqtt disconnected: %s; reconnecting with backoff", reason)
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         topic = msg.topic

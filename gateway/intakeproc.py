@@ -15,7 +15,8 @@ The pipe between them carries small tuples.
 child -> parent: ("started",) | ("fatal", exit_code, message) |
     ("committed", max_rowid) after each group commit that stored rows |
     ("state", connected, subscribed, paused, inflight, stored, rejects) |
-    ("counters", {(metric, labels): delta}) | ("stopped",)
+    ("counters", {(metric, labels): delta}) | ("groups", {group commit size: count}) |
+    ("stopped",)
 parent -> child: ("cursor", last batched rowid) | ("pause",) | ("resume",) |
     ("reload",) | ("dead_letter", reject_id, topic, message) | ("stop",)
 
@@ -123,6 +124,7 @@ class _Child:
         self.spool.open(check_integrity=False)
         self._stored0 = self.spool.stored
         self._rejects0 = self.spool.rejects
+        self._groups_sent: dict[int, int] = {}
         self.profiles = ProfileSet.from_config(cfg)
         spool = self.spool
         self.mqtt = MqttIngest(
@@ -196,6 +198,13 @@ class _Child:
         delta = {k: v - sent.get(k, 0.0) for k, v in now.items() if v != sent.get(k, 0.0)}
         if delta:
             self.send(("counters", delta))
+        # Group commits happen here; the main process's histogram is the one scraped.
+        groups = dict(self.spool.group_sizes)  # one C-level copy: the writer thread adds
+        new = {n: c - self._groups_sent.get(n, 0) for n, c in groups.items()}
+        new = {n: c for n, c in new.items() if c > 0}
+        if new:
+            self.send(("groups", new))
+            self._groups_sent = groups
         return now
 
     def _handle(self, kind: str, msg: tuple[Any, ...]) -> None:
@@ -333,6 +342,10 @@ class IntakeProcess:
                 for (name, labels), delta in msg[1].items():
                     counter = self._counters[name]
                     (counter.labels(**dict(labels)) if labels else counter).inc(delta)
+            elif kind == "groups":
+                for size, count in msg[1].items():
+                    for _ in range(int(count)):
+                        metrics.group_commit_size.observe(int(size))
             elif kind == "started":
                 self._started.set()
             elif kind == "fatal":

@@ -98,6 +98,35 @@ intake_paused = Gauge("edge_gateway_intake_paused", "1 while intake is paused", 
 mqtt_connected = Gauge(
     "edge_gateway_mqtt_connected", "1 while connected to the broker", registry=REGISTRY
 )
+# Each node's state as one series per state (1 for the current one, 0 for the others),
+# so an alert can say `state="forked"` rather than decode a number.
+LEDGER_NODE_STATES = ("connecting", "ok", "resyncing", "unreachable", "refused", "forked")
+ledger_node_state = Gauge(
+    "edge_gateway_ledger_node_state",
+    "1 for the ledger node's current state, 0 for the others",
+    ["node", "state"],
+    registry=REGISTRY,
+)
+ledger_nodes_ok = Gauge(
+    "edge_gateway_ledger_nodes_ok", "Ledger nodes in state ok", registry=REGISTRY
+)
+forwarder_quorum = Gauge(
+    "edge_gateway_forwarder_quorum",
+    "Receipts a batch needs to count committed (forwarder.quorum)",
+    registry=REGISTRY,
+)
+hsm_up = Gauge("edge_gateway_hsm_up", "1 while the HSM signer's state is ok", registry=REGISTRY)
+build_info = Gauge(
+    "edge_gateway_build_info",
+    "Always 1; the gateway's version and Python version as labels",
+    ["version", "python"],
+    registry=REGISTRY,
+)
+start_time = Gauge(
+    "edge_gateway_start_time_seconds",
+    "Unix time the gateway service started",
+    registry=REGISTRY,
+)
 
 
 class BoxCollector:

@@ -1,9 +1,10 @@
 """The service: start every stage, watch them, stop them along one path.
 
-Start order: PIN, spool, HSM, forwarder and batcher resume, API server, MQTT;
-READY=1 once the subscription is up. SIGTERM (and tests, and fatal errors)
-take the same stop path: stop intake, flush the group commit, cut and sign the
-open batch, forward until the drain deadline, close.
+Start order: the spool's instance lock (one gateway per spool), PIN, spool, HSM,
+forwarder and batcher resume, API server, MQTT; READY=1 once the subscription is
+up. SIGTERM (and tests, and fatal errors) take the same stop path: stop intake,
+flush the group commit, cut and sign the open batch, forward until the drain
+deadline, close.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import platform
 import signal
 import time
 from dataclasses import dataclass
@@ -24,18 +26,18 @@ from prometheus_client import start_http_server
 
 from gateway import __version__, authz, certcheck, metrics
 from gateway._pb.edgegateway.v1 import gateway_pb2, gateway_pb2_grpc
-from gateway.api import SERVICE_NAME, GatewayApi
+from gateway.api import SERVICE_NAME, GatewayApi, server_options
 from gateway.batcher import Batcher
 from gateway.config import GatewayConfig
-from gateway.errors import EXIT_OK
+from gateway.errors import EXIT_OK, ConfigError
 from gateway.forwarder import Forwarder
-from gateway.grpcutil import SERVER_OPTIONS, add_port
+from gateway.grpcutil import add_port
 from gateway.ingest import Intake, make_client
 from gateway.intakeproc import IntakePool
 from gateway.notify import Notifier
 from gateway.profiles import ProfileSet
 from gateway.signer import Signer
-from gateway.spool import Spool, prune
+from gateway.spool import Spool, claim_instance, prune
 
 log = logging.getLogger("gateway.service")
 INTAKE_HEALTH = "edgegateway.v1.Intake"
@@ -73,6 +75,7 @@ class Gateway:
         self.profiles: ProfileSet | None = None
         self.ready = False
         self.exit_code = EXIT_OK
+        self._instance_fd: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._server: grpc.aio.Server | None = None
@@ -86,7 +89,9 @@ class Gateway:
     # ---- status ------------------------------------------------------------
 
     def status(self) -> gateway_pb2.GatewayStatus:
-        st = gateway_pb2.GatewayStatus(gateway_id=self.cfg.gateway_id, version=__version__)
+        st = gateway_pb2.GatewayStatus(
+            gateway_id=self.cfg.gateway_id, version=__version__, quorum=self.cfg.forwarder.quorum
+        )
         st.uptime_s = int(time.monotonic() - self.started_at)
         if self.spool is not None:
             child = self.mqtt
@@ -255,12 +260,18 @@ class Gateway:
 
     async def start(self) -> Started:
         cfg = self.cfg
+        # Before anything else: a second gateway on this spool stops here (exit 75).
+        self._instance_fd = claim_instance(cfg.spool.path)
+        metrics.start_time.set(time.time())
+        metrics.build_info.labels(__version__, platform.python_version()).set(1)
         certcheck.check_gateway(cfg)
         pin = cfg.hsm.pin.read()
         self.spool = Spool(cfg.spool, cfg.gateway_id, write_priority=True)
         await asyncio.to_thread(self.spool.open)
         self.signer = Signer(cfg.hsm, pin)
         del pin
+        signer = self.signer
+        metrics.hsm_up.set_function(lambda: 1.0 if signer.state == "ok" else 0.0)
         info = await asyncio.to_thread(self.signer.start)
         log.info(
             "hsm token %s key %s key_id %s", info.token_label, info.key_label, info.key_id.hex()
@@ -298,7 +309,9 @@ class Gateway:
         )
 
         server = grpc.aio.server(
-            options=list(SERVER_OPTIONS), interceptors=authz.interceptors(cfg.api)
+            options=server_options(cfg),
+            interceptors=authz.interceptors(cfg.api),
+            maximum_concurrent_rpcs=cfg.api.max_concurrent_rpcs,
         )
         api = GatewayApi(self.spool, api_intake, self.status, lambda: self.paused_reason)
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server(api, server)
@@ -318,9 +331,15 @@ class Gateway:
                 metrics.register_box_collector(cfg.spool.path.parent)
                 _box_registered = True
             host, _, port = cfg.metrics.listen.rpartition(":")
-            httpd, _thread = start_http_server(
-                int(port), addr=host.strip("[]"), registry=metrics.REGISTRY
-            )
+            try:
+                httpd, _thread = start_http_server(
+                    int(port), addr=host.strip("[]"), registry=metrics.REGISTRY
+                )
+            except OSError as e:
+                raise ConfigError(
+                    f"metrics.listen {cfg.metrics.listen}: cannot listen: "
+                    f"{e.strerror or e}: stop what holds the port or choose another"
+                ) from None
             metrics_port = httpd.server_address[1]
         self.mqtt.start()  # on this (the main) thread: see IntakeProcess.start
         await asyncio.to_thread(self.mqtt.wait_started)
@@ -421,6 +440,9 @@ class Gateway:
             await asyncio.to_thread(self.signer.close)
         if self.spool is not None:
             await asyncio.to_thread(self.spool.close)
+        if self._instance_fd is not None:
+            os.close(self._instance_fd)  # the last thing: the spool is closed
+            self._instance_fd = None
 
 
 def run(cfg: GatewayConfig) -> int:

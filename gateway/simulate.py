@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import random
 import ssl
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import aiomqtt
 
+from gateway.errors import CertificateError, Unreachable
 from gateway.profiles import synth
 from gateway.profiles.profileset import DEFAULT_PROFILES_DIR, read_profiles
 from gateway.profiles.spec import Profile, ProfileError
@@ -40,6 +43,7 @@ BAD_PAYLOADS = (
     b"\xff\xfe\x00",
     b"[" * 5000,
 )
+PROGRESS_EVERY_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,7 @@ class SimulateOptions:
     profiles: tuple[str, ...] = ()  # firmware profiles (name or name@version); () = json@1
     profiles_dir: Path = DEFAULT_PROFILES_DIR
     key_seed: str = synth.DEMO_SEED
+    progress: bool = False  # a line to stderr every PROGRESS_EVERY_S while it runs
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> SimulateOptions:
@@ -84,6 +89,7 @@ class SimulateOptions:
             profiles=tuple(a.profile or ()),
             profiles_dir=a.profiles_dir,
             key_seed=a.key_seed,
+            progress=not a.quiet,
         )
 
 
@@ -147,6 +153,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--key-seed",
         default=synth.DEMO_SEED,
         help="seed of the simulated devices' keys (demo only)",
+    )
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help=f"no progress line on stderr every {PROGRESS_EVERY_S:.0f} s, only the final one",
     )
 
 
@@ -223,25 +234,40 @@ async def run(opts: SimulateOptions) -> SimulateResult:
     keys = synth.DemoKeys(opts.key_seed)
     tls = None
     if opts.ca_file is not None:
-        tls = ssl.create_default_context(cafile=str(opts.ca_file))
-        if opts.cert_file is not None:
-            tls.load_cert_chain(str(opts.cert_file), str(opts.key_file) if opts.key_file else None)
+        try:
+            tls = ssl.create_default_context(cafile=str(opts.ca_file))
+            if opts.cert_file is not None:
+                key = str(opts.key_file) if opts.key_file else None
+                tls.load_cert_chain(str(opts.cert_file), key)
+        except OSError as e:  # ssl.SSLError included
+            files = ", ".join(str(f) for f in (opts.ca_file, opts.cert_file, opts.key_file) if f)
+            raise CertificateError(
+                f"simulate: TLS files {files} cannot be loaded: {e.strerror or e}"
+            ) from None
     per_device = opts.rate / max(1, opts.devices)
     interval = 1.0 / per_device if per_device > 0 else 0.0
     t0 = time.monotonic()
     deadline = t0 + opts.seconds
     quiet = logging.getLogger("gateway.simulate.mqtt")
     quiet.setLevel(logging.ERROR)  # aiomqtt warns on every pending publish beyond ten
-    async with aiomqtt.Client(
-        opts.host,
-        opts.port,
-        identifier=f"sim-{opts.seed}-{time.time_ns()}",
-        max_inflight_messages=65535,
-        max_queued_outgoing_messages=0,
-        tls_context=tls,
-        timeout=30,
-        logger=quiet,
-    ) as client:
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            client = await stack.enter_async_context(
+                aiomqtt.Client(
+                    opts.host,
+                    opts.port,
+                    identifier=f"sim-{opts.seed}-{time.time_ns()}",
+                    max_inflight_messages=65535,
+                    max_queued_outgoing_messages=0,
+                    tls_context=tls,
+                    timeout=30,
+                    logger=quiet,
+                )
+            )
+        except aiomqtt.MqttError as e:
+            raise Unreachable(
+                f"simulate: cannot connect to the MQTT broker at {opts.host}:{opts.port}: {e}"
+            ) from None
 
         async def device(i: int) -> None:
             rng = random.Random(opts.seed * 1_000_003 + i)
@@ -291,8 +317,29 @@ async def run(opts: SimulateOptions) -> SimulateResult:
                     seq += 1
                 sent += 1
 
-        async with asyncio.TaskGroup() as tg:
-            for i in range(opts.devices):
-                tg.create_task(device(i))
+        progress = asyncio.create_task(_progress(result, t0)) if opts.progress else None
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for i in range(opts.devices):
+                    tg.create_task(device(i))
+        finally:
+            if progress is not None:
+                progress.cancel()
     result.elapsed_s = time.monotonic() - t0
     return result
+
+
+async def _progress(result: SimulateResult, t0: float) -> None:
+    """Every PROGRESS_EVERY_S: elapsed, published, acknowledged, rate since the last line."""
+    last_t, last_acks = t0, 0
+    while True:
+        await asyncio.sleep(PROGRESS_EVERY_S)
+        now = time.monotonic()
+        rate = (result.acknowledged - last_acks) / max(1e-9, now - last_t)
+        print(
+            f"simulate: {now - t0:.0f} s, published {result.published}, acknowledged "
+            f"{result.acknowledged}, {rate:.0f} msg/s",
+            file=sys.stderr,
+            flush=True,
+        )
+        last_t, last_acks = now, result.acknowledged

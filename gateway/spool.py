@@ -9,6 +9,7 @@ for free); reads run on a small pool with their own connections.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import enum
 import fcntl
@@ -25,8 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from gateway import metrics
 from gateway.config import SpoolConfig
-from gateway.errors import SpoolError, SpoolIntegrityError
+from gateway.errors import SpoolError, SpoolIntegrityError, SpoolInUse
 
 log = logging.getLogger("gateway.spool")
 T = TypeVar("T")
@@ -240,6 +242,44 @@ class _Op:
 _STOP = object()
 
 
+def claim_instance(path: Path) -> int:
+    """One gateway per spool: take an exclusive, non-blocking flock on `<spool>.instance`
+    and return its descriptor, held until the process closes it or dies. A second
+    gateway on the same spool would sign the same seqs (a fork at the ledger), so it
+    must stop before it touches anything. `<spool>.lock` is not this lock: the writers
+    of one gateway take turns on it.
+
+    The descriptor is close-on-exec (O_CLOEXEC, and os.open's default): the intake
+    processes, spawned by fork and exec, never hold it, so the lock dies with the
+    process that took it."""
+    lock = Path(f"{path}.instance")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise SpoolError(f"spool.path {path}: cannot open {lock}: {e.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        except OSError:
+            holder = ""
+        finally:
+            os.close(fd)
+        who = f"pid {holder}" if holder.isdigit() else "pid unknown"
+        raise SpoolInUse(
+            f"spool {path} is in use by another gateway ({who}, lock {lock}): "
+            "stop that one first, or give this one its own spool.path"
+        ) from None
+    # The holder's pid, for the second one's message; only informative, so a full
+    # disk does not stop the start here (the spool's own checks say so next).
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    return fd
+
+
 class Spool:
     def __init__(self, cfg: SpoolConfig, gateway_id: str, write_priority: bool = False) -> None:
         """`write_priority`: this process's writes (a batch, its receipts: few and short)
@@ -263,6 +303,9 @@ class Spool:
         self.duplicates = 0
         self.rejects = 0
         self.commits = 0
+        # Group commits by size, for the intake process to hand to the main process's
+        # edge_gateway_group_commit_size (each process has its own registry).
+        self.group_sizes: collections.Counter[int] = collections.Counter()
         self.last_error: str | None = None
         self._pruned: dict[str, int] = {}
 
@@ -324,6 +367,10 @@ class Spool:
         except sqlite3.DatabaseError as e:
             problem = str(e)
         if problem is not None:
+            # One line, bounded: a report row may hold many newline-separated findings.
+            problem = " ".join(problem.split())
+            if len(problem) > 240:
+                problem = problem[:240] + " ..."
             raise SpoolIntegrityError(
                 f"spool {self.path} failed SQLite's integrity check ({problem}); it was left "
                 "untouched: keep it for analysis and move it aside to start with an empty spool"
@@ -575,6 +622,8 @@ class Spool:
 
             return fail
         self.commits += 1
+        self.group_sizes[len(appends)] += 1
+        metrics.group_commit_size.observe(len(appends))
         self.stored += stored
         self.duplicates += dup
         self.rejects += rej

@@ -131,7 +131,7 @@ class LedgerNodeStatus(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., next_seq: _Optional[int] = ..., last_error: _Optional[str] = ...) -> None: ...
 
 class GatewayStatus(_message.Message):
-    __slots__ = ("gateway_id", "version", "spool_depth", "oldest_pending_age_s", "last_signed_seq", "last_committed_seq", "hsm_state", "key_id", "mqtt_connected", "ledger_nodes", "cpu_percent", "memory_percent", "spool_disk_free_bytes", "intake_paused", "intake_paused_reason", "transactions_stored", "transactions_rejected", "uptime_s")
+    __slots__ = ("gateway_id", "version", "spool_depth", "oldest_pending_age_s", "last_signed_seq", "last_committed_seq", "hsm_state", "key_id", "mqtt_connected", "ledger_nodes", "cpu_percent", "memory_percent", "spool_disk_free_bytes", "intake_paused", "intake_paused_reason", "transactions_stored", "transactions_rejected", "uptime_s", "quorum")
     GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SPOOL_DEPTH_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +150,7 @@ class GatewayStatus(_message.Message):
     TRANSACTIONS_STORED_FIELD_NUMBER: _ClassVar[int]
     TRANSACTIONS_REJECTED_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    QUORUM_FIELD_NUMBER: _ClassVar[int]
     gateway_id: str
     version: str
     spool_depth: int
@@ -168,4 +169,5 @@ class GatewayStatus(_message.Message):
     transactions_stored: int
     transactions_rejected: int
     uptime_s: int
-    def __init__(self, gateway_id: _Optional[str] = ..., version: _Optional[str] = ..., spool_depth: _Optional[int] = ..., oldest_pending_age_s: _Optional[float] = ..., last_signed_seq: _Optional[int] = ..., last_committed_seq: _Optional[int] = ..., hsm_state: _Optional[str] = ..., key_id: _Optional[str] = ..., mqtt_connected: _Optional[bool] = ..., ledger_nodes: _Optional[_Iterable[_Union[LedgerNodeStatus, _Mapping]]] = ..., cpu_percent: _Optional[float] = ..., memory_percent: _Optional[float] = ..., spool_disk_free_bytes: _Optional[float] = ..., intake_paused: _Optional[bool] = ..., intake_paused_reason: _Optional[str] = ..., transactions_stored: _Optional[int] = ..., transactions_rejected: _Optional[int] = ..., uptime_s: _Optional[int] = ...) -> None: ...
+    quorum: int
+    def __init__(self, gateway_id: _Optional[str] = ..., version: _Optional[str] = ..., spool_depth: _Optional[int] = ..., oldest_pending_age_s: _Optional[float] = ..., last_signed_seq: _Optional[int] = ..., last_committed_seq: _Optional[int] = ..., hsm_state: _Optional[str] = ..., key_id: _Optional[str] = ..., mqtt_connected: _Optional[bool] = ..., ledger_nodes: _Optional[_Iterable[_Union[LedgerNodeStatus, _Mapping]]] = ..., cpu_percent: _Optional[float] = ..., memory_percent: _Optional[float] = ..., spool_disk_free_bytes: _Optional[float] = ..., intake_paused: _Optional[bool] = ..., intake_paused_reason: _Optional[str] = ..., transactions_stored: _Optional[int] = ..., transactions_rejected: _Optional[int] = ..., uptime_s: _Optional[int] = ..., quorum: _Optional[int] = ...) -> None: ...
