@@ -32,9 +32,11 @@ def _when(t: dt.datetime) -> str:
 
 
 class _Checker:
-    def __init__(self, source: Path, now: dt.datetime) -> None:
+    def __init__(self, source: Path, now: dt.datetime, warn_days: int = 0) -> None:
         self.source = source
         self.now = now
+        self.warn_before = now + dt.timedelta(days=warn_days)
+        self.warnings: list[str] = []
 
     def fail(self, key: str, path: Path, problem: str) -> CertificateError:
         return CertificateError(f"config {self.source}: {key} {path} {problem}")
@@ -78,6 +80,14 @@ class _Checker:
                 path,
                 f"is not valid before {_when(cert.not_valid_before_utc)} ({subject}): "
                 "check this machine's clock, or reissue it",
+            )
+        if cert.not_valid_after_utc < self.warn_before and not any(
+            f" {path} expires" in w for w in self.warnings
+        ):
+            days = (cert.not_valid_after_utc - self.now).days
+            self.warnings.append(
+                f"config {self.source}: {key} {path} expires on "
+                f"{_when(cert.not_valid_after_utc)}, in {days} days ({subject}): renew it"
             )
 
     def private_key(self, key: str, path: Path) -> PrivateKeyTypes:
@@ -155,12 +165,16 @@ def _now(now: dt.datetime | None) -> dt.datetime:
     return now if now is not None else dt.datetime.now(dt.UTC)
 
 
-def check_gateway(cfg: GatewayConfig, now: dt.datetime | None = None) -> None:
-    """Raise CertificateError for the first unusable TLS file of [mqtt], [forwarder], [api]."""
-    c = _Checker(cfg.source, _now(now))
+def check_gateway(
+    cfg: GatewayConfig, now: dt.datetime | None = None, warn_days: int = 30
+) -> list[str]:
+    """Raise CertificateError for the first unusable TLS file of [mqtt], [forwarder], [api];
+    return one line for each certificate that expires within `warn_days`."""
+    c = _Checker(cfg.source, _now(now), warn_days)
     c.client("mqtt.tls", cfg.mqtt.tls)
     c.client("forwarder.tls", cfg.forwarder.tls)
     c.server("api.tls", cfg.api.tls)
+    return c.warnings
 
 
 def check_ledger(cfg: LedgerNodeConfig, now: dt.datetime | None = None) -> None:

@@ -8,13 +8,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import socket
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from gateway import __version__
 from gateway.config import DEFAULT_PATH, load_gateway_config, load_ledger_config
-from gateway.errors import EXIT_USAGE, GatewayError
+from gateway.errors import (
+    EXIT_IOERR,
+    EXIT_NOPERM,
+    EXIT_SOFTWARE,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    GatewayError,
+    OutputFileError,
+)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -39,7 +51,13 @@ def _cmd_hsm(args: argparse.Namespace) -> int:
     print(f"key_id:      {info.key_id.hex()}")
     print(info.public_pem.decode("ascii"), end="")
     if args.pem_out:
-        args.pem_out.write_bytes(info.public_pem)
+        try:
+            args.pem_out.write_bytes(info.public_pem)
+        except OSError as e:
+            raise OutputFileError(
+                f"--pem-out {args.pem_out} cannot be written: {e.strerror or e}; the key is "
+                "on the token: run again with a writable path"
+            ) from None
         print(f"public key written to {args.pem_out}")
     return 0
 
@@ -55,7 +73,7 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from gateway import client
 
-    return asyncio.run(client.print_status(client.ClientOptions.from_args(args)))
+    return asyncio.run(client.print_status(client.ClientOptions.from_args(args), as_json=args.json))
 
 
 def _cmd_proof(args: argparse.Namespace) -> int:
@@ -83,8 +101,10 @@ def _cmd_pki(args: argparse.Namespace) -> int:
     from gateway import pki
 
     hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
-    made = pki.make_dev_pki(args.out, hosts, args.days, force=args.force)
+    made = pki.make_dev_pki(args.out, hosts, args.days, force=args.force, group=args.group)
     print("\n".join(pki.describe(made, hosts)))
+    if args.group:
+        print(f"leaf keys: mode 0640, group {args.group}; ca.key: mode 0600")
     return 0
 
 
@@ -108,8 +128,17 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plaintext", action="store_true", help="no TLS (only for loopback)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors exiting 64 (EX_USAGE, as documented), not 2. Sub-command
+    parsers are made of the same class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="edge-gateway", description=__doc__.splitlines()[0])
+    ap = _Parser(prog="edge-gateway", description=__doc__.splitlines()[0])
     ap.add_argument("--version", action="version", version=f"edge-gateway {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
@@ -128,12 +157,22 @@ def parser() -> argparse.ArgumentParser:
         hp.add_argument("--pem-out", type=Path, help="also write the public key PEM here")
         hp.set_defaults(fn=_cmd_hsm)
 
+    from gateway import provision
+
+    p = sub.add_parser("setup", help="first-run provisioning: profiles, keys, PIN, token, key")
+    provision.add_setup_arguments(p)
+    p = sub.add_parser("config", help="write a configuration, or check one without starting")
+    provision.add_config_arguments(p)
+    p = sub.add_parser("device", help="device keys for authenticating profiles")
+    provision.add_device_arguments(p)
+
     p = sub.add_parser("ledger-node", help="run the reference ledger node")
     p.add_argument("--config", type=Path, required=True)
     p.set_defaults(fn=_cmd_ledger)
 
     p = sub.add_parser("status", help="the gateway's status as a table")
     _client_args(p)
+    p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     p.set_defaults(fn=_cmd_status)
 
     p = sub.add_parser("proof", help="fetch a transaction's proof and verify it offline")
@@ -168,6 +207,7 @@ def parser() -> argparse.ArgumentParser:
     )
     pp.add_argument("--days", type=int, default=30, help="validity in days (default 30)")
     pp.add_argument("--force", action="store_true", help="replace a dev PKI already in --out")
+    pp.add_argument("--group", help="let this group read the leaf keys (0640; needs root)")
     pp.set_defaults(fn=_cmd_pki)
 
     p = sub.add_parser("demo", help="the whole pipeline on this machine, then a summary")
@@ -180,19 +220,51 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _quiet_grpc_core() -> None:
+    """gRPC's C core writes log lines of its own straight to stderr (absl's "WARNING: All
+    log messages before absl::InitializeLog() ...", "E0000 ... bind failed"), around the
+    one line the gateway prints. It reads GRPC_VERBOSITY once, when grpc is first
+    imported; this module imports grpc only inside the commands, after this ran. An
+    operator's own GRPC_VERBOSITY (and GRPC_TRACE, never set here) is kept."""
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
+
+def _os_error(cmd: str, e: OSError) -> tuple[str, int]:
+    """An OSError that reached the top: one line naming what failed, and its exit code."""
+    names = [str(f) for f in (e.filename, e.filename2) if f is not None]
+    what = (" -> ".join(names) + ": ") if names else ""
+    why = e.strerror or str(e) or type(e).__name__
+    if isinstance(e, PermissionError):
+        fix = "fix its owner or mode, or run as a user who may use it"
+        return f"{cmd}: {what}{why}: {fix}", EXIT_NOPERM
+    if isinstance(e, ConnectionError | TimeoutError | socket.gaierror):
+        return f"{cmd}: {what}{why}", EXIT_UNAVAILABLE
+    return f"{cmd}: {what}{why}", EXIT_IOERR
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _quiet_grpc_core()
     ap = parser()
     args = ap.parse_args(argv)
     try:
         code: int = args.fn(args)
         return code
     except GatewayError as e:
-        print(f"edge-gateway: {e}", file=sys.stderr)
+        # One line, always: a message quoting a library's report may hold newlines.
+        one_line = " ".join(str(e).splitlines())
+        print(f"edge-gateway: {one_line}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         return EXIT_USAGE
+    except OSError as e:
+        line, code = _os_error(args.cmd, e)
+        print(f"edge-gateway: {line}", file=sys.stderr)
+        return code
+    except Exception:  # a bug: its traceback is for the report, and 70 says so
+        traceback.print_exc()
+        return EXIT_SOFTWARE
 
 
 if __name__ == "__main__":
