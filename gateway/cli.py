@@ -38,13 +38,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_hsm(args: argparse.Namespace) -> int:
-    from gateway import signer
+    from gateway import provision, signer
 
     cfg = load_gateway_config(args.config)
-    pin = cfg.hsm.pin.read()
-    info = (
-        signer.init_key(cfg.hsm, pin) if args.hsm_cmd == "init" else signer.key_info(cfg.hsm, pin)
-    )
+    # Root reads a root-only PIN (a credential's source beside the config); the token is
+    # then used as the service's user, so the objects it creates stay the service's.
+    pin = provision.read_pin(cfg)
+    acct = provision.service_account(args.user)
+    make = signer.init_key if args.hsm_cmd == "init" else signer.key_info
+    info = provision.run_as(acct, lambda: make(cfg.hsm, pin))
     print(f"token:       {info.token_label} (serial {info.token_serial}, {info.token_model})")
     print(f"key:         label {info.key_label!r}, CKA_ID {info.cka_id.hex()}")
     print(f"sensitive:   {info.sensitive}   extractable: {info.extractable}")
@@ -155,6 +157,9 @@ def parser() -> argparse.ArgumentParser:
         hp = hsub.add_parser(name, help=text)
         hp.add_argument("--config", type=Path, default=DEFAULT_PATH)
         hp.add_argument("--pem-out", type=Path, help="also write the public key PEM here")
+        hp.add_argument(
+            "--user", help="use the token as this user (default: edge-gateway when run as root)"
+        )
         hp.set_defaults(fn=_cmd_hsm)
 
     from gateway import provision
@@ -205,7 +210,7 @@ def parser() -> argparse.ArgumentParser:
         default="127.0.0.1,localhost,::1",
         help="comma-separated names and addresses the server certificates carry",
     )
-    pp.add_argument("--days", type=int, default=30, help="validity in days (default 30)")
+    pp.add_argument("--days", type=int, default=90, help="validity in days (default 90)")
     pp.add_argument("--force", action="store_true", help="replace a dev PKI already in --out")
     pp.add_argument("--group", help="let this group read the leaf keys (0640; needs root)")
     pp.set_defaults(fn=_cmd_pki)

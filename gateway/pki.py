@@ -24,7 +24,8 @@ from gateway.errors import GatewayError
 
 ORGANIZATION = "Edge Gateway Dev PKI"
 DEFAULT_HOSTS = ("127.0.0.1", "localhost", "::1")
-DEFAULT_DAYS = 30
+# Longer than the 30 days within which start-up and `config check` warn of expiry.
+DEFAULT_DAYS = 90
 # Lab machines and VMs drift; a certificate that starts an hour ago still works on them.
 BACKDATE = dt.timedelta(hours=1)
 

@@ -264,7 +264,8 @@ class Gateway:
         self._instance_fd = claim_instance(cfg.spool.path)
         metrics.start_time.set(time.time())
         metrics.build_info.labels(__version__, platform.python_version()).set(1)
-        certcheck.check_gateway(cfg)
+        for warning in certcheck.check_gateway(cfg):
+            log.warning("%s", warning)
         pin = cfg.hsm.pin.read()
         self.spool = Spool(cfg.spool, cfg.gateway_id, write_priority=True)
         await asyncio.to_thread(self.spool.open)
