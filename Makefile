@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROTO_SRC := $(shell find protos -name '*.proto' | sort)
 
-.PHONY: all system-deps venv protos check-protos lint typecheck test unit integration demo bench faults deb clean
+.PHONY: all system-deps venv protos check-protos lint typecheck test unit integration demo bench faults fuzz deb clean
 
 all: test
 
@@ -57,6 +57,12 @@ bench: venv
 
 faults: venv
 	@$(PY) -m pytest -q tests/faults
+
+# 100,000 generated MQTT topics and payloads (and a gRPC slice) through a running gateway;
+# `make test` runs the same test with 2,000. FUZZ_MESSAGES and FUZZ_SEED override.
+fuzz: venv
+	@EDGE_GATEWAY_FUZZ_MESSAGES=$${FUZZ_MESSAGES:-100000} EDGE_GATEWAY_FUZZ_SEED=$${FUZZ_SEED:-20260301} \
+	  $(PY) -m pytest -q -s tests/fuzz
 
 # dist/edge-gateway_<version>_<arch>.deb: the service in /opt/edge-gateway, its units and users.
 deb: system-deps

@@ -2,7 +2,10 @@
 
 SubmitTransactions answers only after every accepted transaction is committed
 to the spool (promise 1), through the same intake as MQTT. A call bigger than
-max_receive_bytes is refused by grpc before it is buffered or reaches us.
+max_receive_bytes is refused by grpc before it is buffered or reaches us. A device
+id the profiles refuse (a wildcard, a NUL, too long) is that item's rejection
+(bad_device_id); nothing is built from it. An unexpected exception while taking a
+call in is a bug: the gateway stops (exit 70) and the call is answered INTERNAL.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from gateway import grpcutil, merkle
 from gateway._pb.edgegateway.v1 import batch_pb2, gateway_pb2, gateway_pb2_grpc
 from gateway.config import GatewayConfig
 from gateway.errors import Rejected
-from gateway.ingest import Intake
+from gateway.ingest import INVALID_DEVICE, Intake, valid_device
 from gateway.spool import AppendResult, Outcome, Spool
 
 MAX_PAYLOADS_PER_CALL = 10_000
@@ -131,14 +134,18 @@ class GatewayApi(gateway_pb2_grpc.GatewayServiceServicer):
             ) -> None:
                 loop.call_soon_threadsafe(_set, fut, (res, rej))
 
-            self.intake.submit(
-                p.device_id or None,
-                p.topic or f"grpc/{p.device_id}",
-                p.payload,
-                "grpc",
-                done,
-                p.profile or None,
-            )
+            shown = p.device_id if valid_device(p.device_id) or not p.device_id else INVALID_DEVICE
+            topic = p.topic or f"grpc/{shown}"
+            try:
+                self.intake.submit(
+                    p.device_id or None, topic, p.payload, "grpc", done, p.profile or None
+                )
+            except Exception as e:  # a bug: the gateway stops, the message is recorded
+                self.intake.guard.fatal(e, "grpc submit", (topic, p.payload))
+                await context.abort(
+                    grpc.StatusCode.INTERNAL,
+                    "internal error: the gateway restarts; retry once it serves again",
+                )
             futures.append(fut)
         outcomes = await asyncio.gather(*futures)
         resp = gateway_pb2.SubmitTransactionsResponse()

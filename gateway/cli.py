@@ -171,6 +171,11 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("device", help="device keys for authenticating profiles")
     provision.add_device_arguments(p)
 
+    p = sub.add_parser("broker", help="the MQTT broker's configuration for this gateway")
+    from gateway.broker import add_arguments as add_broker_arguments
+
+    add_broker_arguments(p)
+
     p = sub.add_parser("ledger-node", help="run the reference ledger node")
     p.add_argument("--config", type=Path, required=True)
     p.set_defaults(fn=_cmd_ledger)

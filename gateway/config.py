@@ -118,6 +118,9 @@ class MqttConfig:
     password_file: Path | None
     tls: TlsClient | None
     intake_processes: int = 1
+    # The prefix the broker's device listener puts before every device topic (Mosquitto's
+    # mount_point): subscriptions and dead letters go under it, received topics lose it.
+    mount_point: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +132,21 @@ class SpoolConfig:
     min_free_bytes: int
     max_pending_age_s: float
     retention_batches: int
+
+
+@dataclass(frozen=True, slots=True)
+class RejectsConfig:
+    """[rejects]: what refused payloads may cost. Each device (the id a reject names, or
+    `_invalid` / `_unknown`) has a budget: `burst` rejects recorded and dead-lettered one
+    by one, refilled at `per_s` by the gateway's clock; past it a reject is counted and
+    acknowledged only, and the device gets one summary dead letter per `summary_every_s`.
+    Recorded rejects are pruned after `retention_s` or beyond `max_kept`, oldest first."""
+
+    per_s: float = 0.1
+    burst: int = 100
+    summary_every_s: float = 60.0
+    retention_s: float = 7 * 86400.0
+    max_kept: int = 200_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +213,7 @@ class GatewayConfig:
     log_level: str
     source: Path = field(default=Path("<memory>"))
     profiles: ProfilesConfig | None = None
+    rejects: RejectsConfig = field(default_factory=RejectsConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -483,7 +502,7 @@ def parse_gateway_config(data: Mapping[str, Any], source: Path) -> GatewayConfig
         client_id=client_id,
         topics=topics,
         device_id_level=device_id_level,
-        reject_topic_prefix=m.string("reject_topic_prefix", "devices/rejected"),
+        reject_topic_prefix=_reject_prefix(m),
         keepalive_s=m.integer("keepalive_s", 30, 5, 3600),
         session_expiry_s=m.integer("session_expiry_s", 86400, 60, 0xFFFFFFFF),
         receive_maximum=m.integer("receive_maximum", 1000, 1, 65535),
@@ -494,6 +513,7 @@ def parse_gateway_config(data: Mapping[str, Any], source: Path) -> GatewayConfig
         password_file=m.opt_path("password_file"),
         tls=_tls_client(m, "tls", "plaintext"),
         intake_processes=m.integer("intake_processes", 1, 1, 8),
+        mount_point=_mount_point(m),
     )
     m.finish()
 
@@ -509,6 +529,16 @@ def parse_gateway_config(data: Mapping[str, Any], source: Path) -> GatewayConfig
         retention_batches=s.integer("retention_batches", 100_000, 0, 2**62),
     )
     s.finish()
+
+    r = root.table("rejects")
+    rejects = RejectsConfig(
+        per_s=r.number("per_s", 0.1, 0, 1e6),
+        burst=r.integer("burst", 100, 1, 10**9),
+        summary_every_s=r.number("summary_every_s", 60.0, 0.1, 86400),
+        retention_s=r.number("retention_s", 7 * 86400.0, 1, 10 * 365 * 86400),
+        max_kept=r.integer("max_kept", 200_000, 1, 10**10),
+    )
+    r.finish()
 
     b = root.table("batch")
     batch = BatchConfig(
@@ -585,7 +615,46 @@ def parse_gateway_config(data: Mapping[str, Any], source: Path) -> GatewayConfig
         log_level=log_level,
         source=source,
         profiles=profiles,
+        rejects=rejects,
     )
+
+
+def _mount_point(m: _Reader) -> str:
+    """mqtt.mount_point: empty, or a topic name ending in '/' (the broker prefixes it)."""
+    mount = m.opt_string("mount_point") or ""
+    if mount and (
+        mount.startswith(("$", "/"))
+        or not mount.endswith("/")
+        or "//" in mount
+        or any(c in mount for c in "+#\0")
+    ):
+        raise m.fail(
+            "mount_point",
+            mount,
+            "expected the broker's device listener mount_point: topic levels ending in '/', "
+            "without '+', '#', NUL or a leading '$' or '/', e.g. \"edge-devices/\"",
+        )
+    return mount
+
+
+def _reject_prefix(m: _Reader) -> str:
+    """mqtt.reject_topic_prefix: the gateway publishes under it, so it must be a topic name
+    (no wildcard, no NUL, not a $ topic) with room for a device id below it."""
+    prefix = m.string("reject_topic_prefix", "devices/rejected")
+    if (
+        not prefix
+        or prefix.startswith("$")
+        or any(c in prefix for c in "+#\0")
+        or prefix.endswith("/")
+        or len(prefix.encode("utf-8")) > 1024
+    ):
+        raise m.fail(
+            "reject_topic_prefix",
+            prefix,
+            "expected a topic name of at most 1024 bytes without '+', '#', NUL, a leading '$' "
+            "or a trailing '/', e.g. \"devices/rejected\"",
+        )
+    return prefix
 
 
 def _profiles(root: _Reader) -> ProfilesConfig:

@@ -210,6 +210,14 @@ def run_demo(
                 "devices and the gateway to MQTT, the gateway to the ledger nodes, "
                 "operators to the API"
             )
+        login = sb.broker_logins.get(broker.port)
+        if login is not None:
+            say(
+                f"broker from `edge-gateway broker config` (lab form): devices on "
+                f"127.0.0.1:{broker.port}, bound to their own topics by certificate, below "
+                f"{login.mount_point!r}; the simulator's certificate publishes for every "
+                f"device; gateways on 127.0.0.1:{login.gateway_port} with a password"
+            )
         ports = [free_port() for _ in range(3)]
         names = [f"ledger-{i + 1}" for i in range(3)]
         opts = sb.simulate_options(

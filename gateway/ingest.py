@@ -7,11 +7,22 @@ on: after a reconnect the broker re-sends what was not acknowledged (the
 persistent session, clean_start false), and the spool absorbs the duplicate.
 Rejected payloads are recorded in the spool, published to the dead-letter
 topic and then acknowledged, so the broker does not redeliver them forever.
+
+Nothing a device sends reaches a topic the gateway publishes unchecked: a dead
+letter goes to `<prefix>/<device>` only for a device id the profiles allow, else
+to `<prefix>/_invalid` (or `_unknown` without one), and what is stored and
+published of a reject is bounded whatever its topic and payload. Each device has
+a reject budget; past it, its rejects are counted and acknowledged, and it gets
+one summary dead letter per window. An unexpected exception anywhere in intake
+is a bug: it goes to the process's gateway.poison.Guard, which stops the gateway.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import functools
+import hashlib
 import json
 import logging
 import ssl
@@ -19,6 +30,7 @@ import struct
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, Protocol
@@ -30,12 +42,37 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from gateway import metrics
-from gateway.config import MqttConfig
+from gateway.config import MqttConfig, RejectsConfig
 from gateway.errors import ConfigError, Rejected
-from gateway.spool import AppendResult, Incoming, Outcome, RejectRecord, Spool, now_ms
+from gateway.poison import POISON_AFTER, Guard
+from gateway.profiles.builtin import DEVICE_ID_RE
+from gateway.profiles.ratelimit import RateLimiter
+from gateway.spool import (
+    NOT_STORED,
+    AppendItem,
+    AppendResult,
+    Incoming,
+    NotStored,
+    Outcome,
+    RejectRecord,
+    Spool,
+    now_ms,
+)
 
 log = logging.getLogger("gateway.ingest")
 PAYLOAD_HEAD_BYTES = 256
+# What a dead letter (and the spool's copy of it) keeps of a reject's text, at most, in
+# bytes of its JSON form: with the head, a dead letter stays under DEAD_LETTER_MAX_BYTES.
+DETAIL_BYTES = 384
+TOPIC_BYTES = 256
+DEVICE_PREFIX_BYTES = 64
+DEAD_LETTER_MAX_BYTES = 1536
+# Dead-letter topic levels for a device id the profiles refuse, and for none at all.
+INVALID_DEVICE = "_invalid"
+UNKNOWN_DEVICE = "_unknown"
+MAX_TOPIC_BYTES = 65535  # MQTT's limit on a topic name
+# Devices over their reject budget at once; past it their summaries are written early.
+MAX_SUMMARIES = 10_000
 # While the broker stays out of reach, its failure is logged at once, then at most this often.
 CONNECT_FAIL_LOG_EVERY_S = 30.0
 
@@ -52,9 +89,44 @@ class Decoder(Protocol):
     ) -> Incoming: ...
 
 
+def valid_device(device_id: str | None) -> str | None:
+    """`device_id` if the profiles allow it (DEVICE_ID_RE, the whole string), else None."""
+    if device_id and len(device_id) <= 128 and DEVICE_ID_RE.fullmatch(device_id):
+        return device_id
+    return None
+
+
+def device_key(device_id: str | None) -> str:
+    """The device a reject is counted, budgeted and dead-lettered under."""
+    return valid_device(device_id) or (INVALID_DEVICE if device_id else UNKNOWN_DEVICE)
+
+
+def publishable(topic: str) -> bool:
+    """A topic name the gateway may publish to: no wildcard, no NUL, within MQTT's limit."""
+    return (
+        bool(topic)
+        and "+" not in topic
+        and "#" not in topic
+        and "\0" not in topic
+        and len(topic.encode("utf-8", "surrogatepass")) <= MAX_TOPIC_BYTES
+    )
+
+
+def bounded(text: str, limit: int) -> str:
+    """`text`, cut so that its JSON string form (UTF-8, escapes included) takes at most
+    `limit` bytes."""
+    out = text[:limit]
+    for _ in range(64):  # each round cuts a quarter at least
+        size = len(json.dumps(out, ensure_ascii=False).encode("utf-8", "backslashreplace")) - 2
+        if size <= limit:
+            return out
+        out = out[: min(len(out) - 1, len(out) * limit // size)]
+    return ""
+
+
 def dead_letter(
     rej: Rejected,
-    device_id: str,
+    device_id: str | None,
     topic: str,
     payload: bytes,
     received_ms: int,
@@ -62,25 +134,34 @@ def dead_letter(
 ) -> bytes:
     """The dead-letter JSON: reason, detail, device, topic, time, payload hash and head.
 
-    A payload that carries subscriber identities (a profile's `pseudonymise`
-    fields) never reaches the dead-letter topic in clear: its head is left out.
+    Bounded whatever the input: the detail and topic are cut, a device id the profiles
+    refuse is given as `_invalid` with its SHA-256 and first characters. A payload that
+    carries subscriber identities (a profile's `pseudonymise` fields) never reaches the
+    dead-letter topic in clear: its head is left out.
     """
     personal = bool(getattr(rej, "personal_data", False))
     head = b"" if personal else payload[:PAYLOAD_HEAD_BYTES]
-    return json.dumps(
-        {
-            "reason": rej.reason,
-            "detail": rej.detail,
-            "device": device_id,
-            "topic": topic,
-            "received_ms": received_ms,
-            "payload_sha256": payload_sha256.hex(),
-            "payload_size": len(payload),
-            "payload_head_b64": base64.b64encode(head).decode("ascii"),
-        },
-        separators=(",", ":"),
-        sort_keys=True,
-    ).encode("utf-8")
+    device = valid_device(device_id)
+    doc: dict[str, object] = {
+        "reason": rej.reason,
+        "detail": bounded(rej.detail, DETAIL_BYTES),
+        "device": device or (INVALID_DEVICE if device_id else ""),
+        "topic": bounded(topic, TOPIC_BYTES),
+        "received_ms": received_ms,
+        "payload_sha256": payload_sha256.hex(),
+        "payload_size": len(payload),
+        "payload_head_b64": base64.b64encode(head).decode("ascii"),
+    }
+    if device is None and device_id:
+        raw = device_id.encode("utf-8", "surrogatepass")
+        doc["device_sha256"] = hashlib.sha256(raw).hexdigest()
+        doc["device_prefix"] = bounded(device_id, DEVICE_PREFIX_BYTES)
+        doc["device_size"] = len(raw)
+    if doc["topic"] != topic:
+        doc["topic_size"] = len(topic.encode("utf-8", "surrogatepass"))
+    text = json.dumps(doc, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+    # A lone surrogate (never valid UTF-8) is written as its JSON escape.
+    return text.encode("utf-8", "backslashreplace")
 
 
 def connect_failure(exc: BaseException | None) -> str:
@@ -102,8 +183,19 @@ def connect_failure(exc: BaseException | None) -> str:
     return "unknown reason" if exc is None else str(exc) or type(exc).__name__
 
 
+def mounted(topic: str, mount: str) -> str:
+    """`topic` (a filter or a name) under the broker's mount point, after a shared
+    subscription's "$share/<group>/"; unchanged without a mount point."""
+    if not mount:
+        return topic
+    if topic.startswith("$share/"):
+        _, group, rest = topic.split("/", 2)
+        return f"$share/{group}/{mount}{rest}"
+    return mount + topic
+
+
 def device_from_topic(topic: str, level: int) -> str | None:
-    parts = topic.split("/")
+    parts = topic.split("/", level + 1)
     if level >= len(parts) or not parts[level]:
         return None
     return parts[level]
@@ -138,8 +230,60 @@ def _child(counter: Any, channel: str) -> Any:
     return child
 
 
+DoneCallback = Callable[[AppendResult | BaseException, Rejected | None], None]
+
+
+class _Pending:
+    """One payload on its way through the spool writer: the append's callback. `source`
+    (topic, payload) is what gateway.poison records if intake fails with it in hand."""
+
+    __slots__ = ("channel", "done", "fp", "intake", "item", "payload", "rej", "topic")
+
+    def __init__(
+        self,
+        intake: Intake,
+        topic: str,
+        payload: bytes,
+        channel: str,
+        done: DoneCallback,
+        fp: str | None,
+    ) -> None:
+        self.intake = intake
+        self.topic = topic
+        self.payload = payload
+        self.channel = channel
+        self.done = done
+        self.fp = fp
+        self.item: AppendItem = NOT_STORED
+        self.rej: Rejected | None = None
+
+    @property
+    def source(self) -> tuple[str, bytes]:
+        return (self.topic, self.payload)
+
+    def __call__(self, res: AppendResult | BaseException) -> None:
+        self.intake._appended(res, self)
+
+
+class _Suppressed:
+    """A device's rejects past its budget in the current summary window."""
+
+    __slots__ = ("channels", "count", "first_ms", "last_ms", "reasons")
+
+    def __init__(self, first_ms: int) -> None:
+        self.first_ms = first_ms
+        self.last_ms = first_ms
+        self.count = 0
+        self.reasons: Counter[str] = Counter()
+        self.channels: Counter[str] = Counter()
+
+
 class Intake:
-    """Turns payloads from any channel into spool appends; shared by MQTT and gRPC."""
+    """Turns payloads from any channel into spool appends; shared by MQTT and gRPC.
+
+    `rejects` sets each device's reject budget (None: every reject is recorded);
+    `guard` is the process's failure path and poison record; `fault` is a test-only
+    hook (gateway.intakeproc.FAULT_ENV): a payload holding it raises in the writer path."""
 
     def __init__(
         self,
@@ -147,14 +291,26 @@ class Intake:
         decoder: Decoder,
         reject_prefix: str,
         publish_dead_letter: Callable[[int, str, bytes], None],
+        *,
+        rejects: RejectsConfig | None = None,
+        guard: Guard | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        fault: bytes | None = None,
     ) -> None:
         self.spool = spool
         self.decoder = decoder
         self.reject_prefix = reject_prefix
         self._publish = publish_dead_letter
+        self.rejects = rejects
+        self.guard = guard if guard is not None else Guard()
+        self._budget = RateLimiter(clock)
+        self._suppressed: dict[str, _Suppressed] = {}
+        self._lock = threading.Lock()
+        self._fault = fault
 
-    def reject_topic(self, device_id: str) -> str:
-        return f"{self.reject_prefix}/{device_id or '_unknown'}"
+    def reject_topic(self, device_id: str | None) -> str:
+        """`<prefix>/<device>`, for a device id the profiles allow only."""
+        return f"{self.reject_prefix}/{device_key(device_id)}"
 
     def submit(
         self,
@@ -162,58 +318,138 @@ class Intake:
         topic: str,
         payload: bytes,
         channel: str,
-        done: Callable[[AppendResult | BaseException, Rejected | None], None],
+        done: DoneCallback,
         profile: str | None = None,
     ) -> None:
         """Decode and append; `done` runs once the outcome is durable (or failed)."""
-        import hashlib
-
         received = now_ms()
         _child(metrics.received, channel).inc()
+        fp = self.guard.check(topic, payload)
+        pending = _Pending(self, topic, payload, channel, done, fp)
         try:
-            item: Incoming | RejectRecord = self.decoder.decode(
+            crashes = self.guard.crashes(fp)
+            if crashes >= POISON_AFTER:
+                log.warning(
+                    "a message on %r (%d bytes) that intake failed with %d times is set aside "
+                    "as poison: dead-lettered and acknowledged",
+                    topic[:80],
+                    len(payload),
+                    crashes,
+                )
+                raise Rejected(
+                    "poison",
+                    f"intake failed {crashes} times with this message (topic and payload) in "
+                    "hand; it is set aside",
+                )
+            item: AppendItem = self.decoder.decode(
                 device_id, topic, payload, received, channel, profile
             )
-            rej = None
         except Rejected as r:
-            rej = r
-            device = getattr(r, "device_id", None) or device_id or ""
-            item = self._reject_record(
-                r, device, topic, payload, received, hashlib.sha256(payload).digest()
-            )
-        self.spool.append_cb(
-            item, lambda res: self._appended(res, item, rej, topic, payload, channel, done)
-        )
+            pending.rej = r
+            device = getattr(r, "device_id", None) or device_id
+            item = self._reject(r, device, topic, payload, received, channel, None)
+        pending.item = item
+        self.spool.append_cb(item, pending)
 
-    def _reject_record(
-        self, r: Rejected, device_id: str, topic: str, payload: bytes, received: int, sha: bytes
-    ) -> RejectRecord:
-        return RejectRecord(
-            reason=r.reason,
-            device_id=device_id,
-            topic=self.reject_topic(device_id),
-            message=dead_letter(r, device_id, topic, payload, received, sha),
-            received_ms=received,
-        )
-
-    def _appended(
+    def _reject(
         self,
-        res: AppendResult | BaseException,
-        item: Incoming | RejectRecord,
-        rej: Rejected | None,
+        r: Rejected,
+        device_id: str | None,
         topic: str,
         payload: bytes,
+        received: int,
         channel: str,
-        done: Callable[[AppendResult | BaseException, Rejected | None], None],
-    ) -> None:
-        """Runs on the spool writer thread once the append is durable (or failed)."""
+        sha: bytes | None,
+    ) -> RejectRecord | NotStored:
+        """The reject's record, or NOT_STORED when its device is over its reject budget
+        (counted here, summarised by flush_summaries)."""
+        key = device_key(device_id)
+        budget = self.rejects
+        if budget is None or self._budget.allow(key, budget.per_s, budget.burst):
+            return RejectRecord(
+                reason=r.reason,
+                device_id=key,
+                topic=f"{self.reject_prefix}/{key}",
+                message=dead_letter(
+                    r,
+                    device_id,
+                    topic,
+                    payload,
+                    received,
+                    sha if sha is not None else hashlib.sha256(payload).digest(),
+                ),
+                received_ms=received,
+            )
+        metrics.rejected.labels(channel, r.reason).inc()
+        _child(metrics.rejects_not_stored, channel).inc()
+        flush = False
+        with self._lock:
+            s = self._suppressed.get(key)
+            if s is None:
+                s = self._suppressed[key] = _Suppressed(received)
+                flush = len(self._suppressed) > MAX_SUMMARIES
+            s.count += 1
+            s.last_ms = received
+            s.reasons[r.reason] += 1
+            s.channels[channel] += 1
+        if flush:
+            self.flush_summaries(force=True)
+        return NOT_STORED
+
+    def flush_summaries(self, force: bool = False) -> int:
+        """Record and publish one summary dead letter for each device whose summary window
+        (rejects.summary_every_s from its first reject not stored) is over; all with
+        `force`. Called often by the process's control loop. Returns summaries written."""
+        if self.rejects is None or not self._suppressed:
+            return 0
+        now = now_ms()
+        window_ms = int(self.rejects.summary_every_s * 1000)
+        with self._lock:
+            due = [k for k, s in self._suppressed.items() if force or now - s.first_ms >= window_ms]
+            taken = [(k, self._suppressed.pop(k)) for k in due]
+        for key, s in taken:
+            topic = f"{self.reject_prefix}/{key}"
+            message = json.dumps(
+                {
+                    "summary": True,
+                    "device": key,
+                    "rejected": s.count,
+                    "reasons": dict(sorted(s.reasons.items())),
+                    "channels": dict(sorted(s.channels.items())),
+                    "first_ms": s.first_ms,
+                    "last_ms": s.last_ms,
+                    "detail": (
+                        f"{s.count} rejects over the device's budget (burst "
+                        f"{self.rejects.burst}, {self.rejects.per_s:g}/s) were counted and "
+                        "acknowledged, not stored or dead-lettered one by one"
+                    ),
+                },
+                separators=(",", ":"),
+                sort_keys=True,
+            ).encode("utf-8")
+            rec = RejectRecord("summary", key, topic, message, now, count=0)
+            self.spool.append_cb(rec, functools.partial(self._summary_recorded, rec))
+        return len(taken)
+
+    def _summary_recorded(self, rec: RejectRecord, res: AppendResult | BaseException) -> None:
         if isinstance(res, BaseException):
-            done(res, rej)
+            log.error("spool append of a reject summary for %s failed: %s", rec.device_id, res)
+        elif res.outcome is Outcome.REJECT_RECORDED:
+            self._publish(res.reject_id, rec.topic, rec.message)
+
+    def _appended(self, res: AppendResult | BaseException, p: _Pending) -> None:
+        """Runs on the spool writer thread once the append is durable (or failed)."""
+        if self._fault is not None and p.rej is None and self._fault in p.payload:
+            # Test-only (gateway.intakeproc.FAULT_ENV): a bug in processing this message.
+            raise RuntimeError("injected fault in the spool writer path (test hook)")
+        if isinstance(res, BaseException):
+            p.done(res, p.rej)
             return
+        item = p.item
         if res.outcome is Outcome.STORED:
-            _child(metrics.stored, channel).inc()
+            _child(metrics.stored, p.channel).inc()
         elif res.outcome is Outcome.DUPLICATE:
-            _child(metrics.duplicates, channel).inc()
+            _child(metrics.duplicates, p.channel).inc()
         elif res.outcome in (Outcome.CONFLICT, Outcome.BEYOND_RETENTION):
             # Same (device, seq), other content: a replay or tamper. Or a seq so old
             # that retention pruned its history. Record it, then answer.
@@ -231,18 +467,25 @@ class Intake:
                     f"(tx {res.tx_id.hex()[:16]})",
                 )
             )
-            rec = self._reject_record(
-                r, item.device_id, topic, payload, item.received_ms, item.payload_sha256
+            again = _Pending(self, p.topic, p.payload, p.channel, p.done, p.fp)
+            again.rej = r
+            again.item = self._reject(
+                r,
+                item.device_id,
+                p.topic,
+                p.payload,
+                item.received_ms,
+                p.channel,
+                item.payload_sha256,
             )
-            self.spool.append_cb(
-                rec, lambda res2: self._appended(res2, rec, r, topic, payload, channel, done)
-            )
+            self.spool.append_cb(again.item, again)
             return
         elif res.outcome is Outcome.REJECT_RECORDED:
-            assert isinstance(item, RejectRecord) and rej is not None
-            metrics.rejected.labels(channel, rej.reason).inc()
+            assert isinstance(item, RejectRecord) and p.rej is not None
+            metrics.rejected.labels(p.channel, p.rej.reason).inc()
             self._publish(res.reject_id, item.topic, item.message)
-        done(res, rej)
+        self.guard.settled(p.fp)
+        p.done(res, p.rej)
 
 
 def make_client(cfg: MqttConfig) -> mqtt.Client:
@@ -293,6 +536,10 @@ class MqttIngest:
         max_depth: int = 0,
         extra_topics: tuple[str, ...] = (),
         window: int = 0,
+        *,
+        rejects: RejectsConfig | None = None,
+        guard: Guard | None = None,
+        fault: bytes | None = None,
     ) -> None:
         self.cfg = cfg
         self.topics: tuple[str, ...] = tuple(dict.fromkeys((*cfg.topics, *extra_topics)))
@@ -304,11 +551,21 @@ class MqttIngest:
         self._inflight = 0
         self._sub_mid: int | None = -1
         self.spool = spool
-        self.intake = Intake(spool, decoder, cfg.reject_topic_prefix, self.publish_dead_letter)
+        self.guard = guard if guard is not None else Guard()
+        self.intake = Intake(
+            spool,
+            decoder,
+            cfg.reject_topic_prefix,
+            self.publish_dead_letter,
+            rejects=rejects,
+            guard=self.guard,
+            fault=fault,
+        )
         self.connected = False
         self.subscribed = threading.Event()
         self.paused = False
         self.acks = 0
+        self.completed = 0  # appends answered (acknowledged or not): intake is turning
         self._gen = 0
         self._lock = threading.Lock()
         self._pub_mids: dict[int, int] = {}
@@ -327,13 +584,25 @@ class MqttIngest:
 
     def _make_client(self) -> mqtt.Client:
         c = make_client(self.cfg)
-        c.on_connect = self._on_connect
-        c.on_connect_fail = self._on_connect_fail
-        c.on_disconnect = self._on_disconnect
+        c.on_connect = self._guarded(self._on_connect, "mqtt on_connect")
+        c.on_connect_fail = self._guarded(self._on_connect_fail, "mqtt on_connect_fail")
+        c.on_disconnect = self._guarded(self._on_disconnect, "mqtt on_disconnect")
         c.on_message = self._on_message
-        c.on_publish = self._on_publish
-        c.on_subscribe = self._on_subscribe
+        c.on_publish = self._guarded(self._on_publish, "mqtt on_publish")
+        c.on_subscribe = self._guarded(self._on_subscribe, "mqtt on_subscribe")
         return c
+
+    def _guarded(self, fn: Callable[..., None], where: str) -> Callable[..., None]:
+        """A paho callback whose unexpected exception goes to the guard (which stops the
+        gateway) instead of into paho, which would end its network thread silently."""
+
+        def call(*args: Any) -> None:
+            try:
+                fn(*args)
+            except Exception as e:
+                self.guard.fatal(e, where)
+
+        return call
 
     def start(self) -> None:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -412,7 +681,8 @@ class MqttIngest:
             )
 
     def _subscribe(self) -> None:
-        result, mid = self._client.subscribe([(t, 1) for t in self.topics])
+        mount = self.cfg.mount_point
+        result, mid = self._client.subscribe([(mounted(t, mount), 1) for t in self.topics])
         if result == MQTTErrorCode.MQTT_ERR_SUCCESS:
             with self._lock:
                 self._sub_mid = mid
@@ -442,7 +712,7 @@ class MqttIngest:
         self.topics = new
         if self.connected:
             if gone:
-                self._client.unsubscribe(gone)
+                self._client.unsubscribe([mounted(t, self.cfg.mount_point) for t in gone])
             self._subscribe()
 
     def _new_generation(self) -> None:
@@ -465,7 +735,18 @@ class MqttIngest:
             log.warning("mqtt disconnected: %s; reconnecting with backoff", reason)
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        topic = msg.topic
+        try:
+            self._message(msg)
+        except Exception as e:
+            source = None
+            with contextlib.suppress(UnicodeDecodeError):
+                source = (msg.topic.removeprefix(self.cfg.mount_point), bytes(msg.payload))
+            self.guard.fatal(e, "mqtt message", source)
+
+    def _message(self, msg: mqtt.MQTTMessage) -> None:
+        # Devices publish below the broker's mount point; they and the profiles know the
+        # topic without it.
+        topic = msg.topic.removeprefix(self.cfg.mount_point)
         device = device_from_topic(topic, self.cfg.device_id_level)
         with self._lock:
             gen = self._gen
@@ -506,14 +787,18 @@ class MqttIngest:
     ) -> None:
         with self._lock:
             self._inflight += 1
-        self.intake.submit(
-            device, topic, payload, "mqtt", lambda res, _rej: self._done(res, mid, qos, gen)
-        )
+        try:
+            self.intake.submit(
+                device, topic, payload, "mqtt", lambda res, _rej: self._done(res, mid, qos, gen)
+            )
+        except Exception as e:
+            self.guard.fatal(e, "mqtt message", (topic, payload))
 
     def _done(self, res: AppendResult | BaseException, mid: int, qos: int, gen: int) -> None:
         """Runs on the spool writer thread; the PUBACK leaves with its group (_flush_acks)."""
         with self._lock:
             self._inflight -= 1
+            self.completed += 1
             if isinstance(res, BaseException):
                 # Not committed: no PUBACK. The broker re-sends it after the next reconnect.
                 log.error("spool append failed, message %d stays unacknowledged: %s", mid, res)
@@ -536,7 +821,11 @@ class MqttIngest:
     def publish_dead_letter(self, reject_id: int, topic: str, message: bytes) -> None:
         if not self.connected:
             return  # stays unpublished in the spool; republished on connect
-        info = self._client.publish(topic, message, qos=1)
+        if not publishable(topic):
+            # Recorded before ids were checked (an older spool): never a wildcard, a NUL or
+            # an over-long name on the wire, where it would cost the connection.
+            topic = f"{self.cfg.reject_topic_prefix}/{INVALID_DEVICE}"
+        info = self._client.publish(mounted(topic, self.cfg.mount_point), message, qos=1)
         if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
             with self._lock:
                 self._pub_mids[info.mid] = reject_id
@@ -564,12 +853,16 @@ class MqttIngest:
         recorded rejects), skipping what is already on its way."""
 
         def publish(f: Future[list[tuple[int, str, bytes]]]) -> None:
-            if f.exception() is None:
+            if f.exception() is not None:
+                return
+            try:
                 with self._lock:
                     pending = set(self._pub_mids.values())
                 for rid, topic, message in f.result():
                     if rid not in pending:
                         self.publish_dead_letter(rid, topic, message)
+            except Exception as e:  # in a future's callback, which would only log it
+                self.guard.fatal(e, "dead-letter republish")
 
         self.spool.read(lambda c: Spool.q_unpublished_rejects(c, 10_000)).add_done_callback(publish)
 

@@ -12,7 +12,9 @@ one transaction at a time; rowids stay monotonic across both.
 
 The pipe between them carries small tuples.
 
-child -> parent: ("started",) | ("fatal", exit_code, message) |
+child -> parent: ("started",) | ("fatal", exit_code, message) (at start, or an internal
+    error later: the gateway stops with that code) | ("beat",) about every second while
+    intake turns (its writer answers and messages in hand complete) |
     ("committed", max_rowid) after each group commit that stored rows |
     ("state", connected, subscribed, paused, inflight, stored, rejects) |
     ("counters", {(metric, labels): delta}) | ("groups", {group commit size: count}) |
@@ -40,7 +42,9 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import Counter
@@ -48,6 +52,7 @@ from prometheus_client import Counter
 from gateway import metrics
 from gateway.config import GatewayConfig
 from gateway.errors import EXIT_SOFTWARE, GatewayError
+from gateway.poison import CrashRecord, Guard, exit_after
 
 log = logging.getLogger("gateway.intake")
 PROCESS_NAME = b"edge-gw-intake"
@@ -55,8 +60,36 @@ STATE_EVERY_S = 0.1
 COUNTERS_EVERY_S = 0.5
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
+BEAT_EVERY_S = 1.0
+# Messages in hand that complete nothing for this long: intake is not turning, no beat.
+IN_HAND_STUCK_S = 30.0
+# After an internal error the child stops gracefully, or exits this much later anyway.
+FATAL_EXIT_AFTER_S = 15.0
+# Test-only fault hook, read by the intake processes and the gRPC intake: a payload holding
+# these bytes raises in the spool writer path, so tests/hostile/test_intake_hostile.py can
+# check that a bug stops the gateway (exit 70) and that the message is set aside as poison
+# after two failures. Never set in production.
+FAULT_ENV = "EDGE_GATEWAY_TEST_FAULT"
 # Metrics the child counts; the parent adds the child's increments to its own.
-CHILD_COUNTERS = ("received", "stored", "duplicates", "rejected", "dead_letters_published")
+CHILD_COUNTERS = (
+    "received",
+    "stored",
+    "duplicates",
+    "rejected",
+    "rejects_not_stored",
+    "dead_letters_published",
+)
+
+
+def crash_record(cfg: GatewayConfig) -> CrashRecord:
+    """Where the gateway's processes record the messages intake failed with."""
+    return CrashRecord(Path(f"{cfg.spool.path}.crashes"))
+
+
+def fault_hook() -> bytes | None:
+    """The test-only fault hook's bytes (FAULT_ENV), or None."""
+    value = os.environ.get(FAULT_ENV)
+    return value.encode("utf-8") if value else None
 
 
 def profile_topics(cfg: GatewayConfig, profiles: Any) -> tuple[str, ...]:
@@ -119,7 +152,12 @@ class _Child:
         self.conn = conn
         self.cursor = cursor
         self._send_lock = threading.Lock()
+        self.failed = threading.Event()
+        self.guard = Guard(crash_record(cfg), self._fatal, "intake")
+        # Any thread of this process that dies of an exception is an intake failure.
+        threading.excepthook = self.guard.thread_hook
         self.spool = Spool(cfg.spool, cfg.gateway_id)
+        self.spool.on_fatal(self.guard.spool_hook)
         # The parent checked the file's integrity and schema before starting us.
         self.spool.open(check_integrity=False)
         self._stored0 = self.spool.stored
@@ -135,8 +173,44 @@ class _Child:
             cfg.spool.max_depth,
             extra_topics=profile_topics(cfg, self.profiles),
             window=window,
+            rejects=cfg.rejects,
+            guard=self.guard,
+            fault=fault_hook(),
         )
         spool.on_commit(lambda max_rowid: self.send(("committed", max_rowid)))
+        self._probe: Future[None] | None = None
+        self._next_beat = 0.0
+        self._completed = -1
+        self._turned_at = time.monotonic()
+
+    def _fatal(self, message: str) -> None:
+        """The guard's stop: tell the gateway (it stops, exit 70), then stop this intake
+        gracefully from the control loop; exit anyway if that hangs."""
+        with contextlib.suppress(OSError, ValueError):
+            self.send(("fatal", EXIT_SOFTWARE, message))
+        self.failed.set()
+        exit_after(FATAL_EXIT_AFTER_S)
+
+    def _beat(self) -> None:
+        """("beat",) about every BEAT_EVERY_S while intake turns: the writer answered the
+        last probe (an empty write, behind everything queued before it), and messages in
+        hand completed within IN_HAND_STUCK_S. Idle, with nothing in hand, is turning."""
+        now = time.monotonic()
+        if now < self._next_beat:
+            return
+        self._next_beat = now + BEAT_EVERY_S
+        m = self.mqtt
+        if m.completed != self._completed or m.inflight == 0:
+            self._completed = m.completed
+            self._turned_at = now
+        probe = self._probe
+        if probe is not None and not probe.done():
+            return
+        self._probe = self.spool.write(lambda _c: None)
+        if probe is not None and probe.exception() is not None:
+            return
+        if now - self._turned_at <= IN_HAND_STUCK_S:
+            self.send(("beat",))
 
     def send(self, msg: tuple[Any, ...]) -> None:
         with self._send_lock:
@@ -173,6 +247,10 @@ class _Child:
                 if kind == "stop":
                     break
                 self._handle(kind, msg)
+            if self.failed.is_set():
+                break
+            self.mqtt.intake.flush_summaries()
+            self._beat()
             state = self._state()
             if state != last_state:
                 self.send(state)
@@ -182,7 +260,9 @@ class _Child:
                 sent_counters = self._send_counters(sent_counters)
         # Graceful stop: take no new messages, let the last group commit and its PUBACKs
         # go out on this connection, then disconnect (paho writes them before DISCONNECT).
+        # Rejects counted but not yet summarised are summarised now (published next start).
         self.mqtt.pause()
+        self.mqtt.intake.flush_summaries(force=True)
         with contextlib.suppress(Exception):
             self.spool.write(lambda _c: None).result(STOP_TIMEOUT_S)
         self.mqtt.stop()
@@ -272,6 +352,7 @@ class IntakeProcess:
         self._stopped = threading.Event()
         self._stopping = False
         self._fatal: tuple[int, str] | None = None
+        self.last_beat = time.monotonic()
         self._send_lock = threading.Lock()
         self._last_cursor = -1
         self._counters: dict[str, Counter] = {n: getattr(metrics, n) for n in CHILD_COUNTERS}
@@ -288,6 +369,7 @@ class IntakeProcess:
     def start(self) -> None:
         """Start the child. Call from the main thread: the child's PR_SET_PDEATHSIG
         fires when the thread that started it ends."""
+        self.last_beat = time.monotonic()
         self._proc.start()
         # multiprocessing's own exit hook would SIGTERM (ignored) and join forever.
         atexit.register(self._kill_if_alive)
@@ -346,16 +428,22 @@ class IntakeProcess:
                 for size, count in msg[1].items():
                     for _ in range(int(count)):
                         metrics.group_commit_size.observe(int(size))
+            elif kind == "beat":
+                self.last_beat = time.monotonic()
             elif kind == "started":
                 self._started.set()
             elif kind == "fatal":
                 self._fatal = (int(msg[1]), str(msg[2]))
+                if self._started.is_set() and not self._stopping:
+                    # An internal error in intake (logged there, with its traceback): the
+                    # gateway stops with its code; the child stops when told.
+                    self._on_exit(*self._fatal)
             elif kind == "stopped":
                 break
         self._stopped.set()
         self.connected = False
         self.subscribed.clear()
-        if not self._stopping and self._started.is_set():
+        if not self._stopping and self._started.is_set() and self._fatal is None:
             self._proc.join(5)
             code = self._proc.exitcode
             self._on_exit(EXIT_SOFTWARE, f"intake process exited unexpectedly (code {code})")
@@ -371,6 +459,10 @@ class IntakeProcess:
     def load(self) -> int:
         """Transactions spooled but not batched, plus those on their way to the spool."""
         return self.load_of(self.inflight)
+
+    def heartbeat(self) -> float:
+        """When the child last said intake turns (monotonic)."""
+        return self.last_beat
 
     def load_of(self, inflight: int) -> int:
         return self._depth() + inflight
@@ -487,6 +579,10 @@ class IntakePool:
 
     def load(self) -> int:
         return self.procs[0].load_of(sum(p.inflight for p in self.procs))
+
+    def heartbeat(self) -> float:
+        """The oldest of the intake processes' beats: one stuck process is enough."""
+        return min(p.heartbeat() for p in self.procs)
 
     def pause(self) -> None:
         for p in self.procs:

@@ -32,6 +32,13 @@ rejected = Counter(
     ["channel", "reason"],
     registry=REGISTRY,
 )
+rejects_not_stored = Counter(
+    "edge_gateway_rejects_not_stored_total",
+    "Rejected payloads past their device's reject budget: counted (in rejected_total too) "
+    "and acknowledged, not stored or dead-lettered one by one",
+    ["channel"],
+    registry=REGISTRY,
+)
 dead_letters_published = Counter(
     "edge_gateway_dead_letters_published_total",
     "Rejections published to the dead-letter topic",

@@ -366,6 +366,14 @@ def setup(cfg: GatewayConfig, acct: Account | None, pem_out: Path) -> int:
                 _say("created", "pseudonymisation key", pc.pseudonym_key_file, "32 random bytes")
             else:
                 _say("kept", "pseudonymisation key", pc.pseudonym_key_file)
+    if cfg.mqtt.password_file is not None:
+        # The gateway's password to the broker's gateways' listener (`broker config`
+        # hashes it for the broker): the service reads it, root writes it.
+        secret = (secrets.token_hex(24) + "\n").encode("ascii")
+        if write_file(cfg.mqtt.password_file, secret, mode=0o640, uid=0, gid=root_gid):
+            _say("created", "MQTT password", cfg.mqtt.password_file, "random, mode 0640")
+        else:
+            _say("kept", "MQTT password", cfg.mqtt.password_file)
     pin_file = pin_path(cfg)
     # A credential's source is read by root (systemd copies it for the service); a plain
     # pin_file is read by the service itself.
@@ -393,7 +401,8 @@ def setup(cfg: GatewayConfig, acct: Account | None, pem_out: Path) -> int:
     _say("wrote", "public key (give it to the ledger operators)", pem_out)
     print(
         "next: install the TLS files named in the config, run `edge-gateway config check "
-        f"--config {cfg.source}`, then `systemctl enable --now edge-gateway`"
+        f"--config {cfg.source}`, give the broker `edge-gateway broker config --config "
+        f"{cfg.source}`'s files, then `systemctl enable --now edge-gateway`"
     )
     return 0
 
@@ -439,6 +448,7 @@ def render_config(gateway_id: str, mqtt: str, ledgers: Sequence[str], quorum: in
     text = (resources.path("examples") / "gateway.toml").read_text(encoding="utf-8")
     text = _sub(text, r'^id = "[^"]*"', f'id = "{gateway_id}"')
     text = _sub(text, r'^client_id = "[^"]*"', f'client_id = "{gateway_id}"')
+    text = _sub(text, r'^username = "[^"]*"', f'username = "{gateway_id}"')
     text = _sub(text, r'^host = "[^"]*"', f'host = "{host.strip("[]")}"')
     text = _sub(text, r"^port = \d+", f"port = {port}")
     rows = "\n".join(f'  {{ id = "{n}", address = "{a}" }},' for n, a in nodes)

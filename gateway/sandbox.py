@@ -7,10 +7,13 @@ close(). Processes are started from this Python, so the package under test is
 the one that runs.
 
 With tls=True (the default) every link is TLS with client certificates from a
-throwaway `pki dev` CA, as production runs: Mosquitto requires a client
-certificate, ledger nodes require the gateway's (bound to each gateway id they
-accept, with the operator as reader), and the gateway API requires one and lets
-only the "admin" (operator) certificate submit and read transactions.
+throwaway `pki dev` CA, as production runs: Mosquitto runs the configuration
+`edge-gateway broker config` writes (devices on one listener, bound to their own
+topics by their certificate's CN, below a mount point; gateways on another, with a
+password too), in its lab form: the simulator's certificate ("device") stands for
+every device. Ledger nodes require the gateway's certificate (bound to each gateway
+id they accept, with the operator as reader), and the gateway API requires one and
+lets only the "admin" (operator) certificate submit and read transactions.
 tls=False keeps the plain-text mode for tests that need it.
 """
 
@@ -35,7 +38,9 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from gateway import broker as brokerconf
 from gateway import pki as devpki
+from gateway import resources
 from gateway.config import TlsClient
 from gateway.errors import GatewayError
 
@@ -91,6 +96,10 @@ def wait_port(
 
 # Client roles -> dev PKI leaf. "none" is TLS without a client certificate.
 ROLES = {"admin": "operator", "reader": "reader", "gateway": "gateway", "device": "device"}
+ROLES_CN = {
+    role: next(spec.common_name for spec in devpki.LEAVES if spec.name == leaf)
+    for role, leaf in ROLES.items()
+}
 
 
 @dataclass(frozen=True)
@@ -201,6 +210,17 @@ class Proc:
             return ""
 
 
+@dataclass(frozen=True)
+class BrokerLogin:
+    """How a sandbox gateway reaches a sandbox broker: the gateways' listener, its user
+    and password file, and the devices' mount point."""
+
+    gateway_port: int
+    username: str
+    password_file: Path
+    mount_point: str
+
+
 @dataclass
 class Hsm:
     conf: Path
@@ -263,6 +283,8 @@ class Sandbox:
         self.pki: devpki.DevPki | None = (
             devpki.make_dev_pki(self.root / "pki", force=True) if self.tls else None
         )
+        # Brokers started from the generated configuration, by their devices' port.
+        self.broker_logins: dict[int, BrokerLogin] = {}
 
     # ---- TLS clients ----------------------------------------------------------
 
@@ -343,14 +365,19 @@ class Sandbox:
         name: str = "mosquitto",
         passwords: dict[str, str] | None = None,
     ) -> Proc:
-        """Mosquitto on loopback. In TLS mode clients need a certificate from the sandbox's
-        CA, or, with `passwords`, a user name and password over server-authenticated TLS."""
+        """Mosquitto on loopback. In TLS mode, the configuration `edge-gateway broker
+        config` writes, in its lab form: devices (and the simulator's certificate, which
+        stands for all of them) on `port`, the sandbox's gateways on a listener of their
+        own (see broker_logins). With `passwords`, one listener where clients log in with
+        a user name and password over server-authenticated TLS instead."""
         binary = require("mosquitto", "mosquitto")
         port = port or free_port()
         d = self.root / name
         d.mkdir(exist_ok=True)
         conf = d / "mosquitto.conf"
         user = "root" if os.geteuid() == 0 else getpass.getuser()
+        if self.pki is not None and passwords is None:
+            return self._generated_mosquitto(binary, port, name, d, user)
         auth: list[str] = []
         if self.pki is not None:
             auth += [
@@ -366,14 +393,7 @@ class Sandbox:
             for u, secret in passwords.items():
                 subprocess.run([tool, "-b", str(pw), u, secret], check=True, timeout=30)
             auth += ["allow_anonymous false", f"password_file {pw}"]
-        elif self.pki is not None:
-            # The certificate is the identity: its CN becomes the MQTT user name.
-            auth += [
-                "require_certificate true",
-                "use_identity_as_username true",
-                "allow_anonymous false",
-            ]
-        else:
+        else:  # plain text: bench and the tests that need it
             auth += ["allow_anonymous true"]
         conf.write_text(
             "\n".join(
@@ -407,6 +427,127 @@ class Sandbox:
         wait_port(port, 20, p.proc, "mosquitto")
         self.procs.append(p)
         return p
+
+    def _generated_mosquitto(self, binary: str, port: int, name: str, d: Path, user: str) -> Proc:
+        pki = self.pki
+        assert pki is not None
+        secret = self.root / "mqtt-gateway-password"
+        if not secret.exists():
+            secret.write_text(os.urandom(16).hex() + "\n")
+            secret.chmod(0o600)
+        login = BrokerLogin(
+            gateway_port=free_port(),
+            username="sandbox-gateway",
+            password_file=secret,
+            mount_point=brokerconf.DEFAULT_MOUNT_POINT,
+        )
+        # The sandbox's gateways use any topics and profiles a test gives them: their user
+        # reads and writes the whole device namespace. Devices (certificates named after
+        # them) get the shipped profiles' and json@1's topics, as `broker config` writes.
+        topics = [brokerconf.DeviceTopic("devices/+/tx", 1, "json@1")]
+        from gateway.profiles.profileset import read_profiles
+
+        for prof in read_profiles(resources.profiles_dir()):
+            if prof.device_id_level is not None:
+                topics += [
+                    brokerconf.DeviceTopic(f, prof.device_id_level, f"profile {prof.id}")
+                    for f in prof.filters
+                ]
+        conf_d = d / "conf.d"
+        plan = brokerconf.BrokerPlan(
+            devices=brokerconf.Listener(port, "127.0.0.1"),
+            gateways=brokerconf.Listener(login.gateway_port, "127.0.0.1"),
+            tls=brokerconf.TlsFiles(
+                device_ca=str(pki.ca.cert),
+                gateway_ca=str(pki.ca.cert),
+                cert_file=str(pki["mosquitto"].cert),
+                key_file=str(pki["mosquitto"].key),
+            ),
+            mount_point=login.mount_point,
+            device_topics=tuple(topics),
+            reject_prefixes=("devices/rejected",),
+            logins=(
+                brokerconf.GatewayLogin(
+                    username=login.username,
+                    password_hash=brokerconf.password_hash(secret.read_text().strip()),
+                    read=("#",),
+                    write=("#",),
+                    source="the sandbox's gateways",
+                ),
+            ),
+            files_dir=str(conf_d),
+            lab_simulators=(ROLES_CN["device"],),
+        )
+        brokerconf.write_files(brokerconf.render(plan), conf_d)
+        self._write_main_conf(d, user)
+        p = Proc(
+            name=name,
+            argv=[binary, "-c", str(d / "mosquitto.conf")],
+            log_path=d / "mosquitto.log",
+            env=self.env,
+            port=port,
+        )
+        p.start()
+        wait_port(port, 20, p.proc, "mosquitto")
+        wait_port(login.gateway_port, 20, p.proc, "mosquitto (gateways' listener)")
+        self.procs.append(p)
+        self.broker_logins[port] = login
+        return p
+
+    @staticmethod
+    def _write_main_conf(d: Path, user: str) -> None:
+        """What the broker host's own configuration holds (Debian's mosquitto.conf), then
+        the generated files in conf.d."""
+        (d / "mosquitto.conf").write_text(
+            "\n".join(
+                [
+                    f"user {user}",
+                    "persistence true",
+                    f"persistence_location {d}/",
+                    "log_type error",
+                    "log_type warning",
+                    "log_type notice",
+                    "log_type information",
+                    f"include_dir {d / 'conf.d'}",
+                    "",
+                ]
+            )
+        )
+
+    def configure_broker(
+        self, broker: Proc, configs: list[Path], lab_simulators: tuple[str, ...] = ()
+    ) -> subprocess.CompletedProcess[str]:
+        """Replace a generated broker's configuration with what `edge-gateway broker config`
+        writes for these gateway configurations (production form unless `lab_simulators`),
+        and restart it. Returns the command's run."""
+        pki = self.pki
+        login = self.broker_logins[broker.port]
+        assert pki is not None
+        conf_d = self.root / broker.name / "conf.d"
+        argv = [self.python, "-m", "gateway", "broker", "config", "--out", str(conf_d)]
+        for c in configs:
+            argv += ["--config", str(c)]
+        argv += [
+            "--device-listener",
+            f"127.0.0.1:{broker.port}",
+            "--gateway-listener",
+            f"127.0.0.1:{login.gateway_port}",
+            "--ca-file",
+            str(pki.ca.cert),
+            "--cert-file",
+            str(pki["mosquitto"].cert),
+            "--key-file",
+            str(pki["mosquitto"].key),
+        ]
+        for cn in lab_simulators:
+            argv += ["--lab-simulator", cn]
+        done = subprocess.run(argv, capture_output=True, text=True, env=self.env, timeout=60)
+        if done.returncode != 0:
+            raise SandboxError(f"broker config failed ({done.returncode}): {done.stderr.strip()}")
+        broker.terminate(15)
+        self.restart(broker)
+        wait_port(login.gateway_port, 20, broker.proc, "mosquitto (gateways' listener)")
+        return done
 
     def restart(self, p: Proc, timeout: float = 20) -> None:
         p.start()
@@ -489,6 +630,16 @@ class Sandbox:
         mqtt_login = ""
         if mqtt_password is not None:
             mqtt_login = f'username = "{mqtt_password[0]}"\npassword_file = "{mqtt_password[1]}"\n'
+        elif mqtt_port in self.broker_logins:
+            # A broker from the generated configuration: the gateway connects to the
+            # gateways' listener with its certificate and password; devices publish below
+            # the devices' listener's mount point.
+            login = self.broker_logins[mqtt_port]
+            mqtt_port = login.gateway_port
+            mqtt_login = (
+                f'username = "{login.username}"\npassword_file = "{login.password_file}"\n'
+                f'mount_point = "{login.mount_point}"\n'
+            )
         pki = self.pki
         if pki is None:
             mqtt_tls = forwarder_tls = api_tls = "plaintext = true\n"

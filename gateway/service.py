@@ -15,6 +15,7 @@ import logging
 import os
 import platform
 import signal
+import threading
 import time
 from dataclasses import dataclass
 
@@ -29,15 +30,16 @@ from gateway._pb.edgegateway.v1 import gateway_pb2, gateway_pb2_grpc
 from gateway.api import SERVICE_NAME, GatewayApi, server_options
 from gateway.batcher import Batcher
 from gateway.config import GatewayConfig
-from gateway.errors import EXIT_OK, ConfigError
+from gateway.errors import EXIT_OK, EXIT_SOFTWARE, ConfigError
 from gateway.forwarder import Forwarder
 from gateway.grpcutil import add_port
 from gateway.ingest import Intake, make_client
-from gateway.intakeproc import IntakePool
+from gateway.intakeproc import IntakePool, crash_record, fault_hook
 from gateway.notify import Notifier
+from gateway.poison import Guard, exit_after
 from gateway.profiles import ProfileSet
 from gateway.signer import Signer
-from gateway.spool import Spool, claim_instance, prune
+from gateway.spool import Spool, claim_instance, now_ms, prune, prune_rejects
 
 log = logging.getLogger("gateway.service")
 INTAKE_HEALTH = "edgegateway.v1.Intake"
@@ -47,6 +49,8 @@ STUCK_AFTER_S = 60.0
 DRAIN_TIMEOUT_S = 20.0
 RESUME_FRACTION = 0.9
 PRUNE_EVERY_S = 30.0
+# After an internal error the stop drains as usual, or the process exits this much later.
+FATAL_EXIT_AFTER_S = 60.0
 # Transactions waiting to be batched beyond which MQTT intake waits for the batcher.
 FLOW_WINDOW_BATCHES = 8  # hysteresis: resume once depth falls below 90 % of the limit
 
@@ -72,6 +76,8 @@ class Gateway:
         self.batcher: Batcher | None = None
         self.forwarder: Forwarder | None = None
         self.mqtt: IntakePool | None = None
+        self.api_intake: Intake | None = None
+        self.guard: Guard | None = None
         self.profiles: ProfileSet | None = None
         self.ready = False
         self.exit_code = EXIT_OK
@@ -184,8 +190,26 @@ class Gateway:
     async def _prune(self) -> None:
         """Retention: committed batches older than the last `retention_batches` leave the
         spool (0 keeps everything). A ledger node that lost more than that must be
-        restored from a peer."""
-        assert self.spool is not None and self.forwarder is not None
+        restored from a peer. Recorded rejects leave it after rejects.retention_s, or
+        oldest first beyond rejects.max_kept."""
+        if self.spool is None or self.forwarder is None:
+            return
+        rj = self.cfg.rejects
+        gone = 0
+        for _ in range(20):  # bounded: at most 200,000 rejects a round
+            n = await asyncio.to_thread(
+                prune_rejects, self.spool, now_ms() - int(rj.retention_s * 1000), rj.max_kept
+            )
+            gone += n
+            if not n:
+                break
+        if gone:
+            log.info(
+                "retention: pruned %d rejects (older than %.0f s or beyond %d kept)",
+                gone,
+                rj.retention_s,
+                rj.max_kept,
+            )
         keep = self.cfg.spool.retention_batches
         keep_from = self.forwarder.last_committed_seq - keep + 1
         if keep == 0 or keep_from <= 0:
@@ -203,7 +227,7 @@ class Gateway:
         assert self.batcher is not None and self.forwarder is not None and self.mqtt is not None
         interval = self.notifier.watchdog_interval_s() or 5.0
         last_status = 0.0
-        last_prune = time.monotonic()
+        last_prune = time.monotonic() - PRUNE_EVERY_S  # a first round at start
         while not self.stop_event.is_set():
             reason = self._pressure()
             # Intake may also have paused itself at the depth limit between looks.
@@ -215,6 +239,8 @@ class Gateway:
                 self.mqtt.pause()
             metrics.mqtt_connected.set(1 if self.mqtt.connected else 0)
             self.mqtt.release()  # in case no cut came to release the flow window
+            if self.api_intake is not None:
+                self.api_intake.flush_summaries()
             if reason != self.paused_reason:
                 serving = health_pb2.HealthCheckResponse
                 if reason is not None:
@@ -234,6 +260,8 @@ class Gateway:
                 for name, beat in (
                     ("batcher", self.batcher.last_progress),
                     ("forwarder", self.forwarder.heartbeat()),
+                    # Beats while intake turns, idle included (gateway.intakeproc).
+                    ("intake", self.mqtt.heartbeat()),
                 )
                 if now - beat > self._stuck_after
             ]
@@ -267,7 +295,14 @@ class Gateway:
         for warning in certcheck.check_gateway(cfg):
             log.warning("%s", warning)
         pin = cfg.hsm.pin.read()
+        # An unexpected exception on the spool writer or in a gRPC submit is a bug: logged
+        # once, the message in hand recorded (gateway.poison), the gateway stopped (exit 70).
+        self.guard = Guard(crash_record(cfg), self._internal_error, "gateway")
+        # A thread of this process that dies of an exception (the spool writer, the intake
+        # pipe reader) would otherwise leave the rest running without it.
+        threading.excepthook = self.guard.thread_hook
         self.spool = Spool(cfg.spool, cfg.gateway_id, write_priority=True)
+        self.spool.on_fatal(self.guard.spool_hook)
         await asyncio.to_thread(self.spool.open)
         self.signer = Signer(cfg.hsm, pin)
         del pin
@@ -306,8 +341,15 @@ class Gateway:
         # gRPC submits are decoded and spooled here; their rejects are published by the
         # intake process, which holds the broker connection.
         api_intake = Intake(
-            self.spool, self.profiles, cfg.mqtt.reject_topic_prefix, intake.dead_letter
+            self.spool,
+            self.profiles,
+            cfg.mqtt.reject_topic_prefix,
+            intake.dead_letter,
+            rejects=cfg.rejects,
+            guard=self.guard,
+            fault=fault_hook(),
         )
+        self.api_intake = api_intake
 
         server = grpc.aio.server(
             options=server_options(cfg),
@@ -381,6 +423,14 @@ class Gateway:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._fail, code, message)
 
+    def _internal_error(self, message: str) -> None:
+        """The guard's stop (any thread): the one stop path, with exit 70; a backstop
+        ends the process if that stop hangs."""
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: already stopping
+                self._loop.call_soon_threadsafe(self._fail, EXIT_SOFTWARE, message)
+        exit_after(FATAL_EXIT_AFTER_S)
+
     def _fail(self, code: int, message: str) -> None:
         log.error("%s; stopping so the service restarts", message)
         self.exit_code = code
@@ -415,6 +465,8 @@ class Gateway:
         log.info("stopping: intake closed, signing the open batch and forwarding")
         t0 = time.monotonic()
         await asyncio.to_thread(self.mqtt.stop)
+        if self.api_intake is not None:
+            self.api_intake.flush_summaries(force=True)
         await asyncio.wrap_future(self.spool.write(lambda _c: None))  # group commit flushed
         batch_stop.set()
         await batching  # a cut under way finishes before the open batch is cut

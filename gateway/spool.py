@@ -114,13 +114,24 @@ class Incoming:
 
 @dataclass(frozen=True, slots=True)
 class RejectRecord:
-    """A refused payload; `message` is the dead-letter JSON to publish."""
+    """A refused payload; `message` is the dead-letter JSON to publish. `count` is how many
+    rejected payloads the row stands for (0 for a summary of rejects not stored)."""
 
     reason: str
     device_id: str
     topic: str
     message: bytes
     received_ms: int
+    count: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class NotStored:
+    """A reject over its device's budget: counted and acknowledged, nothing stored. It
+    goes through the writer so its acknowledgement leaves with its group, in order."""
+
+
+NOT_STORED = NotStored()
 
 
 class Outcome(enum.Enum):
@@ -131,6 +142,7 @@ class Outcome(enum.Enum):
     # The seq is at or below what retention already pruned for this device: the
     # spool can no longer tell a redelivery from a replay, so it is refused.
     BEYOND_RETENTION = "beyond_retention"
+    NOT_STORED = "not_stored"  # a NotStored append: nothing written
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +241,10 @@ def insert_rows(
 
 
 AppendCallback = Callable[["AppendResult | BaseException"], None]
+AppendItem = Incoming | RejectRecord | NotStored
+# Called with an unexpected exception (a bug) on the writer thread, where it happened, and
+# the append callback it concerns, if one: the process's failure path (gateway.poison).
+FatalHook = Callable[[BaseException, str, object | None], None]
 
 
 class _Op:
@@ -308,6 +324,7 @@ class Spool:
         self.group_sizes: collections.Counter[int] = collections.Counter()
         self.last_error: str | None = None
         self._pruned: dict[str, int] = {}
+        self._fatal: FatalHook | None = None
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -435,6 +452,18 @@ class Spool:
         for listener in self._commit_listeners:
             listener(self.max_rowid)
 
+    def on_fatal(self, hook: FatalHook) -> None:
+        """Where an unexpected exception on the writer thread goes (a callback that raised,
+        a group commit that failed other than in SQLite). The writer keeps serving, so the
+        stop that follows can drain; without a hook it is logged with its traceback."""
+        self._fatal = hook
+
+    def _report(self, exc: BaseException, where: str, culprit: object | None = None) -> None:
+        if self._fatal is not None:
+            self._fatal(exc, where, culprit)
+        else:
+            log.error("spool writer: unexpected error in %s", where, exc_info=exc)
+
     def after_group(self, listener: Callable[[], None]) -> None:
         """Call `listener()` on the writer thread once every append callback of a
         group commit has run: where intake sends that group's PUBACKs in one write."""
@@ -442,7 +471,7 @@ class Spool:
 
     # ---- writer ----------------------------------------------------------
 
-    def append(self, item: Incoming | RejectRecord) -> Future[AppendResult]:
+    def append(self, item: AppendItem) -> Future[AppendResult]:
         fut: Future[AppendResult] = Future()
 
         def resolve(res: AppendResult | BaseException) -> None:
@@ -454,7 +483,7 @@ class Spool:
         self._queue.put((item, resolve))
         return fut
 
-    def append_cb(self, item: Incoming | RejectRecord, callback: AppendCallback) -> None:
+    def append_cb(self, item: AppendItem, callback: AppendCallback) -> None:
         """Append; `callback(result or error)` runs on the writer thread once the group
         commit is durable. No Future per message: the intake hot path."""
         self._queue.put((item, callback))
@@ -500,12 +529,61 @@ class Spool:
             # Only the database work holds the writers' turn; answering the callers
             # (PUBACKs, futures) comes after it is released.
             with self._write_lock():
-                deliver = [self._commit_appends(conn, appends)] if appends else []
+                deliver = [self._commit_guarded(conn, appends)] if appends else []
                 deliver += [self._run_op(conn, op) for op in ops]
             for d in deliver:
-                d()
+                try:
+                    d()
+                except Exception as e:  # a bug in a caller's callback: reported, never lost
+                    self._report(e, "spool writer callback")
             if stop:
                 return
+
+    def _commit_guarded(self, conn: sqlite3.Connection, appends: list[Any]) -> Callable[[], None]:
+        """_commit_appends, and if it fails other than in SQLite (a bug, e.g. a value SQLite
+        cannot take), the group again one append at a time: the others are committed and
+        the one that fails is reported as the culprit and answered with an error."""
+        try:
+            return self._commit_appends(conn, appends)
+        except Exception as e:
+            self._rollback(conn)
+            if len(appends) == 1:
+                first: BaseException | None = e
+                culprits = [appends[0]]
+                answers: list[Callable[[], None]] = []
+            else:
+                first, culprits, answers = None, [], []
+                for a in appends:
+                    try:
+                        answers.append(self._commit_appends(conn, [a]))
+                    except Exception as e2:
+                        self._rollback(conn)
+                        first = first or e2
+                        culprits.append(a)
+            for _item, callback in culprits:
+                assert first is not None
+                self._report(first, "spool group commit", callback)
+            if not culprits:
+                self._report(e, "spool group commit")
+            err = SpoolError(f"spool write failed: internal error: {type(e).__name__}")
+
+            def answer() -> None:
+                for _item, callback in culprits:
+                    self._call(callback, err)
+                for a in answers:
+                    a()
+                if not answers:
+                    self._groups_done()
+
+            return answer
+
+    def _call(self, callback: AppendCallback, res: AppendResult | BaseException) -> None:
+        """Answer one append; a callback that raises is reported with itself as culprit,
+        and the rest of its group is still answered."""
+        try:
+            callback(res)
+        except Exception as e:
+            self._report(e, "spool append callback", callback)
 
     @contextlib.contextmanager
     def _write_lock(self) -> Iterator[None]:
@@ -537,6 +615,18 @@ class Spool:
 
     def _commit_appends(self, conn: sqlite3.Connection, appends: list[Any]) -> Callable[[], None]:
         """Commit a group; returns what answers its callers once the turn is released."""
+        skipped = [cb for item, cb in appends if item is NOT_STORED]
+        if skipped:
+            rest = [a for a in appends if a[0] is not NOT_STORED]
+            inner = self._commit_appends(conn, rest) if rest else self._groups_done
+            self.rejects += len(skipped)
+
+            def answer_skipped() -> None:
+                for cb in skipped:
+                    self._call(cb, AppendResult(Outcome.NOT_STORED))
+                inner()
+
+            return answer_skipped
         results: list[AppendResult] = []
         devices: dict[str, tuple[int, int]] = {}
         stored = dup = rej = 0
@@ -595,7 +685,7 @@ class Spool:
                         " VALUES (?, ?, ?, ?, ?)",
                         (item.received_ms, item.reason, item.device_id, item.topic, item.message),
                     )
-                    rej += 1
+                    rej += item.count
                     results.append(
                         AppendResult(Outcome.REJECT_RECORDED, reject_id=int(cur.lastrowid or 0))
                     )
@@ -617,7 +707,7 @@ class Spool:
 
             def fail() -> None:
                 for _item, callback in appends:
-                    callback(err)
+                    self._call(callback, err)
                 self._groups_done()
 
             return fail
@@ -633,11 +723,14 @@ class Spool:
 
         def answer() -> None:
             for (_item, callback), res in zip(appends, results, strict=True):
-                callback(res)
+                self._call(callback, res)
             self._groups_done()
             if stored:
                 for listener in self._commit_listeners:
-                    listener(self.max_rowid)
+                    try:
+                        listener(self.max_rowid)
+                    except Exception as e:
+                        self._report(e, "spool commit listener")
 
         return answer
 
@@ -645,8 +738,8 @@ class Spool:
         for listener in self._group_listeners:
             try:
                 listener()
-            except Exception:
-                log.exception("group listener failed")
+            except Exception as e:
+                self._report(e, "spool group listener")
 
     def _insert_all_new(self, conn: sqlite3.Connection, appends: list[Any]) -> bool:
         """The common case in a few statements: every item a new transaction. If any
@@ -900,6 +993,29 @@ def prune(spool: Spool, keep_from_seq: int, max_batches: int = 200) -> int:
 
     n, _marks = spool.write(op).result()
     return int(n)
+
+
+def prune_rejects(spool: Spool, older_than_ms: int, keep: int, max_rows: int = 10_000) -> int:
+    """Delete recorded rejects received before `older_than_ms`, and the oldest beyond the
+    newest `keep`; at most `max_rows` per call, looking only at the oldest rows (ids grow
+    with time), so the writer is never held for long. Returns rows deleted."""
+
+    def op(conn: sqlite3.Connection) -> int:
+        old = conn.execute(
+            "DELETE FROM reject WHERE id IN (SELECT id FROM reject ORDER BY id LIMIT ?)"
+            " AND received_ms < ?",
+            (max_rows, older_than_ms),
+        ).rowcount
+        n = conn.execute("SELECT count(*) FROM reject").fetchone()[0]
+        over = min(max(0, n - keep), max_rows - old)
+        if over > 0:
+            conn.execute(
+                "DELETE FROM reject WHERE id IN (SELECT id FROM reject ORDER BY id LIMIT ?)",
+                (over,),
+            )
+        return int(old + max(0, over))
+
+    return spool.write(op).result()
 
 
 def stored_batches(conn: sqlite3.Connection, from_seq: int, limit: int) -> Sequence[StoredBatch]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import random
@@ -74,8 +75,16 @@ def profile_set(tmp_path_factory: pytest.TempPathFactory) -> ProfileSet:
     pk.write_text(os.urandom(32).hex())
     pk.chmod(0o600)
     decoders = bind(list(TARGETS.values()), "edge-fuzz-01", tmp / "keys", pk)
-    # Rate limits stay on: refusing is one more path that must not crash.
-    return ProfileSet(decoders, gateway_id="edge-fuzz-01", max_payload_bytes=1 << 20)
+    # Rate limits stay on: charging is one more path that must not crash. They charge on
+    # arrival, by the gateway's clock; this one runs an hour per payload, so every payload
+    # reaches its decoder (test_profiles_decode checks the refusals).
+    hours = itertools.count(step=3600.0)
+    return ProfileSet(
+        decoders,
+        gateway_id="edge-fuzz-01",
+        max_payload_bytes=1 << 20,
+        clock=lambda: next(hours),
+    )
 
 
 def bases(p: Profile, n: int = 24) -> list[bytes]:

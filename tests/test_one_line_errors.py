@@ -211,7 +211,9 @@ def test_mqtt_connect_failures_are_logged_once_with_their_reason_then_recovery(
 
     d = deploy(sandbox)
     assert sandbox.pki is not None
-    where = f"mqtt connect to 127.0.0.1:{d.broker.port} failed"
+    # The gateway connects to the broker's gateways' listener (its configured port).
+    port = tomllib.loads(d.config.read_text())["mqtt"]["port"]
+    where = f"mqtt connect to 127.0.0.1:{port} failed"
 
     # The broker's certificate is not from the CA the gateway trusts.
     other = devpki.make_dev_pki(sandbox.root / "other-pki", force=True)

@@ -471,21 +471,22 @@ def power_record(
 
 
 def test_binary_record_one_byte_short_or_long(ps: ProfileSet) -> None:
+    # One device per payload: the profile's rate limit (burst 3) charges every arrival.
     rec = power_record()
     inc = ps.decode(None, "p/site-1/rec", rec, NOW, "mqtt")
     assert fields_of(inc) == {"volts": 53.5, "temp": 25, "ok": True, "alarms": []}
-    assert reason(ps, "p/site-1/rec", rec[:-1]) == "not_decodable"
-    assert reason(ps, "p/site-1/rec", rec + b"\x00") == "not_decodable"
-    assert reason(ps, "p/site-1/rec", b"") == "not_decodable"
+    assert reason(ps, "p/site-2/rec", rec[:-1]) == "not_decodable"
+    assert reason(ps, "p/site-3/rec", rec + b"\x00") == "not_decodable"
+    assert reason(ps, "p/site-4/rec", b"") == "not_decodable"
 
 
 def test_binary_values(ps: ProfileSet) -> None:
     inc = ps.decode(None, "p/s/rec", power_record(temp=-128, alarms=0b101), NOW, "mqtt")
     assert fields_of(inc) == {"volts": 53.5, "ok": True, "alarms": ["mains", "door"]}
-    assert reason(ps, "p/s/rec", power_record(seq=2, alarms=0b10)) == "out_of_range"
-    assert reason(ps, "p/s/rec", power_record(seq=3, alarms=1 << 31)) == "out_of_range"
-    assert reason(ps, "p/s/rec", power_record(seq=4, ok=2)) == "out_of_range"
-    assert reason(ps, "p/s/rec", power_record(seq=5, volts=6001)) == "out_of_range"
+    assert reason(ps, "p/s2/rec", power_record(seq=2, alarms=0b10)) == "out_of_range"
+    assert reason(ps, "p/s3/rec", power_record(seq=3, alarms=1 << 31)) == "out_of_range"
+    assert reason(ps, "p/s4/rec", power_record(seq=4, ok=2)) == "out_of_range"
+    assert reason(ps, "p/s5/rec", power_record(seq=5, volts=6001)) == "out_of_range"
 
 
 def test_device_time_a_year_ahead_is_clock_skew_and_too_old_is_replay(ps: ProfileSet) -> None:
@@ -690,8 +691,11 @@ def test_rate_limit_token_bucket_by_the_gateway_clock(tmp_path: Path) -> None:
     assert reason(ps, "p/s-1/rec", power_record(4)) == "rate_limited"
     # Another device has its own bucket.
     ps.decode(None, "p/s-2/rec", power_record(4), NOW, "mqtt")
-    # A re-delivery of something already counted is not charged: the spool absorbs it.
-    ps.decode(None, "p/s-1/rec", power_record(3), NOW, "mqtt")
+    # Every arrival costs a token, whatever its seq: a jump to the top or a seq already
+    # seen buys nothing, and a payload that will not decode is charged too.
+    assert reason(ps, "p/s-1/rec", power_record(2**32 - 1)) == "rate_limited"
+    assert reason(ps, "p/s-1/rec", power_record(3)) == "rate_limited"
+    assert reason(ps, "p/s-1/rec", b"garbage") == "rate_limited"
     clock.t += 1.0
     ps.decode(None, "p/s-1/rec", power_record(4), NOW, "mqtt")
     assert reason(ps, "p/s-1/rec", power_record(5)) == "rate_limited"
@@ -704,7 +708,7 @@ def test_rate_limit_token_bucket_by_the_gateway_clock(tmp_path: Path) -> None:
     )
 
 
-def test_rate_limit_by_device_time_lets_a_backlog_through(tmp_path: Path) -> None:
+def test_rate_limit_cannot_be_bought_with_device_times_or_seqs(tmp_path: Path) -> None:
     d = tmp_path / "profiles"
     ps0 = build(tmp_path)
     del ps0
@@ -714,18 +718,25 @@ def test_rate_limit_by_device_time_lets_a_backlog_through(tmp_path: Path) -> Non
         .replace("[[fields]]", "[rate_limit]\nper_s = 0.1\nburst = 2\n\n[[fields]]", 1)
     )
     (d / "meter.toml").write_text(text)
+    clock = Clock()
     ps = ProfileSet.load(
-        d, gateway_id=GW, keys_dir=tmp_path / "keys", pseudonym_key_file=tmp_path / "pseudonym.key"
+        d,
+        gateway_id=GW,
+        keys_dir=tmp_path / "keys",
+        pseudonym_key_file=tmp_path / "pseudonym.key",
+        clock=clock,
     )
-    # An hour of readings every 10 s, delivered at once after an outage.
-    start = NOW // 1000 - 3600
-    for i in range(360):
-        ps.decode(None, "m/m-5/up", cb.encode(meter_doc(seq=i + 1, t=start + 10 * i)), NOW, "mqtt")
-    # Readings really sent too fast (same device second) are refused after the burst.
-    t = NOW // 1000 - 5
-    ps.decode(None, "m/m-6/up", cb.encode(meter_doc(seq=1, t=t)), NOW, "mqtt")
-    ps.decode(None, "m/m-6/up", cb.encode(meter_doc(seq=2, t=t)), NOW, "mqtt")
-    assert reason(ps, "m/m-6/up", cb.encode(meter_doc(seq=3, t=t))) == "rate_limited"
+    # Device times an hour apart, or set back to the edge of the replay window, and seqs
+    # jumping to the top: the bucket refills by the gateway's clock only.
+    start = NOW // 1000 - 86_000
+    ps.decode(None, "m/m-5/up", cb.encode(meter_doc(seq=2**53, t=start)), NOW, "mqtt")
+    ps.decode(None, "m/m-5/up", cb.encode(meter_doc(seq=1, t=start + 3600)), NOW, "mqtt")
+    for i in range(2, 50):
+        doc = meter_doc(seq=i, t=start + 3600 * i % 86_000)
+        assert reason(ps, "m/m-5/up", cb.encode(doc)) == "rate_limited"
+    clock.t += 10.0  # one token at 0.1/s
+    ps.decode(None, "m/m-5/up", cb.encode(meter_doc(seq=50, t=start)), NOW, "mqtt")
+    assert reason(ps, "m/m-5/up", cb.encode(meter_doc(seq=51, t=start))) == "rate_limited"
 
 
 # ---- reload -----------------------------------------------------------------------------

@@ -1,10 +1,12 @@
 """The README's install section, run as written on a fresh machine under a real systemd.
 
 A SystemdBox boots systemd as PID 1 over a throwaway copy of this machine's root. Around
-it the test builds what a carrier's site provides: Mosquitto (Debian's own unit) with a TLS
-listener, three reference ledger nodes (the shipped edge-ledger-node@ template) and a PKI.
-Then every `sh` block of README.md's "Install on an edge server" section runs, in order,
-with only the site's values set; the package under test is the .deb `make deb` builds.
+it the test builds what a carrier's site provides: Mosquitto (Debian's own unit), three
+reference ledger nodes (the shipped edge-ledger-node@ template) and a PKI. Then every `sh`
+block of README.md's "Install on an edge server" section runs, in order, with only the
+site's values set; the package under test is the .deb `make deb` builds. The broker runs
+what the README's `edge-gateway broker config` block writes, in its lab form (the load
+comes from `edge-gateway simulate`, one certificate for every device).
 
 Then the shipped unit is exercised for real under load from `edge-gateway simulate`:
 READY=1 before `systemctl start` returns, STATUS= in `systemctl status`, logfmt lines in
@@ -32,11 +34,12 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
 GATEWAY_ID = "edge-box-01"
-BROKER_PORT = 8883
+BROKER_PORT = 8883  # the devices' listener
+GATEWAYS_PORT = 8884  # the gateways' listener
 LEDGERS = {"ledger-1": 7101, "ledger-2": 7102, "ledger-3": 7103}
 SITE = {
     "GATEWAY_ID": GATEWAY_ID,
-    "BROKER": f"127.0.0.1:{BROKER_PORT}",
+    "BROKER": f"127.0.0.1:{GATEWAYS_PORT}",
     "LEDGERS": " ".join(f"{n}=127.0.0.1:{p}" for n, p in LEDGERS.items()),
     "SITE_NETWORKS": "127.0.0.0/8",
 }
@@ -56,20 +59,45 @@ def readme_install_blocks() -> list[str]:
     return blocks
 
 
-MOSQUITTO_CONF = f"""\
-# The site's broker for the test: TLS with client certificates, the certificate's CN
-# as the user name, every QoS 1 message held for an offline persistent session.
-listener {BROKER_PORT} 127.0.0.1
-cafile /etc/mosquitto/certs/ca.crt
-certfile /etc/mosquitto/certs/mosquitto.crt
-keyfile /etc/mosquitto/certs/mosquitto.key
-require_certificate true
-use_identity_as_username true
-allow_anonymous false
-max_queued_messages 0
-max_queued_bytes 0
-autosave_interval 1
-"""
+BROKER_DIR = "/etc/mosquitto/edge-gateway"
+
+
+def configure_broker(box: SystemdBox) -> None:
+    """The site's broker operator: the README's files for this gateway, in the lab form
+    (the simulator's certificate publishes for every device), into Debian's mosquitto."""
+    readme_out = f"{WORK}/broker"
+    assert box.exists(f"{readme_out}/edge-gateway.conf"), "the README wrote no broker files"
+    box.run(
+        "edge-gateway",
+        "broker",
+        "config",
+        "--config",
+        "/etc/edge-gateway/gateway.toml",
+        "--out",
+        BROKER_DIR,
+        "--group",
+        "mosquitto",
+        "--lab-simulator",
+        "device-simulator",
+    )
+    # The lab form is the README's output plus the simulator's entry, nothing else.
+    prod = box.read_text(f"{readme_out}/devices.acl")
+    lab = box.read_text(f"{BROKER_DIR}/devices.acl")
+    assert lab.startswith(prod) and "user device-simulator" in lab[len(prod) :]
+    assert "user device-simulator" not in prod and "use_username_as_clientid true" in (
+        box.read_text(f"{readme_out}/edge-gateway.conf")
+    )
+    assert box.read_text(f"{readme_out}/gateways.acl") == box.read_text(
+        f"{BROKER_DIR}/gateways.acl"
+    )
+    box.run(f"install -m 0644 {BROKER_DIR}/edge-gateway.conf /etc/mosquitto/conf.d/")
+    box.systemctl("restart", "mosquitto.service")
+
+    def listening() -> bool:
+        out = box.run("ss -ltnH").stdout
+        return f":{BROKER_PORT} " in out and f":{GATEWAYS_PORT} " in out
+
+    box.wait_for(listening, 30, interval=0.2, what="mosquitto's two listeners")
 
 
 def ledger_toml(node: str, port: int) -> str:
@@ -137,8 +165,6 @@ def site(deb_package: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         box.copy_in(pki["mosquitto"].cert, "/etc/mosquitto/certs/mosquitto.crt", mode=0o644)
         box.copy_in(pki["mosquitto"].key, "/etc/mosquitto/certs/mosquitto.key", mode=0o640)
         box.run("chgrp mosquitto /etc/mosquitto/certs/mosquitto.key")
-        box.write("/etc/mosquitto/conf.d/edge-site.conf", MOSQUITTO_CONF)
-        box.systemctl("restart", "mosquitto.service")
         box.copy_in(deb_package, f"{WORK}/{deb_package.name}", mode=0o644)
         for issued in (pki.ca, pki["gateway"], pki["gateway-api"], pki["operator"], pki["device"]):
             box.copy_in(issued.cert, f"{WORK}/{issued.cert.name}", mode=0o644)
@@ -147,11 +173,13 @@ def site(deb_package: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
         blocks = readme_install_blocks()
         variables, steps = blocks[0], blocks[1:]
-        ledgers_started = False
+        ledgers_started = broker_configured = False
         for i, step in enumerate(steps, start=1):
             if "systemctl enable" in step:
-                # The site's ledger nodes know this gateway's key before it starts.
+                # The site's ledger nodes know this gateway's key before it starts, and
+                # its broker runs the configuration written for it.
                 assert ledgers_started, "the README starts the gateway before setup made its key"
+                assert broker_configured, "the README starts the gateway before the broker step"
                 box.drop_in(GW, "[Service]\nWatchdogSec=6\n", name="90-test-watchdog")
             try:
                 box.sh(f"cd {WORK}\n{variables}\n{step}", env=SITE, timeout=600)
@@ -160,6 +188,9 @@ def site(deb_package: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             if not ledgers_started and box.exists("/etc/edge-gateway/batch-key.pem"):
                 start_ledgers(box, pki)
                 ledgers_started = True
+            if "edge-gateway broker config" in step:
+                configure_broker(box)
+                broker_configured = True
         yield box
 
 

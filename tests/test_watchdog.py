@@ -14,7 +14,9 @@ from gateway.notify import Notifier
 from gateway.service import Gateway
 
 
-def run_monitor(tmp_path: Path, batcher_beat: float, forwarder_beat: float) -> list[str]:
+def run_monitor(
+    tmp_path: Path, batcher_beat: float, forwarder_beat: float, intake_beat: float | None = None
+) -> list[str]:
     cfg = parse_gateway_config(
         {
             "gateway": {"id": "gw-watchdog"},
@@ -53,6 +55,7 @@ def run_monitor(tmp_path: Path, batcher_beat: float, forwarder_beat: float) -> l
             release=lambda: None,
             resume=lambda: None,
             pause=lambda: None,
+            heartbeat=lambda: time.monotonic() if intake_beat is None else intake_beat,
         )
         task = asyncio.create_task(gw._monitor())
         await asyncio.sleep(2.5)
@@ -84,4 +87,12 @@ def test_stuck_batcher_withholds_pings(tmp_path: Path) -> None:
 def test_stuck_forwarder_withholds_pings(tmp_path: Path) -> None:
     now = time.monotonic()
     got = run_monitor(tmp_path, now, now - 3600)
+    assert not any("WATCHDOG=1" in m for m in got)
+
+
+def test_stuck_intake_withholds_pings(tmp_path: Path) -> None:
+    """The intake process beats while it turns (idle included); no beat for longer than
+    the stuck limit, e.g. a writer thread that no longer answers, stops the pings."""
+    now = time.monotonic()
+    got = run_monitor(tmp_path, now, now, intake_beat=now - 3600)
     assert not any("WATCHDOG=1" in m for m in got)

@@ -122,7 +122,7 @@ class JsonDecoder:
             raise Rejected("unknown_topic", f"no device id in topic {topic[:200]!r}")
         if len(payload) > self.max_payload_bytes:
             raise Rejected("too_large", f"{len(payload)} bytes, limit {self.max_payload_bytes}")
-        if not DEVICE_ID_RE.match(device_id):
+        if not DEVICE_ID_RE.fullmatch(device_id):
             raise Rejected("bad_device_id", f"device id {device_id[:64]!r} is not allowed")
         doc = parse_json(payload)
         if not isinstance(doc, dict):

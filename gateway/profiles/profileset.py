@@ -3,7 +3,7 @@
 A ProfileSet is the gateway's Decoder. It picks the profile by MQTT topic (the
 most specific filter wins, see gateway.profiles.topics), or by an explicit
 name for gRPC submissions, takes the device id from the profile's topic level,
-decodes, then charges the device's rate limit. Topics no profile claims go to
+charges the device's rate limit on arrival, then decodes. Topics no profile claims go to
 the fallback profile (the built-in json@1 unless configured otherwise) or are
 refused as unknown_topic.
 
@@ -412,21 +412,17 @@ class ProfileSet:
             raise ProfileRejected(
                 "unknown_topic", f"no device id in topic {topic[:200]!r}", None, dec.id
             )
-        if not DEVICE_ID_RE.match(dev):
+        if not DEVICE_ID_RE.fullmatch(dev):
             raise ProfileRejected(
-                "bad_device_id", f"device id {dev[:64]!r} is not allowed", None, dec.id
+                "bad_device_id", f"device id {dev[:64]!r} is not allowed", dev, dec.id
             )
-        try:
-            d = dec.decode(dev, payload, received_ms, channel)
-        except Rejected as r:
-            raise ProfileRejected(r.reason, r.detail, dev, dec.id, p.personal_data) from None
+        # Charged on arrival, by the gateway's clock, before anything the device wrote in
+        # the payload (seq, device time) is read: nothing in it can buy tokens.
         rate = p.rate_limit
         if (
             rate is not None
             and self._enforce
-            and not self._limiter.allow(
-                (p.name, dev), rate, d.incoming.device_seq, d.device_time_ms
-            )
+            and not self._limiter.allow((p.name, dev), rate.per_s, rate.burst)
         ):
             raise ProfileRejected(
                 "rate_limited",
@@ -435,4 +431,8 @@ class ProfileSet:
                 dec.id,
                 p.personal_data,
             )
+        try:
+            d = dec.decode(dev, payload, received_ms, channel)
+        except Rejected as r:
+            raise ProfileRejected(r.reason, r.detail, dev, dec.id, p.personal_data) from None
         return d.incoming

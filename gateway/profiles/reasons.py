@@ -2,7 +2,8 @@
 
 Every Rejected the decoders raise carries one of these; ingest counts them per
 reason and puts them on the dead-letter topic. firmware_profiles/README.md
-says when each one is raised.
+says when each one is raised; `poison` is intake's own (gateway.poison): a
+message that made intake fail twice.
 """
 
 from __future__ import annotations
@@ -22,4 +23,5 @@ REASONS = (
     "conflicting_duplicate",
     "rate_limited",
     "clock_skew",
+    "poison",
 )

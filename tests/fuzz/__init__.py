@@ -1,0 +1,1 @@
+"""Fuzzing the running gateway: `make fuzz` (large), `make test` (small)."""
