@@ -4,9 +4,14 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# ThingsBoard IoT Gateway, the peer `make bench-peers` runs beside this gateway, in a venv
+# of its own (it pulls many packages of its own pinning).
+PEERS_VENV := .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed
+PEER_PACKAGE := thingsboard-gateway==3.8.5
 PROTO_SRC := $(shell find protos -name '*.proto' | sort)
 
-.PHONY: all system-deps venv protos check-protos lint typecheck test unit integration demo bench faults fuzz deb clean
+.PHONY: all system-deps venv protos check-protos lint typecheck test unit integration demo bench bench-peers faults fuzz deb clean
 
 all: test
 
@@ -53,7 +58,19 @@ demo: venv
 	@$(VENV)/bin/edge-gateway demo --seconds $${SECONDS_:-20}
 
 bench: venv
+	@scripts/install-bench-deps
 	@$(PY) -m gateway.bench
+
+$(PEERS_STAMP):
+	@test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	@$(PEERS_VENV)/bin/python -m pip install -q '$(PEER_PACKAGE)' >$(PEERS_VENV)/pip.log 2>&1 \
+	  || (cat $(PEERS_VENV)/pip.log; exit 1)
+	@touch $(PEERS_STAMP)
+
+# This gateway beside ThingsBoard IoT Gateway (sqlite and memory storage, one SIGKILL each)
+# on the same load, all on loopback; PEERS_ARGS passes options (e.g. --quick).
+bench-peers: venv $(PEERS_STAMP)
+	@$(PY) -m gateway.peerbench --peer-python $(PEERS_VENV)/bin/python $(PEERS_ARGS)
 
 faults: venv
 	@$(PY) -m pytest -q tests/faults
@@ -69,4 +86,4 @@ deb: system-deps
 	@scripts/build-deb dist
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(PEERS_VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -6,13 +6,19 @@ publisher processes of gateway.loadgen. In one run, with the same generator and
 payloads:
 
 1. the generator's own ceiling (as fast as it can, a bare consumer draining);
-2. the bare consumer: a paho QoS 1 subscriber that only counts (Python MQTT intake);
+2. the bare consumer: a paho QoS 1 subscriber that only counts (Python MQTT intake),
+   the denominator of the ratio; beside it, in the main run, the limits: the fastest
+   Python consumer (a bulk parser on a plain socket) and a C client (mosquitto_sub),
+   each delivered msg/s and CPU per message;
 3. the gateway end to end: committed transactions/s while the generator keeps it
    saturated (credit: a bounded backlog ahead of what is committed at the quorum),
    then publish-to-commit latency at 80 % of that rate (a backlog at saturation
    would only measure queueing), CPU per 1,000 transactions, peak RSS,
    signatures/s; then overload: devices that outrun it (the broker always holds a
-   backlog), to see whether commits keep pace with intake;
+   backlog), to see whether commits keep pace with intake; the gateway's CPU per
+   transaction by process (intake, main) and, in a window of its own with a sampling
+   profiler (py-spy) attached, by stage (MQTT client, decode, spool, batch and sign,
+   forward, ...);
 4. the same at other device counts and payload sizes;
 5. a spool of 1,000,000 transactions built with the gateway's own Spool, Batcher
    and Signer, then served by the gateway process: RSS and GetTransaction with
@@ -50,7 +56,7 @@ from typing import Any
 import grpc
 import psutil
 
-from gateway import loadgen
+from gateway import cpustages, loadgen
 from gateway._pb.edgegateway.v1 import gateway_pb2, gateway_pb2_grpc, transaction_pb2
 from gateway.demo import percentile
 from gateway.errors import GatewayError
@@ -93,6 +99,9 @@ class Options:
     profile_gil: bool = False
     quick: bool = False
     tls: bool = False
+    limits: tuple[str, ...] = ("bulk", "mosquitto_sub")
+    limit_seconds: float = 10.0
+    stage_seconds: float = 10.0
 
 
 @dataclass
@@ -102,6 +111,14 @@ class Bare:
     msg_per_s: float
     cpu_s_per_1k: float
     other_cpu_share: float
+    consumer: str = "paho"
+    broker_cpu_share: float = 0.0
+    note: str = ""
+    rss_peak_mb: float = 0.0
+
+    @property
+    def cpu_us_per_msg(self) -> float:
+        return self.cpu_s_per_1k * 1000
 
 
 @dataclass
@@ -137,6 +154,11 @@ class EndToEnd:
     overload_committed_per_s: float
     overload_depth: int
     overload_other_cpu_share: float
+    # CPU µs per committed transaction by gateway process ("intake", "main", "other"
+    # children) in the saturated window, and by process and stage in the stage window.
+    cpu_us_by_process: dict[str, float] = field(default_factory=dict)
+    cpu_us_by_stage: dict[str, dict[str, float]] = field(default_factory=dict)
+    stage_note: str = ""
     errors: list[str] = field(default_factory=list)
 
 
@@ -167,6 +189,7 @@ class Mark:
     ledger_cpu: float
     machine_cpu: float  # busy CPU seconds of the whole machine
     bench_cpu: float  # this controller process
+    roles: dict[str, float] = field(default_factory=dict)  # gateway CPU by process
 
 
 def machine_busy() -> float:
@@ -242,9 +265,37 @@ class Watch:
                 total += c.user + c.system
         return float(total)
 
+    def cpu_by_role(self) -> dict[str, float]:
+        """CPU seconds by process: "main" (the gateway's own process), "intake" (its intake
+        processes) and "other" (any other child, living or reaped)."""
+        out = {"main": 0.0, "intake": 0.0, "other": 0.0}
+        try:
+            t = self.proc.cpu_times()
+            children = self.proc.children(recursive=True)
+        except psutil.Error:
+            return out
+        out["main"] = t.user + t.system
+        out["other"] = t.children_user + t.children_system
+        for child in children:
+            with contextlib.suppress(psutil.Error):
+                c = child.cpu_times()
+                out[process_role(child)] += c.user + c.system
+        return out
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(2)
+
+
+INTAKE_PROCESS_NAME = "edge-gw-intake"
+
+
+def process_role(proc: psutil.Process) -> str:
+    """A gateway child's role: its intake processes (named so by PR_SET_NAME), or other."""
+    try:
+        return "intake" if proc.name() == INTAKE_PROCESS_NAME else "other"
+    except psutil.Error:
+        return "other"
 
 
 def cpu_of(pids: Sequence[int]) -> float:
@@ -476,8 +527,11 @@ class Bench:
         finally:
             consumer.close()
 
-    def bare(self, devices: int, payload_bytes: int, seconds: float) -> Bare:
-        consumer = loadgen.BareConsumer(self.port, self.tls("device"))
+    def bare(self, devices: int, payload_bytes: int, seconds: float, kind: str = "paho") -> Bare:
+        """A consumer that only counts ("paho", "bulk" or "mosquitto_sub", see
+        gateway.loadgen), saturated by credit like the gateway: delivered msg/s and its CPU
+        per message."""
+        consumer = loadgen.make_consumer(kind, self.port, self.tls("device"))
         consumer.start()
         try:
             watch = Watch(consumer.pid)
@@ -494,28 +548,56 @@ class Bench:
             )
             t0 = self.gen.begin(job)
             assert self.broker is not None and self.broker.proc is not None
-            ours = [consumer.pid, self.broker.proc.pid, *self.gen.pids, os.getpid()]
+            broker = [self.broker.proc.pid]
+            ours = [consumer.pid, *broker, *self.gen.pids, os.getpid()]
 
-            def look() -> tuple[float, int, float, float, float]:
+            def look() -> tuple[float, int, float, float, float, float]:
                 now, n = time.monotonic(), consumer.count()
-                return now, n, watch.cpu(), cpu_of(ours), machine_busy()
+                return now, n, watch.cpu(), cpu_of(ours), machine_busy(), cpu_of(broker)
 
-            mark: tuple[float, int, float, float, float] | None = None
+            mark: tuple[float, int, float, float, float, float] | None = None
             while time.monotonic() < t0 + seconds + warm - 0.05:
                 self.gen.set_credit(consumer.count() + CREDIT_WINDOW)
                 if mark is None and time.monotonic() >= t0 + warm:
                     mark = look()
                 time.sleep(0.01)
             end = look()
-            self.gen.wait(60)
+            res = self.gen.wait(60)
             watch.close()
             assert mark is not None
+            # Everything published is delivered once the generator has its PUBACKs and the
+            # consumer has caught up: a check of counting that is not exact (mosquitto_sub).
+            final = consumer.count()
+            settle = time.monotonic() + 10
+            while final < res.published and time.monotonic() < settle:
+                time.sleep(0.05)
+                final = consumer.count()
+            scale, note = 1.0, ""
+            if isinstance(consumer, loadgen.MosquittoSubConsumer):
+                if final and final != res.published:
+                    scale = res.published / final
+                    note = (
+                        f"counted {final:,} of {res.published:,} messages by write calls "
+                        f"({consumer.writes() / res.published:.3f} per message); rescaled"
+                    )
+            elif final < res.published:
+                note = f"{res.published - final:,} published messages not delivered in 10 s"
             span = end[0] - mark[0]
-            count = end[1] - mark[1]
+            count = (end[1] - mark[1]) * scale
             rate = count / span
             cpu = (end[2] - mark[2]) / count * 1000 if count else 0.0
             other = max(0.0, (end[4] - mark[4]) - (end[3] - mark[3])) / span
-            return Bare(devices, payload_bytes, rate, cpu, round(other, 2))
+            return Bare(
+                devices,
+                payload_bytes,
+                rate,
+                cpu,
+                round(other, 2),
+                consumer=kind,
+                broker_cpu_share=round((end[5] - mark[5]) / span, 2),
+                note=note,
+                rss_peak_mb=round(watch.peak_rss / 2**20, 1),
+            )
         finally:
             consumer.close()
 
@@ -529,6 +611,7 @@ class Bench:
         latency_seconds: float,
         profile: Path | None = None,
         overload_seconds: float = 0.0,
+        stage_seconds: float = 0.0,
     ) -> EndToEnd:
         slot = self.slots[gid]
         gw = self.sb.gateway(gid, slot.config, slot.pem)
@@ -587,6 +670,12 @@ class Bench:
             cpu_1k = (end.cpu - mark.cpu) / committed * 1000 if committed else 0.0
             sig_per_s = (end.batches - mark.batches) / span
             sat_lat = probe.latencies(mark.committed, sat_hi, 0)
+            by_process = {
+                role: round((end.roles[role] - mark.roles.get(role, 0.0)) / committed * 1e6, 1)
+                for role in end.roles
+                if committed
+            }
+            stages, stage_note = self._stages(gw.proc, probe, devices, payload_bytes, stage_seconds)
 
             # Latency: a fixed rate below saturation, so no backlog builds up.
             rate = max(50.0, LATENCY_LOAD * tx_per_s)
@@ -653,6 +742,9 @@ class Bench:
                 overload_committed_per_s=round(over[1], 1),
                 overload_depth=over[2],
                 overload_other_cpu_share=round(over[3], 2),
+                cpu_us_by_process=by_process,
+                cpu_us_by_stage=stages,
+                stage_note=stage_note,
                 errors=errors,
             )
             return e
@@ -678,7 +770,63 @@ class Bench:
             ledger_cpu=cpu_of([lg.proc.proc.pid for lg in self.ledgers if lg.proc.proc]),
             machine_cpu=machine_busy(),
             bench_cpu=cpu_of([os.getpid()]),
+            roles=watch.cpu_by_role(),
         )
+
+    def _stages(
+        self, gw: Proc, probe: SpoolProbe, devices: int, payload_bytes: int, seconds: float
+    ) -> tuple[dict[str, dict[str, float]], str]:
+        """A saturated window of its own with a sampling profiler attached (it costs some
+        CPU, so the main window runs without it): CPU µs per committed transaction by
+        gateway process and stage (gateway.cpustages)."""
+        if seconds <= 0:
+            return {}, ""
+        if cpustages.py_spy_path() is None:
+            return {}, "py-spy not installed (pip install py-spy): no stage figures"
+        assert gw.proc is not None
+        root = psutil.Process(gw.proc.pid)
+        roles = {gw.proc.pid: "main"}
+        with contextlib.suppress(psutil.Error):
+            for child in root.children(recursive=True):
+                roles[child.pid] = process_role(child)
+        warm = 2.0
+        job = loadgen.Job(
+            port=self.port,
+            devices=devices,
+            payload_bytes=payload_bytes,
+            seconds=warm + seconds,
+            start_seq=self.next_seq(),
+            mode=loadgen.MODE_CREDIT,
+            run_id=f"stages-{self.phase}",
+            tls=self.tls("device"),
+        )
+        base = probe.stored()
+        history: list[tuple[float, int]] = []
+        sampler = cpustages.StageSampler(gw.proc.pid, roles, self.root / f"stages-{gw.name}.txt")
+        t0 = self.gen.begin(job)
+        c0 = c1 = 0
+        errors: list[str] = []
+        try:
+            started = False
+            while time.monotonic() < t0 + warm + seconds - 0.05:
+                self._check()
+                committed = probe.committed()
+                history.append((time.monotonic(), committed))
+                if len(history) > 1000:
+                    del history[:500]
+                self.gen.set_credit(committed - base + credit_window(history))
+                if not started and time.monotonic() >= t0 + warm:
+                    sampler.start(seconds)
+                    c0, started = committed, True
+                time.sleep(0.02)
+            c1 = probe.committed()
+            prof = sampler.stop()
+        finally:
+            sampler.close()
+        res = self.gen.wait(120)
+        self._drain(probe, base + res.published, errors)
+        note = "; ".join([prof.note, *res.errors, *errors]).strip("; ")
+        return prof.per_tx_us(c1 - c0), note
 
     def _overload(
         self,
@@ -954,10 +1102,59 @@ def mosquitto_version() -> str:
     return first.rpartition(" ")[2] or "?"
 
 
+CONSUMER_LABELS = {
+    "paho": "paho QoS 1 (the ratio's denominator)",
+    "bulk": "bulk Python parser",
+    "mosquitto_sub": "mosquitto_sub (C)",
+}
+
+
+def report_limits(bare: Bare, limits: list[Bare], e2e: EndToEnd) -> None:
+    """The consumers that only count beside the gateway, and the gateway's CPU by process
+    and stage."""
+    say("")
+    say("limits beside the gateway (main run: same generator, broker and payloads, saturated):")
+    head = f"{'consumer':<40}{'msg/s':>10}{'CPU µs/msg':>12}{'broker cores':>14}"
+    say(head)
+    say("-" * len(head))
+    for b in [bare, *limits]:
+        say(
+            f"{CONSUMER_LABELS.get(b.consumer, b.consumer):<40}{b.msg_per_s:>10,.0f}"
+            f"{b.cpu_us_per_msg:>12.1f}{b.broker_cpu_share:>14.2f}"
+        )
+        if b.note:
+            say(f"  ({b.note})")
+    say(
+        f"{'this gateway, committed at the quorum':<40}{e2e.tx_per_s:>10,.0f}"
+        f"{e2e.cpu_s_per_1k * 1000:>12.1f}{e2e.broker_cpu_share:>14.2f}"
+    )
+    if e2e.cpu_us_by_process:
+        parts = ", ".join(f"{role} {us:.1f}" for role, us in e2e.cpu_us_by_process.items())
+        say(f"  gateway CPU µs per transaction by process: {parts}")
+    ratios = ", ".join(
+        f"{b.consumer} {e2e.tx_per_s / b.msg_per_s:.2f}" for b in [bare, *limits] if b.msg_per_s
+    )
+    say(f"  gateway / consumer: {ratios}")
+    if e2e.cpu_us_by_stage or e2e.stage_note:
+        say("")
+        say(
+            "gateway CPU µs per committed transaction by process and stage (a window of "
+            "its own, sampling profiler attached):"
+        )
+        for role, stages in e2e.cpu_us_by_stage.items():
+            total = sum(stages.values())
+            say(f"  {role} process: {total:.1f} µs")
+            for stage, us in stages.items():
+                say(f"    {stage:<40}{us:>8.1f}{us / total if total else 0:>8.0%}")
+        if e2e.stage_note:
+            say(f"  ({e2e.stage_note})")
+
+
 def report(
     opts: Options,
     ceiling: float,
     rows: list[tuple[str, Bare, EndToEnd]],
+    limits: list[Bare],
     big: BigSpool | None,
     hsm_rate: float,
     elapsed: float,
@@ -1005,6 +1202,7 @@ def report(
         f"{e2e.ledgers_cpu_share:.2f}, other processes {e2e.other_cpu_share:.2f}; "
         f"bare consumer {bare.cpu_s_per_1k:.3f} CPU s per 1k messages"
     )
+    report_limits(bare, limits, e2e)
     busy = [
         (f"{n} {what}", share)
         for n, b, e in rows
@@ -1014,6 +1212,11 @@ def report(
             ("overload", e.overload_other_cpu_share),
         )
         if share > OTHER_LOAD_WARN
+    ]
+    busy += [
+        (f"main {lim.consumer}", lim.other_cpu_share)
+        for lim in limits
+        if lim.other_cpu_share > OTHER_LOAD_WARN
     ]
     for n, share in busy:
         say(
@@ -1078,6 +1281,20 @@ def report(
         "rss_mb": e2e.rss_peak_mb,
         "cpu_s_per_1k": e2e.cpu_s_per_1k,
         "bare_cpu_s_per_1k": round(bare.cpu_s_per_1k, 3),
+        "limits": [
+            {
+                "consumer": b.consumer,
+                "msg_per_s": round(b.msg_per_s, 1),
+                "cpu_us_per_msg": round(b.cpu_us_per_msg, 2),
+                "broker_cpu_share": b.broker_cpu_share,
+                "other_cpu_share": b.other_cpu_share,
+                "ratio": round(e2e.tx_per_s / b.msg_per_s, 3) if b.msg_per_s else 0.0,
+                "note": b.note,
+            }
+            for b in [bare, *limits]
+        ],
+        "gateway_cpu_us_per_tx_by_process": e2e.cpu_us_by_process,
+        "gateway_cpu_us_per_tx_by_stage": e2e.cpu_us_by_stage,
         "signatures_per_s": e2e.signatures_per_s,
         "signatures_per_batch": round(per_batch, 3),
         "hsm_sign_ceiling_per_s": round(hsm_rate, 1),
@@ -1141,6 +1358,17 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x.strip())
 
 
+CONSUMERS = ("paho", "bulk", "mosquitto_sub")
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    for n in names:
+        if n not in CONSUMERS:
+            raise argparse.ArgumentTypeError(f"{n!r}: expected one of {', '.join(CONSUMERS)}")
+    return names
+
+
 def parse_args(argv: Sequence[str] | None) -> Options:
     p = argparse.ArgumentParser(
         prog="python -m gateway.bench",
@@ -1169,6 +1397,18 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         action="store_true",
         help="every link over mutual TLS, as in production (default: plain text on loopback)",
     )
+    p.add_argument(
+        "--limits",
+        type=_names,
+        help="consumers measured beside the gateway in the main run (default "
+        "bulk,mosquitto_sub; empty: none)",
+    )
+    p.add_argument("--limit-seconds", type=float, help="window of each limit (default 10)")
+    p.add_argument(
+        "--stage-seconds",
+        type=float,
+        help="window of the CPU-by-stage profile, main run (default 10; 0: skip)",
+    )
     p.add_argument("--workdir", type=Path, help="keep everything here instead of a temp dir")
     p.add_argument("--profile", type=Path, help="py-spy raw profile of the main e2e window")
     p.add_argument(
@@ -1190,11 +1430,22 @@ def parse_args(argv: Sequence[str] | None) -> Options:
             spool_tx=10_000,
             lookups=200,
             quick=True,
+            limit_seconds=3.0,
+            stage_seconds=3.0,
         )
     for name in ("seconds", "overload_seconds", "devices", "payload_bytes", "processes"):
         if getattr(a, name) is not None:
             setattr(o, name, getattr(a, name))
-    for name in ("scale_devices", "scale_payloads", "scale_seconds", "spool_tx", "lookups"):
+    for name in (
+        "scale_devices",
+        "scale_payloads",
+        "scale_seconds",
+        "spool_tx",
+        "lookups",
+        "limits",
+        "limit_seconds",
+        "stage_seconds",
+    ):
         if getattr(a, name) is not None:
             setattr(o, name, getattr(a, name))
     if a.batch_max_tx is not None:
@@ -1229,6 +1480,7 @@ def run(opts: Options) -> dict[str, Any]:
         ceiling = bench.ceiling()
         say(f"  {ceiling:,.0f} msg/s")
         rows: list[tuple[str, Bare, EndToEnd]] = []
+        limits: list[Bare] = []
         for name, devices, payload in points:
             main = name == "main"
             secs = opts.seconds if main else opts.scale_seconds
@@ -1236,6 +1488,16 @@ def run(opts: Options) -> dict[str, Any]:
             say(f"[{name}] bare consumer: {devices} devices, {_size(payload)}")
             b = bench.bare(devices, payload, bare_s)
             say(f"  {b.msg_per_s:,.0f} msg/s")
+            if main:
+                for kind in opts.limits:
+                    say(f"[{name}] limit: {kind} consumer")
+                    try:
+                        lim = bench.bare(devices, payload, opts.limit_seconds, kind)
+                    except FileNotFoundError as missing:
+                        say(f"  skipped: {missing}")
+                        continue
+                    say(f"  {lim.msg_per_s:,.0f} msg/s, {lim.cpu_us_per_msg:.1f} µs CPU/msg")
+                    limits.append(lim)
             say(f"[{name}] gateway end to end: {secs:g} s saturated, then latency")
             e = bench.end_to_end(
                 f"bench-{name}",
@@ -1246,6 +1508,7 @@ def run(opts: Options) -> dict[str, Any]:
                 opts.latency_seconds if main else max(3.0, opts.latency_seconds / 2),
                 opts.profile if main else None,
                 opts.overload_seconds if main else 0.0,
+                opts.stage_seconds if main else 0.0,
             )
             say(
                 f"  {e.tx_per_s:,.0f} tx/s committed (ratio {_ratio(e, b):.2f}); "
@@ -1262,7 +1525,7 @@ def run(opts: Options) -> dict[str, Any]:
         bench.close()
         if opts.workdir is None:
             shutil.rmtree(root, ignore_errors=True)
-    return report(opts, ceiling, rows, big, hsm_rate, time.monotonic() - t_start)
+    return report(opts, ceiling, rows, limits, big, hsm_rate, time.monotonic() - t_start)
 
 
 def _terminate(_signum: int, _frame: object) -> None:

@@ -1,4 +1,4 @@
-"""Benchmark load: several publisher processes and a bare counting consumer.
+"""Benchmark load: several publisher processes and bare counting consumers.
 
 Each publisher process speaks MQTT 3.1.1 QoS 1 straight on its socket (one write
 per chunk of PUBLISH packets, PUBACKs counted in bulk), keeps up to
@@ -10,22 +10,33 @@ when a chunk is sent. The pace is one of: as fast as possible, a fixed total
 rate, or credit (publish up to a total the controller raises as the consumer
 takes messages), which keeps a consumer saturated without building an
 unbounded broker queue.
+
+The bare consumers are the limits the gateway is compared with: a paho QoS 1
+subscriber (what a Python MQTT intake costs with the usual client), a bulk
+parser on a plain socket (the fastest Python intake found: one read, every
+PUBLISH in it counted, one write of all their PUBACKs), and `mosquitto_sub`
+(a C client, its output to /dev/null, counted by its write system calls).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import multiprocessing as mp
 import queue
 import random
 import select
+import shutil
+import signal
 import socket
 import ssl
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
@@ -101,6 +112,7 @@ class LoadResult:
     acknowledged: int
     seconds: float  # first to last publish over all processes
     errors: tuple[str, ...]
+    published_by_index: tuple[int, ...] = ()  # per publisher process, by its index
 
     @property
     def msg_per_s(self) -> float:
@@ -109,6 +121,20 @@ class LoadResult:
 
 def device_ids(devices: int, prefix: str = "bench") -> list[str]:
     return [f"{prefix}-{i:05d}" for i in range(devices)]
+
+
+def published_pairs(job: Job, published_by_index: tuple[int, ...]) -> set[tuple[str, int]]:
+    """Every (device, seq) a phase published, from each process's count: a process sends
+    its devices round robin, the seq of each device rising by one a round."""
+    processes = len(published_by_index)
+    out: set[tuple[str, int]] = set()
+    for index, count in enumerate(published_by_index):
+        names = [
+            f"{job.device_prefix}-{d:05d}" for d in owned_devices(index, processes, job.devices)
+        ]
+        n_dev = len(names)
+        out.update((names[i % n_dev], job.start_seq + i // n_dev) for i in range(count))
+    return out
 
 
 def owned_devices(index: int, processes: int, devices: int) -> list[int]:
@@ -388,11 +414,15 @@ class LoadGenerator:
         active = [r for r in got if r.published]
         first = min((r.first_publish for r in active), default=0.0)
         last = max((r.last_publish for r in active), default=0.0)
+        by_index = [0] * self.processes
+        for r in got:
+            by_index[r.index] = r.published
         return LoadResult(
             published=sum(r.published for r in got),
             acknowledged=sum(r.acknowledged for r in got),
             seconds=max(0.0, last - first),
             errors=tuple(r.error for r in got if r.error),
+            published_by_index=tuple(by_index),
         )
 
     def close(self) -> None:
@@ -460,6 +490,8 @@ def _consume(
 class BareConsumer:
     """A paho QoS 1 subscriber in its own process that only counts: Python MQTT intake."""
 
+    name = "paho (Python)"
+
     def __init__(
         self,
         port: int,
@@ -509,6 +541,293 @@ class BareConsumer:
         if self._proc.is_alive():
             self._proc.terminate()
             self._proc.join(5)
+
+
+class Consumer(Protocol):
+    """What the bench needs of a bare consumer: it runs in a process of its own (`pid`, for
+    its CPU) and says how many messages it has taken."""
+
+    def start(self, timeout: float = 20.0) -> None: ...
+
+    @property
+    def pid(self) -> int: ...
+
+    def count(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+# ---- the bulk consumer: the fastest Python intake measured ---------------------------
+
+BULK_READ_BYTES = 1 << 18
+# After each read the bulk consumer sleeps this long, so the next read finds many packets:
+# fewer wake-ups for it and for the broker, which writes larger chunks.
+BULK_READ_PAUSE_S = 0.001
+
+
+def _mqtt5_connect(client_id: str, receive_maximum: int) -> bytes:
+    """CONNECT, MQTT 5, clean start, keepalive off, Receive Maximum as given."""
+    cid = client_id.encode()
+    props = b"\x21" + receive_maximum.to_bytes(2, "big")
+    var = b"\x00\x04MQTT\x05\x02\x00\x00" + _varlen(len(props)) + props
+    var += len(cid).to_bytes(2, "big") + cid
+    return b"\x10" + _varlen(len(var)) + var
+
+
+def _mqtt5_subscribe(topic: str, qos: int = 1) -> bytes:
+    t = topic.encode()
+    body = b"\x00\x01\x00" + len(t).to_bytes(2, "big") + t + bytes([qos])
+    return b"\x82" + _varlen(len(body)) + body
+
+
+def _bulk_consume(
+    port: int,
+    topic: str,
+    receive_maximum: int,
+    count: Any,
+    ready: Any,
+    stop: Any,
+    host: str,
+    tls: Tls | None,
+    pause_s: float,
+) -> None:
+    raw = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock = raw if tls is None else tls.context().wrap_socket(raw, server_hostname=host)
+    sock.sendall(_mqtt5_connect(f"bulk-consumer-{time.time_ns()}", receive_maximum))
+    sock.sendall(_mqtt5_subscribe(topic))
+    sock.settimeout(0.2)
+    buf = b""
+    n = 0
+    recv = sock.recv
+    while not stop.value:
+        try:
+            data = recv(BULK_READ_BYTES)
+        except TimeoutError:
+            continue
+        if not data:
+            break
+        buf = buf + data if buf else data
+        size = len(buf)
+        i = 0
+        acks: list[bytes] = []
+        while i + 2 <= size:
+            head = buf[i]
+            # Remaining length: a variable byte integer of up to 4 bytes.
+            j = i + 1
+            length = 0
+            shift = 0
+            while j < size:
+                b = buf[j]
+                j += 1
+                length |= (b & 0x7F) << shift
+                shift += 7
+                if b < 0x80:
+                    break
+            else:
+                break
+            end = j + length
+            if end > size:
+                break
+            kind = head & 0xF0
+            if kind == 0x30:
+                n += 1
+                if head & 0x06:  # QoS 1: PUBACK with the packet id after the topic
+                    p = j + 2 + ((buf[j] << 8) | buf[j + 1])
+                    acks.append(b"\x40\x02" + buf[p : p + 2])
+            elif kind == 0x90:
+                ready.value = 1
+            elif kind == 0x20 and buf[j + 1] != 0:
+                raise ConnectionError(f"broker refused the bulk consumer: reason {buf[j + 1]}")
+            i = end
+        buf = buf[i:]
+        if acks:
+            sock.sendall(b"".join(acks))
+        count.value = n
+        if pause_s:
+            time.sleep(pause_s)
+    with contextlib.suppress(OSError):
+        sock.sendall(b"\xe0\x00")
+    sock.close()
+
+
+class BulkConsumer:
+    """An MQTT 5 QoS 1 subscriber on a plain socket that only counts, in its own process:
+    each read is parsed in one pass and all its PUBACKs go out in one write. The fastest
+    Python MQTT intake measured here, the Python limit the gateway's intake could reach."""
+
+    name = "bulk Python parser"
+
+    def __init__(
+        self,
+        port: int,
+        tls: Tls | None = None,
+        topic: str = "devices/+/tx",
+        receive_maximum: int = 1000,
+        pause_s: float = BULK_READ_PAUSE_S,
+    ) -> None:
+        ctx = mp.get_context("spawn")
+        self._count = ctx.RawValue("q", 0)
+        self._ready = ctx.RawValue("i", 0)
+        self._stop = ctx.RawValue("i", 0)
+        self._proc = ctx.Process(
+            target=_bulk_consume,
+            args=(
+                port,
+                topic,
+                receive_maximum,
+                self._count,
+                self._ready,
+                self._stop,
+                "127.0.0.1",
+                tls,
+                pause_s,
+            ),
+            name="bulk-consumer",
+            daemon=True,
+        )
+
+    def start(self, timeout: float = 20.0) -> None:
+        self._proc.start()
+        deadline = time.monotonic() + timeout
+        while not self._ready.value:
+            if not self._proc.is_alive() or time.monotonic() > deadline:
+                raise ConnectionError("the bulk consumer did not subscribe")
+            time.sleep(0.02)
+
+    @property
+    def pid(self) -> int:
+        assert self._proc.pid is not None
+        return self._proc.pid
+
+    def count(self) -> int:
+        return int(self._count.value)
+
+    def close(self) -> None:
+        self._stop.value = 1
+        self._proc.join(5)
+        if self._proc.is_alive():
+            self._proc.terminate()
+            self._proc.join(5)
+
+
+# ---- mosquitto_sub: a C client --------------------------------------------------------
+
+# mosquitto_sub makes three write system calls per QoS 1 message with its output on
+# /dev/null: the PUBACK, the payload and the line end (measured with 2.0.11). The bench
+# checks it after each phase: every published message has then been delivered.
+MOSQUITTO_SUB_WRITES_PER_MESSAGE = 3
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def mosquitto_sub_path() -> str | None:
+    for candidate in (shutil.which("mosquitto_sub"), "/usr/bin/mosquitto_sub"):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    return None
+
+
+def _write_syscalls(pid: int) -> int:
+    """The process's write system calls so far (/proc/PID/io, syscw)."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("syscw:"):
+            return int(line.split()[1])
+    raise OSError(f"no syscw in /proc/{pid}/io")
+
+
+class MosquittoSubConsumer:
+    """`mosquitto_sub -q 1` (MQTT 5, the gateway's receive maximum) writing each payload to
+    /dev/null: what a C client costs. It prints no count, so its messages are counted from
+    the kernel's tally of its write system calls; `writes_per_message` is checked against
+    the published total after a phase."""
+
+    name = "mosquitto_sub (C)"
+
+    def __init__(
+        self,
+        port: int,
+        tls: Tls | None = None,
+        topic: str = "devices/+/tx",
+        receive_maximum: int = 1000,
+    ) -> None:
+        exe = mosquitto_sub_path()
+        if exe is None:
+            raise FileNotFoundError(
+                "mosquitto_sub not found: install the Debian package mosquitto-clients"
+            )
+        self.port = port
+        self.writes_per_message = float(MOSQUITTO_SUB_WRITES_PER_MESSAGE)
+        self.argv = [exe, "-h", "127.0.0.1", "-p", str(port), "-V", "mqttv5", "-q", "1"]
+        self.argv += ["-t", topic, "-i", f"mosquitto-sub-{time.time_ns()}", "-k", "60"]
+        self.argv += ["-D", "connect", "receive-maximum", str(receive_maximum)]
+        if tls is not None:
+            self.argv += ["--cafile", tls.ca_file]
+            if tls.cert_file is not None:
+                self.argv += ["--cert", tls.cert_file, "--key", str(tls.key_file)]
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._base = 0
+
+    def start(self, timeout: float = 20.0) -> None:
+        self._proc = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+        )
+        deadline = time.monotonic() + timeout
+        # Connected and subscribed: CONNECT and SUBSCRIBE written, then quiet.
+        last, quiet_since = -1, time.monotonic()
+        while True:
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                raise ConnectionError("mosquitto_sub did not connect and subscribe")
+            now_writes = _write_syscalls(self._proc.pid)
+            if now_writes != last:
+                last, quiet_since = now_writes, time.monotonic()
+            elif now_writes >= 2 and time.monotonic() - quiet_since > 0.3:
+                break
+            time.sleep(0.02)
+        self._base = last
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
+
+    def writes(self) -> int:
+        try:
+            return _write_syscalls(self.pid) - self._base
+        except OSError:
+            return 0
+
+    def count(self) -> int:
+        return int(self.writes() / self.writes_per_message)
+
+    def close(self) -> None:
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(5)
+
+
+def make_consumer(kind: str, port: int, tls: Tls | None = None) -> Consumer:
+    """A bare consumer by kind: "paho", "bulk" or "mosquitto_sub"."""
+    if kind == "paho":
+        return BareConsumer(port, tls)
+    if kind == "bulk":
+        return BulkConsumer(port, tls)
+    if kind == "mosquitto_sub":
+        return MosquittoSubConsumer(port, tls)
+    raise ValueError(f"unknown consumer {kind!r}")
 
 
 def clear_session(
