@@ -33,6 +33,7 @@ import ssl
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -487,24 +488,18 @@ def _consume(
     client.loop_forever()
 
 
-class BareConsumer:
-    """A paho QoS 1 subscriber in its own process that only counts: Python MQTT intake."""
+class _CountingProcess:
+    """A consumer in a process of its own that counts into shared memory: started, its
+    pid measured, its count read, and stopped the same way whatever it parses with."""
 
-    name = "paho (Python)"
-
-    def __init__(
-        self,
-        port: int,
-        tls: Tls | None = None,
-        topic: str = "devices/+/tx",
-        receive_maximum: int = 1000,
-    ) -> None:
+    def __init__(self, target: Callable[..., None], name: str, *args: object) -> None:
         ctx = mp.get_context("spawn")
         self._count = ctx.RawValue("q", 0)
         self._ready = ctx.RawValue("i", 0)
         self._stop = ctx.RawValue("i", 0)
+        port, topic, receive_maximum, tls, *extra = args
         self._proc = ctx.Process(
-            target=_consume,
+            target=target,
             args=(
                 port,
                 topic,
@@ -514,8 +509,9 @@ class BareConsumer:
                 self._stop,
                 "127.0.0.1",
                 tls,
+                *extra,
             ),
-            name="bare-consumer",
+            name=name,
             daemon=True,
         )
 
@@ -524,7 +520,7 @@ class BareConsumer:
         deadline = time.monotonic() + timeout
         while not self._ready.value:
             if not self._proc.is_alive() or time.monotonic() > deadline:
-                raise ConnectionError("the bare consumer did not subscribe")
+                raise ConnectionError(f"the {self._proc.name} did not subscribe")
             time.sleep(0.02)
 
     @property
@@ -541,6 +537,21 @@ class BareConsumer:
         if self._proc.is_alive():
             self._proc.terminate()
             self._proc.join(5)
+
+
+class BareConsumer(_CountingProcess):
+    """A paho QoS 1 subscriber in its own process that only counts: Python MQTT intake."""
+
+    name = "paho (Python)"
+
+    def __init__(
+        self,
+        port: int,
+        tls: Tls | None = None,
+        topic: str = "devices/+/tx",
+        receive_maximum: int = 1000,
+    ) -> None:
+        super().__init__(_consume, "bare consumer", port, topic, receive_maximum, tls)
 
 
 class Consumer(Protocol):
@@ -651,7 +662,7 @@ def _bulk_consume(
     sock.close()
 
 
-class BulkConsumer:
+class BulkConsumer(_CountingProcess):
     """An MQTT 5 QoS 1 subscriber on a plain socket that only counts, in its own process:
     each read is parsed in one pass and all its PUBACKs go out in one write. The fastest
     Python MQTT intake measured here, the Python limit the gateway's intake could reach."""
@@ -666,49 +677,7 @@ class BulkConsumer:
         receive_maximum: int = 1000,
         pause_s: float = BULK_READ_PAUSE_S,
     ) -> None:
-        ctx = mp.get_context("spawn")
-        self._count = ctx.RawValue("q", 0)
-        self._ready = ctx.RawValue("i", 0)
-        self._stop = ctx.RawValue("i", 0)
-        self._proc = ctx.Process(
-            target=_bulk_consume,
-            args=(
-                port,
-                topic,
-                receive_maximum,
-                self._count,
-                self._ready,
-                self._stop,
-                "127.0.0.1",
-                tls,
-                pause_s,
-            ),
-            name="bulk-consumer",
-            daemon=True,
-        )
-
-    def start(self, timeout: float = 20.0) -> None:
-        self._proc.start()
-        deadline = time.monotonic() + timeout
-        while not self._ready.value:
-            if not self._proc.is_alive() or time.monotonic() > deadline:
-                raise ConnectionError("the bulk consumer did not subscribe")
-            time.sleep(0.02)
-
-    @property
-    def pid(self) -> int:
-        assert self._proc.pid is not None
-        return self._proc.pid
-
-    def count(self) -> int:
-        return int(self._count.value)
-
-    def close(self) -> None:
-        self._stop.value = 1
-        self._proc.join(5)
-        if self._proc.is_alive():
-            self._proc.terminate()
-            self._proc.join(5)
+        super().__init__(_bulk_consume, "bulk consumer", port, topic, receive_maximum, tls, pause_s)
 
 
 # ---- mosquitto_sub: a C client --------------------------------------------------------
