@@ -59,7 +59,7 @@ demo: venv
 
 bench: venv
 	@scripts/install-bench-deps
-	@$(PY) -m gateway.bench
+	@$(PY) -m gateway.lab.bench
 
 $(PEERS_STAMP):
 	@test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
@@ -70,7 +70,7 @@ $(PEERS_STAMP):
 # This gateway beside ThingsBoard IoT Gateway (sqlite and memory storage, one SIGKILL each)
 # on the same load, all on loopback; PEERS_ARGS passes options (e.g. --quick).
 bench-peers: venv $(PEERS_STAMP)
-	@$(PY) -m gateway.peerbench --peer-python $(PEERS_VENV)/bin/python $(PEERS_ARGS)
+	@$(PY) -m gateway.lab.peerbench --peer-python $(PEERS_VENV)/bin/python $(PEERS_ARGS)
 
 faults: venv
 	@$(PY) -m pytest -q tests/faults

@@ -2,7 +2,7 @@
 
 The firmware profiles, examples, systemd units, dashboards, alert rules and .proto
 sources stay at the repository's top level; build_py copies them into
-gateway/_share/<name> of the build tree, where gateway.resources finds them once
+gateway/_share/<name> of the build tree, where gateway.common.resources finds them once
 installed. An editable install reads them in place.
 """
 

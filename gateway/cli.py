@@ -1,7 +1,7 @@
 """`edge-gateway`: the operator's command line.
 
 Expected failures print one line naming the thing, the value and the fix, and
-exit with a documented code (gateway.errors); tracebacks are for bugs only.
+exit with a documented code (gateway.common.errors); tracebacks are for bugs only.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from gateway import __version__
-from gateway.config import DEFAULT_PATH, load_gateway_config, load_ledger_config
-from gateway.errors import (
+from gateway.common.errors import (
     EXIT_IOERR,
     EXIT_NOPERM,
     EXIT_SOFTWARE,
@@ -27,10 +26,12 @@ from gateway.errors import (
     GatewayError,
     OutputFileError,
 )
+from gateway.edge.config import DEFAULT_PATH, load_gateway_config
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from gateway import logs, service
+    from gateway.common import logs
+    from gateway.edge import service
 
     cfg = load_gateway_config(args.config)
     logs.configure(cfg.log_level)
@@ -38,7 +39,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_hsm(args: argparse.Namespace) -> int:
-    from gateway import provision, signer
+    from gateway.edge import provision, signer
 
     cfg = load_gateway_config(args.config)
     # Root reads a root-only PIN (a credential's source beside the config); the token is
@@ -65,7 +66,9 @@ def _cmd_hsm(args: argparse.Namespace) -> int:
 
 
 def _cmd_ledger(args: argparse.Namespace) -> int:
-    from gateway import ledger, logs
+    from gateway.common import logs
+    from gateway.ledger import node as ledger
+    from gateway.ledger.config import load_ledger_config
 
     cfg = load_ledger_config(args.config)
     logs.configure("info")
@@ -73,13 +76,13 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from gateway import client
+    from gateway.edge import client
 
     return asyncio.run(client.print_status(client.ClientOptions.from_args(args), as_json=args.json))
 
 
 def _cmd_proof(args: argparse.Namespace) -> int:
-    from gateway import client
+    from gateway.edge import client
 
     return asyncio.run(
         client.check_proof(client.ClientOptions.from_args(args), args.tx_id, args.public_key)
@@ -87,7 +90,7 @@ def _cmd_proof(args: argparse.Namespace) -> int:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from gateway import simulate
+    from gateway.lab import simulate
 
     result = asyncio.run(simulate.run(simulate.SimulateOptions.from_args(args)))
     print(result.line())
@@ -100,7 +103,7 @@ def _cmd_profiles(args: argparse.Namespace) -> int:
 
 
 def _cmd_pki(args: argparse.Namespace) -> int:
-    from gateway import pki
+    from gateway.lab import pki
 
     hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
     made = pki.make_dev_pki(args.out, hosts, args.days, force=args.force, group=args.group)
@@ -111,7 +114,7 @@ def _cmd_pki(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from gateway import demo
+    from gateway.lab import demo
 
     return demo.main(
         seconds=args.seconds,
@@ -162,7 +165,7 @@ def parser() -> argparse.ArgumentParser:
         )
         hp.set_defaults(fn=_cmd_hsm)
 
-    from gateway import provision
+    from gateway.edge import provision
 
     p = sub.add_parser("setup", help="first-run provisioning: profiles, keys, PIN, token, key")
     provision.add_setup_arguments(p)
@@ -172,7 +175,7 @@ def parser() -> argparse.ArgumentParser:
     provision.add_device_arguments(p)
 
     p = sub.add_parser("broker", help="the MQTT broker's configuration for this gateway")
-    from gateway.broker import add_arguments as add_broker_arguments
+    from gateway.edge.broker import add_arguments as add_broker_arguments
 
     add_broker_arguments(p)
 
@@ -192,13 +195,13 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_proof)
 
     p = sub.add_parser("simulate", help="publish device traffic over MQTT")
-    from gateway.simulate import add_arguments
+    from gateway.lab.simulate import add_arguments
 
     add_arguments(p)
     p.set_defaults(fn=_cmd_simulate)
 
     p = sub.add_parser("profiles", help="firmware profiles: list, check a file, decode a payload")
-    from gateway.profiles.tool import add_arguments as add_profiles_arguments
+    from gateway.edge.profiles.tool import add_arguments as add_profiles_arguments
 
     add_profiles_arguments(p)
     p.set_defaults(fn=_cmd_profiles)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.sandbox import GatewayProc, Hsm, Ledger, Proc, Sandbox, free_port
+from gateway.lab.sandbox import GatewayProc, Hsm, Ledger, Proc, Sandbox, free_port
 
 
 @dataclass

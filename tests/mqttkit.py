@@ -17,7 +17,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.sandbox import GatewayProc, Sandbox
+from gateway.lab.sandbox import GatewayProc, Sandbox
 
 REJECT_PREFIX = "devices/rejected"
 

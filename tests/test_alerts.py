@@ -14,10 +14,10 @@ ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "alerts"
 RULES = ALERTS / "edge-gateway.rules.yml"
 RULE_TESTS = ALERTS / "edge-gateway.rules.test.yml"
-METRICS_SOURCE = ROOT / "gateway" / "metrics.py"
+METRICS_SOURCE = ROOT / "gateway" / "edge" / "metrics.py"
 TIMEOUT_S = 120
 
-# Metric names the rules may use besides those spelled out in gateway/metrics.py.
+# Metric names the rules may use besides those spelled out in gateway/edge/metrics.py.
 NEW_METRICS = {
     "edge_gateway_ledger_node_state",
     "edge_gateway_ledger_nodes_ok",

@@ -20,10 +20,10 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
-from gateway import batchformat as bf
-from gateway import merkle
 from gateway._pb.edgegateway.v1 import batch_pb2, transaction_pb2
-from gateway.canonical import canonical_json, transaction_bytes
+from gateway.formats import batchformat as bf
+from gateway.formats import merkle
+from gateway.formats.canonical import canonical_json, transaction_bytes
 
 VECTORS: dict[str, Any] = json.loads(
     (Path(__file__).parent / "vectors" / "headers.json").read_text(encoding="utf-8")

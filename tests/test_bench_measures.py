@@ -4,7 +4,7 @@ counts. The whole bench runs in tests/test_bench_smoke.py; the peer bench in non
 
 from __future__ import annotations
 
-from gateway import cpustages, loadgen, peerbench
+from gateway.lab import cpustages, loadgen, peerbench
 
 GW = "/work/x/gateway"
 PAHO = "/venv/lib/python3.11/site-packages/paho/mqtt/client.py"
@@ -17,8 +17,8 @@ def frame(func: str, path: str, line: int = 1) -> str:
 def test_innermost_known_frame_names_the_stage() -> None:
     stack = [
         frame("Client._packet_read", PAHO),
-        frame("MqttIngest._on_message", f"{GW}/ingest.py"),
-        frame("JsonDecoder.decode", f"{GW}/profiles/builtin.py"),
+        frame("MqttIngest._on_message", f"{GW}/edge/ingest.py"),
+        frame("JsonDecoder.decode", f"{GW}/edge/profiles/builtin.py"),
         frame("loads", "/usr/lib/python3.11/json/__init__.py"),
     ]
     assert cpustages.stage_of(stack) == "decode"
@@ -27,18 +27,18 @@ def test_innermost_known_frame_names_the_stage() -> None:
 
 
 def test_helpers_count_for_their_caller_and_entry_points_for_nothing() -> None:
-    leaf = frame("leaf_hash", f"{GW}/merkle.py")
-    decode = frame("JsonDecoder.decode", f"{GW}/profiles/builtin.py")
-    cut = frame("Batcher.cut", f"{GW}/batcher.py")
+    leaf = frame("leaf_hash", f"{GW}/formats/merkle.py")
+    decode = frame("JsonDecoder.decode", f"{GW}/edge/profiles/builtin.py")
+    cut = frame("Batcher.cut", f"{GW}/edge/batcher.py")
     assert cpustages.stage_of([decode, leaf]) == "decode"
     assert cpustages.stage_of([cut, leaf]) == "batch, Merkle, sign"
     assert cpustages.stage_of([leaf]) == "batch, Merkle, sign"
-    loop = [frame("run", f"{GW}/service.py"), frame("select", "/usr/lib/selectors.py")]
+    loop = [frame("run", f"{GW}/edge/service.py"), frame("select", "/usr/lib/selectors.py")]
     assert cpustages.stage_of(loop) == cpustages.RUNTIME
 
 
 def test_spool_frames_by_thread() -> None:
-    stack = [frame("Spool._commit_appends", f"{GW}/spool.py")]
+    stack = [frame("Spool._commit_appends", f"{GW}/edge/spool.py")]
     assert cpustages.stage_of(stack, "spool-writer") == "spool writer (insert, commit)"
     assert cpustages.stage_of(stack, "spool-read_0") == "spool reads"
     assert cpustages.stage_of(stack, "paho-mqtt-client-x").startswith("spool calls")
@@ -47,9 +47,9 @@ def test_spool_frames_by_thread() -> None:
 def test_raw_profile_lines_with_semicolons_in_the_command() -> None:
     text = (
         'process 10:"python -m gateway run";process 11:"python -c from x import y; y()";'
-        f"thread (12): spool-writer;{frame('Spool.run', f'{GW}/spool.py')} 7\n"
+        f"thread (12): spool-writer;{frame('Spool.run', f'{GW}/edge/spool.py')} 7\n"
         f'process 10:"python -m gateway run";thread (10): MainThread;'
-        f"{frame('Forwarder.send', f'{GW}/forwarder.py')} 3\n"
+        f"{frame('Forwarder.send', f'{GW}/edge/forwarder.py')} 3\n"
     )
     samples = cpustages.parse_raw(text)
     assert samples[(11, 12)] == {"spool writer (insert, commit)": 7}

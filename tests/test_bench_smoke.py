@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import loadgen
-from gateway.profiles import JsonDecoder
+from gateway.edge.profiles import JsonDecoder
+from gateway.lab import loadgen
 
 pytestmark = pytest.mark.integration
 
@@ -59,7 +59,7 @@ def test_publishers_own_disjoint_devices() -> None:
 
 def test_quick_bench_completes_and_prints_every_figure(tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "gateway.bench", "--quick", "--workdir", str(tmp_path / "b")],
+        [sys.executable, "-m", "gateway.lab.bench", "--quick", "--workdir", str(tmp_path / "b")],
         capture_output=True,
         text=True,
         timeout=240,

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from gateway import broker
-from gateway.config import parse_gateway_config
+from gateway.edge import broker
+from gateway.edge.config import parse_gateway_config
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "gateway.toml"

@@ -17,9 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway import merkle
 from gateway._pb.edgegateway.v1 import transaction_pb2
-from gateway.canonical import (
+from gateway.formats import merkle
+from gateway.formats.canonical import (
     MAX_SAFE_INTEGER,
     CanonicalError,
     canonical_json,

@@ -34,10 +34,11 @@ from sigstore._utils import KeyID
 from sigstore.errors import VerificationError
 from sigstore_models.common import v1 as sigstore_common
 
-from gateway import checkpoint, cosignature, merkle, note, signer
-from gateway.checkpoint import Checkpoint, CheckpointError
-from gateway.config import HsmConfig, PinSource
-from gateway.sandbox import SOFTHSM_MODULE, TEST_PIN, Sandbox
+from gateway.edge import signer
+from gateway.edge.config import HsmConfig, PinSource
+from gateway.formats import checkpoint, cosignature, merkle, note
+from gateway.formats.checkpoint import Checkpoint, CheckpointError
+from gateway.lab.sandbox import SOFTHSM_MODULE, TEST_PIN, Sandbox
 
 ROOT = hashlib.sha256(b"some root").digest()
 ORIGIN = checkpoint.gateway_origin("ledger.carrier.example", "gw-01")

@@ -13,16 +13,14 @@ from typing import Any
 
 import pytest
 
-from gateway.config import (
+from gateway.common.errors import EXIT_CONFIG, EXIT_NOPERM, ConfigError, HsmPinError
+from gateway.edge.config import (
     GatewayConfig,
-    LedgerNodeConfig,
     PinSource,
     load_gateway_config,
-    load_ledger_config,
     parse_gateway_config,
-    parse_ledger_config,
 )
-from gateway.errors import EXIT_CONFIG, EXIT_NOPERM, ConfigError, HsmPinError
+from gateway.ledger.config import LedgerNodeConfig, load_ledger_config, parse_ledger_config
 
 SOURCE = Path("/etc/edge-gateway/gateway.toml")
 PIN = "7391-secret-pin-0042"

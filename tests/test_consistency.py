@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway import merkle
+from gateway.formats import merkle
 
 # --------------------------------------------------------------------------
 # Reference: RFC 9162 2.1.4.1, transcribed recursively.

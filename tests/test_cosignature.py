@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway import checkpoint, cosignature, note
-from gateway.cosignature import CosignatureVerifier, Cosigner
+from gateway.formats import checkpoint, cosignature, note
+from gateway.formats.cosignature import CosignatureVerifier, Cosigner
 
 
 def ed_key(label: str) -> ed25519.Ed25519PrivateKey:

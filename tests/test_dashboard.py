@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from gateway import metrics
+from gateway.edge import metrics
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "dashboards" / "edge-gateway.json"
 BOX = {

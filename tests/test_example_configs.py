@@ -17,16 +17,13 @@ from typing import Any
 
 import pytest
 
-from gateway import config
-from gateway.certcheck import check_gateway, check_ledger
-from gateway.config import (
-    GatewayConfig,
-    LedgerNodeConfig,
-    parse_gateway_config,
-    parse_ledger_config,
-)
-from gateway.errors import ConfigError
-from gateway.pki import LEAVES, make_dev_pki
+from gateway.common import tomlconfig
+from gateway.common.errors import ConfigError
+from gateway.edge.config import GatewayConfig, parse_gateway_config
+from gateway.edge.config import check_certificates as check_gateway
+from gateway.lab.pki import LEAVES, make_dev_pki
+from gateway.ledger.config import LedgerNodeConfig, parse_ledger_config
+from gateway.ledger.config import check_certificates as check_ledger
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 GATEWAY_EXAMPLE = EXAMPLES / "gateway.toml"
@@ -71,12 +68,12 @@ class _Recording(Mapping[str, Any]):
 def record(monkeypatch: pytest.MonkeyPatch) -> set[str]:
     """The keys the config readers look up from now on, as dotted paths."""
     seen: set[str] = set()
-    original = config._Reader.__init__
+    original = tomlconfig.Reader.__init__
 
-    def init(self: config._Reader, data: Mapping[str, Any], prefix: str, source: Path) -> None:
+    def init(self: tomlconfig.Reader, data: Mapping[str, Any], prefix: str, source: Path) -> None:
         original(self, _Recording(data, prefix, seen), prefix, source)
 
-    monkeypatch.setattr(config._Reader, "__init__", init)
+    monkeypatch.setattr(tomlconfig.Reader, "__init__", init)
     return seen
 
 

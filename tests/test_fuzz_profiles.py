@@ -29,11 +29,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway._pb.edgegateway.v1 import transaction_pb2
-from gateway.canonical import canonical_json
-from gateway.errors import Rejected
-from gateway.profiles import REASONS, ProfileSet, bind, read_profiles, synth
-from gateway.profiles.spec import Profile
-from gateway.profiles.topics import example_topic
+from gateway.common.errors import Rejected
+from gateway.edge.profiles import REASONS, ProfileSet, bind, read_profiles
+from gateway.edge.profiles.spec import Profile
+from gateway.edge.profiles.topics import example_topic
+from gateway.formats.canonical import canonical_json
+from gateway.lab import synth
 
 ROOT = Path(__file__).resolve().parents[1]
 NOW = 1_767_225_600_000

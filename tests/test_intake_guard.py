@@ -16,12 +16,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.config import RejectsConfig, SpoolConfig
-from gateway.errors import Rejected, SpoolError
-from gateway.ingest import DEAD_LETTER_MAX_BYTES, Intake, dead_letter, publishable
-from gateway.poison import POISON_AFTER, CrashRecord, Guard, fingerprint
-from gateway.profiles import ProfileSet
-from gateway.spool import (
+from gateway.common.errors import Rejected, SpoolError
+from gateway.edge.config import RejectsConfig, SpoolConfig
+from gateway.edge.ingest import DEAD_LETTER_MAX_BYTES, Intake, dead_letter, publishable
+from gateway.edge.poison import POISON_AFTER, CrashRecord, Guard, fingerprint
+from gateway.edge.profiles import ProfileSet
+from gateway.edge.spool import (
     NOT_STORED,
     AppendResult,
     Incoming,

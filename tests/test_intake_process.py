@@ -8,9 +8,9 @@ import time
 
 import psutil
 
-from gateway import simulate
 from gateway._pb.edgegateway.v1 import gateway_pb2, gateway_pb2_grpc
-from gateway.sandbox import GatewayProc, Sandbox
+from gateway.lab import simulate
+from gateway.lab.sandbox import GatewayProc, Sandbox
 from tests.conftest import deploy
 
 INTAKE_NAME = "edge-gw-intake"

@@ -14,9 +14,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway import batchformat, demo, simulate
 from gateway._pb.edgegateway.v1 import gateway_pb2, gateway_pb2_grpc
-from gateway.sandbox import TEST_PIN, Sandbox
+from gateway.formats import batchformat
+from gateway.lab import demo, simulate
+from gateway.lab.sandbox import TEST_PIN, Sandbox
 from tests.conftest import Deployment, deploy
 
 pytestmark = pytest.mark.integration

@@ -30,10 +30,11 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from gateway import batchformat, ledger, merkle
 from gateway._pb.edgegateway.v1 import batch_pb2, ledger_pb2, ledger_pb2_grpc, transaction_pb2
-from gateway.config import LedgerNodeConfig
-from gateway.errors import ConfigError
+from gateway.common.errors import ConfigError
+from gateway.formats import batchformat, merkle
+from gateway.ledger import node as ledger
+from gateway.ledger.config import LedgerNodeConfig
 
 T = TypeVar("T")
 GW = "edge-01"
@@ -541,8 +542,9 @@ plaintext = true
 """
     )
     code = (
-        "import sys; from pathlib import Path; from gateway.config import load_ledger_config;"
-        " from gateway.ledger import run; sys.exit(run(load_ledger_config(Path(sys.argv[1]))))"
+        "import sys; from pathlib import Path;"
+        " from gateway.ledger.config import load_ledger_config;"
+        " from gateway.ledger.node import run; sys.exit(run(load_ledger_config(Path(sys.argv[1]))))"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(

@@ -1,9 +1,9 @@
-"""RFC 9162 section 2.1 Merkle trees: gateway.merkle against pinned vectors and
+"""RFC 9162 section 2.1 Merkle trees: gateway.formats.merkle against pinned vectors and
 against a recursive reference written straight from the RFC's definitions.
 
 tests/vectors/merkle.json is produced by the reference below
 (`python tests/test_merkle.py > tests/vectors/merkle.json`), never by
-gateway.merkle, so the two implementations check each other.
+gateway.formats.merkle, so the two implementations check each other.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway import merkle
+from gateway.formats import merkle
 
 VECTORS = Path(__file__).parent / "vectors" / "merkle.json"
 
@@ -308,7 +308,7 @@ def test_vector_file_covers_the_required_sizes() -> None:
 
 
 # --------------------------------------------------------------------------
-# gateway.merkle against the vectors.
+# gateway.formats.merkle against the vectors.
 # --------------------------------------------------------------------------
 
 

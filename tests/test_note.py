@@ -1,8 +1,8 @@
-"""C2SP signed notes: gateway.note against the spec's rules.
+"""C2SP signed notes: gateway.formats.note against the spec's rules.
 
 Every key, vkey, signer key and note here is made in the test: by our signers, or
 written from the rules of c2sp.org/signed-note (key IDs, vkey layout) and of the signer-key
-layout that gateway.note reads. Checked: verification, tampering, malformed input and key
+layout that gateway.formats.note reads. Checked: verification, tampering, malformed input and key
 handling, and properties over random texts and bytes.
 """
 
@@ -22,8 +22,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_ds
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway import note
-from gateway.note import (
+from gateway.formats import note
+from gateway.formats.note import (
     BadKey,
     EcdsaDigestSigner,
     EcdsaVerifier,

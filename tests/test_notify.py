@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.notify import Notifier
+from gateway.common.notify import Notifier
 
 
 @pytest.fixture
@@ -187,7 +187,7 @@ def test_unparsable_watchdog_pid_disables_watchdog() -> None:
 def test_no_socket_is_a_silent_no_op(caplog: pytest.LogCaptureFixture) -> None:
     n = Notifier.from_environ({})
     assert not n.enabled
-    with caplog.at_level(logging.DEBUG, logger="gateway.notify"):
+    with caplog.at_level(logging.DEBUG, logger="gateway.common.notify"):
         n.ready("x")
         n.status("x")
         n.reloading()
@@ -203,7 +203,7 @@ def test_missing_socket_does_not_raise_and_warns_once(
     notify_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     n = Notifier(str(notify_dir / "gone.sock"), watchdog_usec=1_000_000)
-    with caplog.at_level(logging.WARNING, logger="gateway.notify"):
+    with caplog.at_level(logging.WARNING, logger="gateway.common.notify"):
         n.ready()
         n.watchdog()
         n.status("still here")
@@ -225,7 +225,7 @@ def test_socket_going_away_mid_run_does_not_raise(
     assert recv(sock) == "READY=1"
     sock.close()
     path.unlink()
-    with caplog.at_level(logging.WARNING, logger="gateway.notify"):
+    with caplog.at_level(logging.WARNING, logger="gateway.common.notify"):
         n.status("a")
         n.status("b")
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
@@ -234,7 +234,7 @@ def test_socket_going_away_mid_run_does_not_raise(
 def test_warns_again_after_recovery(notify_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = notify_dir / "notify.sock"
     n = Notifier(str(path))
-    with caplog.at_level(logging.WARNING, logger="gateway.notify"):
+    with caplog.at_level(logging.WARNING, logger="gateway.common.notify"):
         n.status("down")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         sock.bind(str(path))

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from gateway import cli
-from gateway import pki as devpki
-from gateway.sandbox import Proc, Sandbox, free_port
+from gateway.lab import pki as devpki
+from gateway.lab.sandbox import Proc, Sandbox, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -225,7 +225,7 @@ def test_mqtt_connect_failures_are_logged_once_with_their_reason_then_recovery(
     gw = start(sandbox, wrong_ca, "wrong-ca")
     lines = wait_lines(gw, where, 20)
     assert len(lines) == 1, gw.log_text()[-3000:]
-    assert "logger=gateway.ingest" in lines[0] and "level=warning" in lines[0]
+    assert "logger=gateway.edge.ingest" in lines[0] and "level=warning" in lines[0]
     assert "TLS: certificate verify failed" in lines[0] and "mqtt.tls.ca_file" in lines[0]
     time.sleep(5)  # paho retries every 1 to 2 s; the log says it once
     assert len(wait_lines(gw, where, 0)) == 1, gw.log_text()[-3000:]

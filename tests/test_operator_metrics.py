@@ -13,8 +13,9 @@ import urllib.request
 
 import pytest
 
-from gateway import __version__, demo, simulate
-from gateway.sandbox import GatewayProc, Sandbox
+from gateway import __version__
+from gateway.lab import demo, simulate
+from gateway.lab.sandbox import GatewayProc, Sandbox
 from tests.conftest import Deployment, deploy
 
 pytestmark = pytest.mark.integration

@@ -303,7 +303,7 @@ def test_every_module_ships_compiled_for_its_installed_path(extracted: Path) -> 
     for src in sources:
         pyc = Path(importlib.util.cache_from_source(str(src)))
         assert pyc.is_file(), f"{src.relative_to(extracted)} has no .pyc"
-    for rel in ("gateway/cli.py", "gateway/service.py", "grpc/__init__.py"):
+    for rel in ("gateway/cli.py", "gateway/edge/service.py", "grpc/__init__.py"):
         data = Path(importlib.util.cache_from_source(str(site / rel))).read_bytes()
         assert data[:4] == importlib.util.MAGIC_NUMBER, rel
         # Hash-checked: valid whatever mtime the install gives the source.

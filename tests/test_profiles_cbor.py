@@ -17,9 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.errors import Rejected
-from gateway.profiles import cbor
-from gateway.profiles.reasons import REASONS
+from gateway.common.errors import Rejected
+from gateway.edge.profiles import cbor
+from gateway.edge.profiles.reasons import REASONS
 
 keys = st.one_of(st.integers(-(2**63), 2**63 - 1), st.text(max_size=8))
 scalars = st.one_of(

@@ -25,13 +25,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway._pb.edgegateway.v1 import transaction_pb2
-from gateway.canonical import MAX_SAFE_INTEGER, canonical_json
-from gateway.errors import ConfigError, Rejected
-from gateway.profiles import REASONS, ProfileRejected, ProfileSet, parse_profile
-from gateway.profiles import cbor as cb
-from gateway.profiles.decoder import PSEUDONYM_DOMAIN, fields_json, identity
-from gateway.profiles.synth import fake_identity
-from gateway.spool import Incoming
+from gateway.common.errors import ConfigError, Rejected
+from gateway.edge.profiles import REASONS, ProfileRejected, ProfileSet, parse_profile
+from gateway.edge.profiles import cbor as cb
+from gateway.edge.profiles.decoder import PSEUDONYM_DOMAIN, fields_json, identity
+from gateway.edge.spool import Incoming
+from gateway.formats.canonical import MAX_SAFE_INTEGER, canonical_json
+from gateway.lab.synth import fake_identity
 
 NOW = 1_767_225_600_000
 GW = "edge-test-01"

@@ -18,12 +18,12 @@ from typing import Any
 
 import pytest
 
-from gateway.canonical import tx_id
-from gateway.config import SpoolConfig
-from gateway.errors import Rejected
-from gateway.ingest import Intake
-from gateway.profiles import REASONS, ProfileSet
-from gateway.spool import AppendResult, Spool
+from gateway.common.errors import Rejected
+from gateway.edge.config import SpoolConfig
+from gateway.edge.ingest import Intake
+from gateway.edge.profiles import REASONS, ProfileSet
+from gateway.edge.spool import AppendResult, Spool
+from gateway.formats.canonical import tx_id
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES = ROOT / "firmware_profiles"
@@ -159,7 +159,7 @@ def test_seq_seen_with_other_content_is_a_conflicting_duplicate_in_the_spool(
     tmp_path: Path, spool: Spool, m: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The samples' device times sit just before their received_ms; intake stamps now.
-    monkeypatch.setattr("gateway.ingest.now_ms", lambda: m["received_ms"])
+    monkeypatch.setattr("gateway.edge.ingest.now_ms", lambda: m["received_ms"])
     keys = private_keys(tmp_path)
     ps = ProfileSet.load(
         PROFILES,

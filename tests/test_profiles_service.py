@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway import demo, simulate
 from gateway._pb.edgegateway.v1 import transaction_pb2
-from gateway.sandbox import TEST_PIN, Sandbox
+from gateway.lab import demo, simulate
+from gateway.lab.sandbox import TEST_PIN, Sandbox
 from tests.conftest import deploy
 
 pytestmark = pytest.mark.integration

@@ -18,10 +18,10 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from gateway import simulate
-from gateway.errors import Rejected
-from gateway.profiles import REASONS, ProfileSet
-from gateway.sandbox import Sandbox
+from gateway.common.errors import Rejected
+from gateway.edge.profiles import REASONS, ProfileSet
+from gateway.lab import simulate
+from gateway.lab.sandbox import Sandbox
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]

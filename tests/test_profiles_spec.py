@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 
 from gateway import cli
-from gateway.config import parse_gateway_config
-from gateway.errors import EXIT_CONFIG, ConfigError
-from gateway.profiles import ProfileError, ProfileSet, parse_profile, read_profiles
-from gateway.profiles.keys import read_hmac_keys, read_pseudonym_key
-from gateway.profiles.spec import parse_profile_text
-from gateway.profiles.tomlpos import key_lines
+from gateway.common.errors import EXIT_CONFIG, ConfigError
+from gateway.edge.config import parse_gateway_config
+from gateway.edge.profiles import ProfileError, ProfileSet, parse_profile, read_profiles
+from gateway.edge.profiles.keys import read_hmac_keys, read_pseudonym_key
+from gateway.edge.profiles.spec import parse_profile_text
+from gateway.edge.profiles.tomlpos import key_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES = ROOT / "firmware_profiles"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from gateway import cli
-from gateway.errors import EXIT_CONFIG
+from gateway.common.errors import EXIT_CONFIG
 
 PROFILES = Path(__file__).resolve().parent.parent / "firmware_profiles"
 SAMPLES = PROFILES / "samples"

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway import pki as devpki
-from gateway import provision
-from gateway.config import load_gateway_config
-from gateway.profiles import ProfileSet
-from gateway.sandbox import Hsm, Sandbox, free_port
+from gateway.edge import provision
+from gateway.edge.config import check_certificates, load_gateway_config
+from gateway.edge.profiles import ProfileSet
+from gateway.lab import pki as devpki
+from gateway.lab.sandbox import Hsm, Sandbox, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -137,16 +137,15 @@ def test_config_check_warns_about_a_certificate_expiring_within_30_days(
         cfg = load_gateway_config(cfg_path)
         from dataclasses import replace
 
-        from gateway import certcheck
-        from gateway.config import TlsClient
+        from gateway.common.tomlconfig import TlsClient
 
         tls = TlsClient(made.ca.cert, made["gateway"].cert, made["gateway"].key)
         cfg = replace(cfg, mqtt=replace(cfg.mqtt, tls=tls))
-        warnings = certcheck.check_gateway(cfg, now=dt.datetime.now(dt.UTC))
+        warnings = check_certificates(cfg, now=dt.datetime.now(dt.UTC))
         assert any("mqtt.tls.cert_file" in w and "in 9 days" in w for w in warnings), warnings
         # One warning per file, though mqtt.tls and forwarder.tls may share it.
         assert len(warnings) == len({w.split()[3] for w in warnings}), warnings
-        assert certcheck.check_gateway(cfg, warn_days=5) == []
+        assert check_certificates(cfg, warn_days=5) == []
     finally:
         sb.close()
 

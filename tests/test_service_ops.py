@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import demo, simulate
-from gateway.sandbox import TEST_PIN, Proc, Sandbox
+from gateway.lab import demo, simulate
+from gateway.lab.sandbox import TEST_PIN, Proc, Sandbox
 from tests.conftest import deploy
 
 pytestmark = pytest.mark.integration

@@ -12,10 +12,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from pkcs11 import Attribute, ObjectClass
 
-from gateway import batchformat, signer
-from gateway.config import HsmConfig, PinSource
-from gateway.errors import HsmError, HsmPinError
-from gateway.sandbox import SOFTHSM_MODULE, TEST_PIN, Sandbox
+from gateway.common.errors import HsmError, HsmPinError
+from gateway.edge import signer
+from gateway.edge.config import HsmConfig, PinSource
+from gateway.formats import batchformat
+from gateway.lab.sandbox import SOFTHSM_MODULE, TEST_PIN, Sandbox
 
 
 @pytest.fixture(scope="module")

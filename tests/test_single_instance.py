@@ -11,9 +11,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from gateway import demo, simulate
-from gateway.intakeproc import PROCESS_NAME
-from gateway.sandbox import Sandbox
+from gateway.edge.intakeproc import PROCESS_NAME
+from gateway.lab import demo, simulate
+from gateway.lab.sandbox import Sandbox
 from tests.conftest import Deployment, deploy
 
 pytestmark = pytest.mark.integration

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway.batcher import decide_cut
-from gateway.config import BatchConfig, SpoolConfig
-from gateway.errors import SpoolError, SpoolIntegrityError
-from gateway.spool import Incoming, Outcome, PendingTx, RejectRecord, Spool, StoredBatch, prune
+from gateway.common.errors import SpoolError, SpoolIntegrityError
+from gateway.edge.batcher import decide_cut
+from gateway.edge.config import BatchConfig, SpoolConfig
+from gateway.edge.spool import Incoming, Outcome, PendingTx, RejectRecord, Spool, StoredBatch, prune
 
 
 def cfg(path: Path) -> SpoolConfig:

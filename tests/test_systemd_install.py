@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway import pki as devpki
+from gateway.lab import pki as devpki
 from tests.systemd_box import BoxCommandError, BoxTimeout, SystemdBox
 
 pytestmark = pytest.mark.integration
@@ -123,7 +123,8 @@ AUDIT = """\
 import json, sys
 from collections import Counter
 import grpc
-from gateway import batchformat, client
+from gateway.formats import batchformat
+from gateway.edge import client
 from gateway._pb.edgegateway.v1 import ledger_pb2, ledger_pb2_grpc, transaction_pb2
 
 gateway_id, ports = sys.argv[1], json.loads(sys.argv[2])

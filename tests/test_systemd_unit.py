@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.errors import (
+from gateway.common.errors import (
     EXIT_CERTIFICATE,
     EXIT_CONFIG,
     EXIT_DATAERR,

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway import merkle, tiles
-from gateway.tiles import Tile
+from gateway.formats import merkle, tiles
+from gateway.formats.tiles import Tile
 
 
 def test_index_encoding_example_of_the_spec() -> None:

@@ -16,10 +16,10 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway import checkpoint, merkle, note, tlogproof
-from gateway.checkpoint import Checkpoint
-from gateway.cosignature import Cosigner
-from gateway.tlogproof import (
+from gateway.formats import checkpoint, merkle, note, tlogproof
+from gateway.formats.checkpoint import Checkpoint
+from gateway.formats.cosignature import Cosigner
+from gateway.formats.tlogproof import (
     NotIncluded,
     ProofError,
     QuorumNotMet,

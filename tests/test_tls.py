@@ -23,11 +23,13 @@ from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from paho.mqtt.enums import CallbackAPIVersion
 
-from gateway import certcheck, demo, pki, simulate
 from gateway._pb.edgegateway.v1 import gateway_pb2, gateway_pb2_grpc, ledger_pb2, ledger_pb2_grpc
-from gateway.config import load_gateway_config, load_ledger_config, parse_gateway_config
-from gateway.errors import EXIT_CERTIFICATE, CertificateError, ConfigError
-from gateway.sandbox import ClientFiles, Hsm, Sandbox, free_port
+from gateway.common.errors import EXIT_CERTIFICATE, CertificateError, ConfigError
+from gateway.edge.config import load_gateway_config, parse_gateway_config
+from gateway.lab import demo, pki, simulate
+from gateway.lab.sandbox import ClientFiles, Hsm, Sandbox, free_port
+from gateway.ledger.config import check_certificates as check_ledger_certificates
+from gateway.ledger.config import load_ledger_config
 from tests.conftest import deploy
 
 
@@ -152,12 +154,12 @@ def test_certificate_checks_name_the_key_the_path_and_the_fix(
     tmp_path: Path, dev_pki: pki.DevPki
 ) -> None:
     ok_cert, ok_key = dev_pki["ledger"].cert, dev_pki["ledger"].key
-    certcheck.check_ledger(load_ledger_config(_ledger_cfg(tmp_path, ok_cert, ok_key, ok_cert)))
+    check_ledger_certificates(load_ledger_config(_ledger_cfg(tmp_path, ok_cert, ok_key, ok_cert)))
 
     def problem(cert: Path, key: Path, ca: Path = dev_pki.ca.cert) -> str:
         cfg = load_ledger_config(_ledger_cfg(tmp_path, cert, key, ca))
         with pytest.raises(CertificateError) as e:
-            certcheck.check_ledger(cfg)
+            check_ledger_certificates(cfg)
         assert e.value.exit_code == EXIT_CERTIFICATE == 79
         message = str(e.value)
         assert "\n" not in message and message.startswith(f"config {tmp_path / 'ledger.toml'}: ")
@@ -184,7 +186,7 @@ def test_certificate_checks_name_the_key_the_path_and_the_fix(
     # A bundle holding a retired certificate beside a current one is fine.
     bundle = tmp_path / "bundle.crt"
     bundle.write_bytes(old_cert.read_bytes() + dev_pki.ca.cert.read_bytes())
-    certcheck.check_ledger(load_ledger_config(_ledger_cfg(tmp_path, ok_cert, ok_key, bundle)))
+    check_ledger_certificates(load_ledger_config(_ledger_cfg(tmp_path, ok_cert, ok_key, bundle)))
 
     encrypted = tmp_path / "encrypted.key"
     from cryptography.hazmat.primitives import serialization

@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from gateway.config import parse_gateway_config
-from gateway.notify import Notifier
-from gateway.service import Gateway
+from gateway.common.notify import Notifier
+from gateway.edge.config import parse_gateway_config
+from gateway.edge.service import Gateway
 
 
 def run_monitor(

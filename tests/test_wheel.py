@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import demo, resources
+from gateway.common import resources
+from gateway.lab import demo
 
 REPO = Path(__file__).resolve().parents[1]
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
@@ -87,7 +88,7 @@ def test_wheel_alone_in_an_empty_venv_runs_the_demo_from_an_empty_directory(
         "gateway/_share/systemd/edge-gateway.service",
         "gateway/_share/dashboards/edge-gateway.json",
         "gateway/_share/protos/edgegateway/v1/batch.proto",
-        "gateway/resources.py",
+        "gateway/common/resources.py",
     ):
         assert must in names, must
     missing = [f for f in wanted if f not in names]

@@ -20,12 +20,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from gateway.errors import Rejected  # noqa: E402
-from gateway.profiles import ProfileSet, read_profiles, synth  # noqa: E402
-from gateway.profiles.cbor import _head  # noqa: E402
-from gateway.profiles.cbor import encode as cbor_encode  # noqa: E402
-from gateway.profiles.spec import Profile  # noqa: E402
-from gateway.profiles.tool import transaction_json  # noqa: E402
+from gateway.common.errors import Rejected  # noqa: E402
+from gateway.edge.profiles import ProfileSet, read_profiles  # noqa: E402
+from gateway.lab import synth  # noqa: E402
+from gateway.edge.profiles.cbor import _head  # noqa: E402
+from gateway.edge.profiles.cbor import encode as cbor_encode  # noqa: E402
+from gateway.edge.profiles.spec import Profile  # noqa: E402
+from gateway.edge.profiles.tool import transaction_json  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 PROFILES = HERE.parent
@@ -48,7 +49,7 @@ class Samples:
         self.rng = random.Random(profile.name)
 
     def topic(self, device: str | None = None) -> str:
-        from gateway.profiles.topics import example_topic
+        from gateway.edge.profiles.topics import example_topic
 
         return example_topic(self.p.filters[0], self.p.device_id_level, device or self.device)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.sandbox import Sandbox
+from gateway.lab.sandbox import Sandbox
 from tests.faults import harness
 
 FAULT_BATCH = "max_tx = 500\nmax_age_s = 0.5"

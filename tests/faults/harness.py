@@ -17,7 +17,6 @@ import grpc
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from gateway import batchformat, client, merkle
 from gateway._pb.edgegateway.v1 import (
     gateway_pb2,
     gateway_pb2_grpc,
@@ -25,7 +24,9 @@ from gateway._pb.edgegateway.v1 import (
     ledger_pb2_grpc,
     transaction_pb2,
 )
-from gateway.sandbox import ClientFiles, GatewayProc, Ledger
+from gateway.edge import client
+from gateway.formats import batchformat, merkle
+from gateway.lab.sandbox import ClientFiles, GatewayProc, Ledger
 
 ROWS: list[dict[str, object]] = []
 

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from gateway._pb.edgegateway.v1 import gateway_pb2, gateway_pb2_grpc
-from gateway.sandbox import Sandbox, SandboxError, free_port
+from gateway.lab.sandbox import Sandbox, SandboxError, free_port
 from tests.conftest import Deployment, deploy
 from tests.faults import harness
 from tests.faults.conftest import FAULT_BATCH

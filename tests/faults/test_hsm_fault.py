@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from gateway.sandbox import Sandbox
+from gateway.lab.sandbox import Sandbox
 from tests.conftest import deploy
 from tests.faults import harness
 from tests.faults.conftest import FAULT_BATCH

@@ -28,11 +28,12 @@ from pathlib import Path
 import cbor2
 import pytest
 
-from gateway import resources
 from gateway._pb.edgegateway.v1 import gateway_pb2, gateway_pb2_grpc
-from gateway.demo import gateway_status, wait_drained
-from gateway.profiles import REASONS, Profile, read_profiles, synth
-from gateway.sandbox import Sandbox
+from gateway.common import resources
+from gateway.edge.profiles import REASONS, Profile, read_profiles
+from gateway.lab import synth
+from gateway.lab.demo import gateway_status, wait_drained
+from gateway.lab.sandbox import Sandbox
 from tests.conftest import deploy
 from tests.mqttkit import (
     by_label,

@@ -11,8 +11,8 @@ import psutil
 import pytest
 from cryptography import x509
 
-from gateway import pki
-from gateway.sandbox import ClientFiles, GatewayProc, Sandbox
+from gateway.lab import pki
+from gateway.lab.sandbox import ClientFiles, GatewayProc, Sandbox
 from tests.conftest import Deployment, deploy
 
 # An OSS system that is an admin by its SAN URI, not by its subject.

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.demo import gateway_status, wait_drained
-from gateway.sandbox import GatewayProc, Sandbox
+from gateway.lab.demo import gateway_status, wait_drained
+from gateway.lab.sandbox import GatewayProc, Sandbox
 from tests.conftest import Deployment, deploy
 from tests.mqttkit import (
     REJECT_PREFIX,

@@ -13,7 +13,6 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway import api, ledger
 from gateway._pb.edgegateway.v1 import (
     batch_pb2,
     gateway_pb2,
@@ -21,9 +20,11 @@ from gateway._pb.edgegateway.v1 import (
     ledger_pb2,
     ledger_pb2_grpc,
 )
-from gateway.config import parse_gateway_config
-from gateway.errors import ConfigError
-from gateway.sandbox import ClientFiles, Ledger, grpc_channel
+from gateway.common.errors import ConfigError
+from gateway.edge import api
+from gateway.edge.config import parse_gateway_config
+from gateway.lab.sandbox import ClientFiles, Ledger, grpc_channel
+from gateway.ledger import node as ledger
 from tests.hostile.conftest import API_MAX_CONCURRENT, Hostile, RssPeak
 from tests.test_ledger import SoftSigner
 

@@ -13,12 +13,12 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from gateway import pki
 from gateway._pb.edgegateway.v1 import gateway_pb2, gateway_pb2_grpc
-from gateway.config import parse_gateway_config
-from gateway.errors import ConfigError
-from gateway.identity import parse_identity
-from gateway.sandbox import ClientFiles, Hsm, Sandbox, free_port, grpc_channel
+from gateway.common.errors import ConfigError
+from gateway.common.identity import parse_identity
+from gateway.edge.config import parse_gateway_config
+from gateway.lab import pki
+from gateway.lab.sandbox import ClientFiles, Hsm, Sandbox, free_port, grpc_channel
 from tests.hostile.conftest import OSS_URI, Hostile, issue
 
 OPERATOR_DN = f"CN=operator,O={pki.ORGANIZATION}"

@@ -15,10 +15,10 @@ import psutil
 import pytest
 
 from gateway._pb.edgegateway.v1 import gateway_pb2, gateway_pb2_grpc
-from gateway.demo import gateway_status, wait_drained
-from gateway.profiles import REASONS
-from gateway.sandbox import GatewayProc, Sandbox, SandboxError
-from gateway.spool import now_ms
+from gateway.edge.profiles import REASONS
+from gateway.edge.spool import now_ms
+from gateway.lab.demo import gateway_status, wait_drained
+from gateway.lab.sandbox import GatewayProc, Sandbox, SandboxError
 from tests.conftest import deploy
 from tests.mqttkit import REJECT_PREFIX, dead_letters, device, spool_rows, wait_until
 from tests.test_intake_process import INTAKE_NAME, intake_of

@@ -17,12 +17,14 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from gateway import batchformat, ledger, pki
 from gateway._pb.edgegateway.v1 import batch_pb2, ledger_pb2, ledger_pb2_grpc
-from gateway.config import parse_ledger_config
-from gateway.errors import ConfigError
-from gateway.identity import parse_identity
-from gateway.sandbox import ClientFiles, Sandbox, grpc_channel
+from gateway.common.errors import ConfigError
+from gateway.common.identity import parse_identity
+from gateway.formats import batchformat
+from gateway.lab import pki
+from gateway.lab.sandbox import ClientFiles, Sandbox, grpc_channel
+from gateway.ledger import node as ledger
+from gateway.ledger.config import parse_ledger_config
 from tests.hostile.conftest import Hostile, issue
 from tests.test_ledger import SoftSigner
 

@@ -25,9 +25,9 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from gateway import demo
-from gateway.config import load_gateway_config
-from gateway.sandbox import ClientFiles, GatewayProc, Ledger, Proc, Sandbox, free_port
+from gateway.edge.config import load_gateway_config
+from gateway.lab import demo
+from gateway.lab.sandbox import ClientFiles, GatewayProc, Ledger, Proc, Sandbox, free_port
 from tests.hostile.conftest import issue
 
 pytestmark = pytest.mark.integration

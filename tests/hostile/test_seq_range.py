@@ -7,8 +7,8 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from gateway import batchformat
 from gateway._pb.edgegateway.v1 import gateway_pb2, gateway_pb2_grpc, ledger_pb2, ledger_pb2_grpc
+from gateway.formats import batchformat
 from tests.hostile.conftest import Hostile
 from tests.test_ledger import SoftSigner, txs_for
 

@@ -1,0 +1,221 @@
+"""Client side of the gateway API: status table, offline proof and chain checks.
+
+Verification trusts nothing the gateway says but its public key: the header
+signature, the inclusion proof against the signed Merkle root, the leaf bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from cryptography.hazmat.primitives.asymmetric import ec
+from google.protobuf.message import Message
+
+from gateway._pb.edgegateway.v1 import (
+    batch_pb2,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    transaction_pb2,
+)
+from gateway.common.errors import EXIT_DEGRADED, EXIT_OK, GatewayError, Unreachable
+from gateway.common.grpcutil import aio_channel
+from gateway.common.tomlconfig import TlsClient
+from gateway.formats import batchformat, merkle
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    address: str
+    tls: TlsClient | None
+
+    @classmethod
+    def from_args(cls, a: argparse.Namespace) -> ClientOptions:
+        if a.plaintext:
+            return cls(a.address, None)
+        if a.ca_file is None:
+            raise GatewayError(
+                "--ca-file is required for TLS (or --plaintext for a loopback gateway without TLS)"
+            )
+        if (a.cert_file is None) != (a.key_file is None):
+            raise GatewayError("--cert-file and --key-file go together (mutual TLS)")
+        return cls(a.address, TlsClient(a.ca_file, a.cert_file, a.key_file))
+
+
+class ProofInvalid(GatewayError):
+    """A proof, header signature or chain link does not verify."""
+
+
+def verify_transaction(
+    resp: gateway_pb2.GetTransactionResponse, key: ec.EllipticCurvePublicKey
+) -> batch_pb2.BatchHeader:
+    """Signature over the header, then the leaf's inclusion under its Merkle root."""
+    if resp.state == gateway_pb2.GetTransactionResponse.PENDING:
+        raise ProofInvalid(f"transaction {resp.tx_id} is not in a batch yet")
+    try:
+        batchformat.verify_signature(resp.header, resp.signature, key)
+        header = batchformat.parse_header(resp.header)
+    except batchformat.BatchInvalid as e:
+        raise ProofInvalid(f"batch header: {e}") from None
+    if header.key_id != batchformat.key_id_of(key):
+        raise ProofInvalid("batch was signed by another key than the one given")
+    if merkle.leaf_hash(resp.transaction).hex() != resp.tx_id:
+        raise ProofInvalid("transaction bytes do not hash to the tx_id")
+    if resp.tree_size != header.tx_count:
+        raise ProofInvalid("tree size differs from the header's tx_count")
+    if not merkle.verify_inclusion(
+        resp.transaction,
+        resp.leaf_index,
+        resp.tree_size,
+        list(resp.inclusion_proof),
+        header.merkle_root,
+    ):
+        raise ProofInvalid("inclusion proof does not lead to the signed Merkle root")
+    return header
+
+
+def verify_chain(
+    batches: Iterable[batch_pb2.SignedBatch], key: ec.EllipticCurvePublicKey, gateway_id: str
+) -> int:
+    """Every batch verifies and links to the one before, from seq 0. Returns the count."""
+    prev = batchformat.ZERO_HASH
+    n = 0
+    for b in batches:
+        try:
+            h = batchformat.verify_batch(b, key)
+        except batchformat.BatchInvalid as e:
+            raise ProofInvalid(f"batch {n}: {e}") from None
+        if h.gateway_id != gateway_id or h.seq != n or h.prev_header_hash != prev:
+            raise ProofInvalid(f"batch {n}: chain link broken (seq {h.seq})")
+        prev = batchformat.header_hash(b.header)
+        n += 1
+    return n
+
+
+def _rpc_error(what: str, e: grpc.aio.AioRpcError) -> GatewayError:
+    if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        # exit 69: nothing answered
+        return Unreachable(f"{what} unreachable: {e.code().name}: {e.details()}")
+    return GatewayError(f"{what}: {e.code().name}: {e.details()}")
+
+
+def degraded(st: gateway_pb2.GatewayStatus) -> list[str]:
+    """Why the gateway is degraded; empty when it is not."""
+    reasons = []
+    ok = sum(1 for n in st.ledger_nodes if n.state == "ok")
+    if ok < st.quorum:
+        reasons.append(f"{ok} of {len(st.ledger_nodes)} ledger nodes ok, quorum {st.quorum}")
+    forked = [n.node_id for n in st.ledger_nodes if n.state == "forked"]
+    if forked:
+        reasons.append("ledger forked: " + ", ".join(forked))
+    if st.intake_paused:
+        reasons.append(f"intake paused: {st.intake_paused_reason}")
+    if st.hsm_state != "ok":
+        reasons.append(f"hsm {st.hsm_state or 'state unknown'}")
+    if not st.mqtt_connected:
+        reasons.append("mqtt disconnected")
+    return reasons
+
+
+def plain(msg: Message) -> dict[str, object]:
+    """A message's fields as JSON-ready values, every field present, 64-bit integers as
+    numbers (protobuf's JSON mapping would make them strings)."""
+    out: dict[str, object] = {}
+    for f in msg.DESCRIPTOR.fields:
+        v = getattr(msg, f.name)
+        if isinstance(v, Message):
+            out[f.name] = plain(v)
+        elif f.message_type is not None:  # repeated messages
+            out[f.name] = [plain(x) for x in v]
+        elif isinstance(v, str | bytes | bool | int | float):
+            out[f.name] = v
+        else:  # repeated scalars
+            out[f.name] = list(v)
+    return out
+
+
+async def print_status(opts: ClientOptions, as_json: bool = False) -> int:
+    """The status as a table (or one JSON object). Exit code 2 when the gateway is
+    degraded, with the reasons on one stderr line; 69 when it does not answer."""
+    async with aio_channel(opts.address, opts.tls) as ch:
+        stub = gateway_pb2_grpc.GatewayServiceStub(ch)
+        try:
+            st: gateway_pb2.GatewayStatus = await stub.GetStatus(
+                gateway_pb2.GetStatusRequest(), timeout=10
+            )
+        except grpc.aio.AioRpcError as e:
+            raise _rpc_error(f"gateway at {opts.address}", e) from None
+    if as_json:
+        print(json.dumps(plain(st), sort_keys=True))
+    else:
+        _print_table(st)
+    reasons = degraded(st)
+    if reasons:
+        print(
+            f"edge-gateway: gateway {st.gateway_id} degraded: {'; '.join(reasons)}", file=sys.stderr
+        )
+        return EXIT_DEGRADED
+    return EXIT_OK
+
+
+def _print_table(st: gateway_pb2.GatewayStatus) -> None:
+    rows = [
+        ("gateway", f"{st.gateway_id} (version {st.version}, up {st.uptime_s} s)"),
+        ("intake", "PAUSED: " + st.intake_paused_reason if st.intake_paused else "open"),
+        ("mqtt", "connected" if st.mqtt_connected else "disconnected"),
+        ("spool depth", f"{st.spool_depth} (oldest {st.oldest_pending_age_s:.1f} s)"),
+        ("stored / rejected", f"{st.transactions_stored} / {st.transactions_rejected}"),
+        ("last signed seq", str(st.last_signed_seq)),
+        ("last committed seq", str(st.last_committed_seq)),
+        ("hsm", f"{st.hsm_state} key_id {st.key_id}"),
+        (
+            "box",
+            f"cpu {st.cpu_percent:.0f} %, memory {st.memory_percent:.0f} %, spool disk "
+            f"free {st.spool_disk_free_bytes / 2**30:.1f} GiB",
+        ),
+    ]
+    for n in st.ledger_nodes:
+        rows.append(
+            (
+                f"ledger {n.node_id}",
+                f"{n.state} at {n.address}, next seq {n.next_seq}"
+                + (f" ({n.last_error})" if n.last_error else ""),
+            )
+        )
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+async def check_proof(opts: ClientOptions, tx_id: str, public_key: Path) -> int:
+    try:
+        key = batchformat.load_public_key(public_key.read_bytes())
+    except (OSError, ValueError) as e:
+        raise GatewayError(f"--public-key {public_key}: {e}") from None
+    async with aio_channel(opts.address, opts.tls) as ch:
+        stub = gateway_pb2_grpc.GatewayServiceStub(ch)
+        try:
+            resp: gateway_pb2.GetTransactionResponse = await stub.GetTransaction(
+                gateway_pb2.GetTransactionRequest(tx_id=tx_id), timeout=10
+            )
+        except grpc.aio.AioRpcError as e:
+            raise _rpc_error(f"GetTransaction {tx_id}", e) from None
+    header = verify_transaction(resp, key)
+    tx = transaction_pb2.Transaction.FromString(resp.transaction)
+    state = gateway_pb2.GetTransactionResponse.State.Name(resp.state)
+    print(f"tx {tx_id}: {state}, device {tx.device_id} seq {tx.device_seq}")
+    print(
+        f"batch {header.seq} of gateway {header.gateway_id}: leaf {resp.leaf_index} of "
+        f"{resp.tree_size}, root {header.merkle_root.hex()}"
+    )
+    print(
+        f"signature verified with key_id {header.key_id.hex()}; inclusion proof verified; "
+        f"{len(resp.receipts)} ledger receipt(s)"
+    )
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,346 @@
+"""The forwarder: signed batches to ledger nodes over gRPC, in seq order.
+
+Each node has its own loop and position. On start (and after a gap answer) it
+asks the node for its head and resends from there; a batch counts committed
+once `quorum` nodes returned receipts. Transient failures back off
+exponentially with jitter; a fork answer stops forwarding to that node and is
+reported loudly, since the gateway never rewrites its own chain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from gateway._pb.edgegateway.v1 import batch_pb2, ledger_pb2, ledger_pb2_grpc
+from gateway.common.errors import LedgerError
+from gateway.common.grpcutil import aio_channel
+from gateway.edge import metrics
+from gateway.edge.config import ForwarderConfig, LedgerNodeRef
+from gateway.edge.spool import Spool, StoredBatch, now_ms
+
+log = logging.getLogger("gateway.edge.forwarder")
+
+# Receipts on their way into the spool, per node, while the next batch goes out.
+RECEIPTS_IN_FLIGHT = 4
+TRANSIENT = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.CANCELLED,
+}
+
+
+@dataclass(slots=True)
+class NodeState:
+    ref: LedgerNodeRef
+    state: str = "connecting"
+    next_seq: int | None = None
+    last_error: str = ""
+    sent: int = 0
+    failures: int = 0
+    # Since when (monotonic) and after how many failed attempts the node has been
+    # unreachable or refusing; None while it answers.
+    down_since: float | None = None
+    down_attempts: int = 0
+
+
+def backoff_delay(attempt: int, initial: float, maximum: float, rng: random.Random) -> float:
+    """Exponential backoff with full jitter (AWS architecture blog's "full jitter")."""
+    cap = min(maximum, initial * (2 ** min(attempt, 30)))
+    return rng.uniform(initial / 2, cap)
+
+
+class Forwarder:
+    def __init__(self, cfg: ForwarderConfig, spool: Spool, gateway_id: str) -> None:
+        self.cfg = cfg
+        self.spool = spool
+        self.gateway_id = gateway_id
+        self.nodes = [NodeState(ref) for ref in cfg.nodes]
+        self.last_signed_seq = -1
+        self.last_committed_seq = -1
+        self.last_progress = time.monotonic()
+        self._wakes = [asyncio.Event() for _ in self.nodes]
+        self._beats = [time.monotonic() for _ in self.nodes]
+        self._rng = random.Random()
+        self._channels: list[grpc.aio.Channel] = []
+        self._receipts: dict[str, collections.deque[asyncio.Future[None]]] = {
+            n.ref.node_id: collections.deque() for n in self.nodes
+        }
+        metrics.forwarder_quorum.set(cfg.quorum)
+        for n in self.nodes:
+            self._publish_state(n)
+
+    def _set_state(self, node: NodeState, state: str) -> None:
+        """Every change of a node's state goes through here, so the gauges follow it."""
+        if state in ("unreachable", "refused"):
+            if node.down_since is None:
+                node.down_since = time.monotonic()
+                node.down_attempts = 0
+            node.down_attempts += 1
+        if state != node.state:
+            node.state = state
+            self._publish_state(node)
+
+    def _working(self, node: NodeState) -> None:
+        """The node took a batch, or holds every one: state ok, and if it was unreachable
+        or refusing, one line saying it is back. (Answering GetHead alone is not enough: a
+        node that needs a pruned batch answers it, then refuses again.)"""
+        if node.down_since is not None:
+            log.info(
+                "ledger node %s reachable again at %s after %.0f s (%d failed attempts)",
+                node.ref.node_id,
+                node.ref.address,
+                time.monotonic() - node.down_since,
+                node.down_attempts,
+            )
+            node.down_since = None
+        self._set_state(node, "ok")
+
+    def _publish_state(self, node: NodeState) -> None:
+        for s in metrics.LEDGER_NODE_STATES:
+            metrics.ledger_node_state.labels(node.ref.node_id, s).set(1 if s == node.state else 0)
+        metrics.ledger_nodes_ok.set(sum(1 for n in self.nodes if n.state == "ok"))
+
+    def notify_signed(self, seq: int) -> None:
+        self.last_signed_seq = max(self.last_signed_seq, seq)
+        for w in self._wakes:
+            w.set()
+
+    async def resume(self) -> None:
+        last = await asyncio.wrap_future(self.spool.read(Spool.q_last_batch))
+        self.last_signed_seq = -1 if last is None else last.seq
+        self.last_committed_seq = await asyncio.wrap_future(
+            self.spool.read(Spool.q_last_committed_seq)
+        )
+        metrics.last_committed_seq.set(self.last_committed_seq)
+
+    def heartbeat(self) -> float:
+        """Monotonic time of the least recent node loop turn: a loop that stops
+        turning (not one waiting in backoff) is stuck."""
+        return min(self._beats) if self._beats else time.monotonic()
+
+    def all_delivered(self) -> bool:
+        """Every batch reached the quorum (used by the graceful stop)."""
+        return self.last_committed_seq >= self.last_signed_seq
+
+    async def run(self, stop: asyncio.Event) -> None:
+        async with asyncio.TaskGroup() as tg:
+            for i, node in enumerate(self.nodes):
+                ch = aio_channel(node.ref.address, self.cfg.tls, self.cfg.keepalive_s)
+                self._channels.append(ch)
+                tg.create_task(
+                    self._node_loop(i, node, ledger_pb2_grpc.LedgerServiceStub(ch), stop),
+                    name=f"forward-{node.ref.node_id}",
+                )
+        for ch in self._channels:
+            await ch.close(None)
+
+    async def _wait(self, i: int, stop: asyncio.Event, timeout: float) -> None:
+        self._wakes[i].clear()
+        waits = [asyncio.ensure_future(self._wakes[i].wait()), asyncio.ensure_future(stop.wait())]
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+
+    async def _node_loop(
+        self, i: int, node: NodeState, stub: ledger_pb2_grpc.LedgerServiceStub, stop: asyncio.Event
+    ) -> None:
+        pending = self._receipts[node.ref.node_id]
+        try:
+            await self._turns(i, node, stub, stop, pending)
+        finally:
+            while pending:
+                await pending.popleft()
+
+    async def _turns(
+        self,
+        i: int,
+        node: NodeState,
+        stub: ledger_pb2_grpc.LedgerServiceStub,
+        stop: asyncio.Event,
+        pending: collections.deque[asyncio.Future[None]],
+    ) -> None:
+        attempt = 0
+        while not stop.is_set():
+            while pending and pending[0].done():
+                await pending.popleft()  # a receipt store's spool error ends the loop here
+            self._beats[i] = time.monotonic()
+            if node.state == "forked":
+                await self._wait(i, stop, 10)
+                continue
+            try:
+                if node.next_seq is None:
+                    await self._sync_head(node, stub)
+                if node.next_seq is None or node.next_seq > self.last_signed_seq:
+                    if node.state not in ("forked",):
+                        self._working(node)
+                    await self._wait(i, stop, 1.0)
+                    continue
+                await self._send(node, stub, node.next_seq)
+                attempt = 0
+                continue
+            except LedgerError as e:
+                self._set_state(node, "refused")
+                node.last_error = str(e)
+                node.failures += 1
+                attempt += 1
+                if attempt == 1 or attempt % 10 == 0:
+                    log.error("%s", e)
+            except grpc.aio.AioRpcError as e:
+                code = e.code()
+                metrics.forward_errors.labels(node.ref.node_id, code.name).inc()
+                node.failures += 1
+                node.last_error = f"{code.name}: {e.details()}"
+                if code is grpc.StatusCode.FAILED_PRECONDITION:
+                    # A gap: the node is behind or ahead of what we thought. Ask again.
+                    log.warning(
+                        "ledger %s answered a gap (%s); resyncing from its head",
+                        node.ref.node_id,
+                        e.details(),
+                    )
+                    self._set_state(node, "resyncing")
+                    node.next_seq = None
+                    attempt += 1
+                elif code is grpc.StatusCode.ABORTED:  # the node holds another batch at this seq
+                    self._forked(node, e.details() or "")
+                    continue
+                else:
+                    self._set_state(node, "unreachable" if code in TRANSIENT else "refused")
+                    attempt += 1
+                    if attempt == 1 or attempt % 10 == 0:
+                        log.warning(
+                            "ledger %s at %s: %s (attempt %d)",
+                            node.ref.node_id,
+                            node.ref.address,
+                            node.last_error,
+                            attempt,
+                        )
+            delay = backoff_delay(
+                attempt, self.cfg.backoff_initial_s, self.cfg.backoff_max_s, self._rng
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+
+    def _forked(self, node: NodeState, detail: str) -> None:
+        self._set_state(node, "forked")
+        node.last_error = detail
+        log.error(
+            "LEDGER FORK: node %s holds a different batch than this gateway (%s); "
+            "forwarding to it stopped, the gateway's chain is unchanged. An operator "
+            "must compare the node's chain with this gateway's spool.",
+            node.ref.node_id,
+            detail,
+        )
+
+    async def _sync_head(self, node: NodeState, stub: ledger_pb2_grpc.LedgerServiceStub) -> None:
+        head: ledger_pb2.Head = await stub.GetHead(
+            ledger_pb2.GetHeadRequest(gateway_id=self.gateway_id),
+            timeout=self.cfg.call_timeout_s,
+            wait_for_ready=False,
+        )
+        if head.next_seq > 0:
+            ours = await asyncio.wrap_future(
+                self.spool.read(lambda c: Spool.q_batch(c, head.next_seq - 1))
+            )
+            if ours is None and head.next_seq - 1 > self.last_signed_seq:
+                self._forked(
+                    node,
+                    f"node is at seq {head.next_seq - 1}, beyond this gateway's "
+                    f"last signed seq {self.last_signed_seq}",
+                )
+                return
+            if ours is not None and ours.header_hash != head.header_hash:
+                self._forked(node, f"header hash at seq {head.next_seq - 1} differs")
+                return
+        node.next_seq = head.next_seq
+        self._set_state(node, "ok")
+        log.info("ledger %s head: next seq %d", node.ref.node_id, head.next_seq)
+
+    async def _send(
+        self, node: NodeState, stub: ledger_pb2_grpc.LedgerServiceStub, seq: int
+    ) -> None:
+        loaded = await asyncio.wrap_future(self.spool.read(lambda c: _load(c, seq)))
+        if loaded is None:
+            node.next_seq = None
+            raise LedgerError(
+                f"ledger {node.ref.node_id} needs batch {seq}, which the spool no longer keeps: "
+                "raise spool.retention_batches or restore the node from a peer"
+            )
+        stored, leaves, received = loaded
+        req = ledger_pb2.SubmitBatchRequest(
+            batch=batch_pb2.SignedBatch(
+                header=stored.header, signature=stored.signature, transactions=leaves
+            )
+        )
+        t0 = time.perf_counter()
+        receipt: batch_pb2.Receipt = await stub.SubmitBatch(req, timeout=self.cfg.call_timeout_s)
+        metrics.forward_seconds.labels(node.ref.node_id).observe(time.perf_counter() - t0)
+        if receipt.seq != seq or receipt.header_hash != stored.header_hash:
+            raise LedgerError(
+                f"ledger {node.ref.node_id} answered a receipt for seq "
+                f"{receipt.seq} that does not match batch {seq}"
+            )
+        # The receipt is stored while the next batch goes out: the node loop does not
+        # wait for the spool writers' turn. A store that fails ends the loop (and the
+        # gateway) as before, at the next turn of this node's loop at the latest.
+        store = asyncio.wrap_future(
+            self.spool.write(
+                lambda c: Spool.w_store_receipt(
+                    c,
+                    seq,
+                    node.ref.node_id,
+                    receipt.SerializeToString(deterministic=True),
+                    self.cfg.quorum,
+                )
+            )
+        )
+        node.next_seq = seq + 1
+        node.sent += 1
+        self._working(node)
+        node.last_error = ""
+        self.last_progress = time.monotonic()
+        pending = self._receipts[node.ref.node_id]
+        pending.append(asyncio.ensure_future(self._receipt_stored(store, seq, received)))
+        while len(pending) >= RECEIPTS_IN_FLIGHT or (pending and pending[0].done()):
+            await pending.popleft()
+
+    async def _receipt_stored(
+        self, store: asyncio.Future[bool], seq: int, received: list[int]
+    ) -> None:
+        committed = await store
+        if committed and seq > self.last_committed_seq:
+            # Only the first node to reach the quorum sees seq beyond last_committed.
+            now = now_ms()
+            for r in received:
+                metrics.commit_latency.observe(max(0, now - r) / 1000)
+            self.last_committed_seq = seq
+            metrics.batches_committed.inc()
+            metrics.last_committed_seq.set(seq)
+
+
+def _load(conn: object, seq: int) -> tuple[StoredBatch, list[bytes], list[int]] | None:
+    import sqlite3
+
+    assert isinstance(conn, sqlite3.Connection)
+    b = Spool.q_batch(conn, seq)
+    if b is None:
+        return None
+    rows = conn.execute(
+        "SELECT leaf, received_ms FROM tx WHERE rowid BETWEEN ? AND ? ORDER BY rowid",
+        (b.first_rowid, b.last_rowid),
+    ).fetchall()
+    if len(rows) != b.tx_count:
+        return None
+    return b, [r[0] for r in rows], [r[1] for r in rows]

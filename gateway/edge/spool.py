@@ -1,0 +1,1028 @@
+"""The spool: the gateway's only shared state, SQLite in WAL mode on disk.
+
+Promise 1 lives here: an append's Future resolves only after its group commit
+is durable (WAL, synchronous=FULL, fsync at commit), so an MQTT PUBACK or a
+gRPC answer sent from that Future never acknowledges what a kill -9 could
+lose. Every write runs on one writer thread (no lock contention, group commit
+for free); reads run on a small pool with their own connections.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import enum
+import fcntl
+import functools
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from gateway.common.errors import SpoolError, SpoolIntegrityError, SpoolInUse
+from gateway.edge import metrics
+from gateway.edge.config import SpoolConfig
+
+log = logging.getLogger("gateway.edge.spool")
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+-- AUTOINCREMENT keeps rowids monotonic, so "pending" is simply rowid > the last batch's last_rowid.
+CREATE TABLE IF NOT EXISTS tx (
+    rowid INTEGER PRIMARY KEY AUTOINCREMENT,
+    device_id TEXT NOT NULL,
+    device_seq INTEGER NOT NULL,
+    payload_sha256 BLOB NOT NULL,
+    tx_id BLOB NOT NULL,
+    leaf BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL,
+    UNIQUE (device_id, device_seq)
+);
+CREATE INDEX IF NOT EXISTS tx_by_id ON tx (tx_id);
+CREATE TABLE IF NOT EXISTS device (
+    device_id TEXT PRIMARY KEY,
+    last_seq INTEGER NOT NULL,
+    last_seen_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS batch (
+    seq INTEGER PRIMARY KEY,
+    header BLOB NOT NULL,
+    signature BLOB NOT NULL,
+    header_hash BLOB NOT NULL,
+    first_rowid INTEGER NOT NULL,
+    last_rowid INTEGER NOT NULL,
+    tx_count INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL,
+    committed_ms INTEGER
+);
+CREATE INDEX IF NOT EXISTS batch_by_last_rowid ON batch (last_rowid);
+CREATE TABLE IF NOT EXISTS receipt (
+    seq INTEGER NOT NULL,
+    node_id TEXT NOT NULL,
+    receipt BLOB NOT NULL,
+    received_ms INTEGER NOT NULL,
+    PRIMARY KEY (seq, node_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS reject (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    received_ms INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    message BLOB NOT NULL,
+    published INTEGER NOT NULL DEFAULT 0
+);
+-- Per device, the highest seq whose transaction retention has pruned.
+CREATE TABLE IF NOT EXISTS pruned (
+    device_id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS reject_unpublished ON reject (published) WHERE published = 0;
+-- A seq at or below what retention pruned for its device is never stored again, whichever
+-- process writes it (the intake processes do not share the pruning process's memory).
+CREATE TRIGGER IF NOT EXISTS tx_beyond_retention BEFORE INSERT ON tx
+WHEN NEW.device_seq <= (SELECT seq FROM pruned WHERE device_id = NEW.device_id)
+BEGIN SELECT RAISE(IGNORE); END;
+"""
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """A decoded transaction on its way into the spool."""
+
+    device_id: str
+    device_seq: int
+    payload_sha256: bytes
+    tx_id: bytes  # leaf hash
+    leaf: bytes
+    received_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class RejectRecord:
+    """A refused payload; `message` is the dead-letter JSON to publish. `count` is how many
+    rejected payloads the row stands for (0 for a summary of rejects not stored)."""
+
+    reason: str
+    device_id: str
+    topic: str
+    message: bytes
+    received_ms: int
+    count: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class NotStored:
+    """A reject over its device's budget: counted and acknowledged, nothing stored. It
+    goes through the writer so its acknowledgement leaves with its group, in order."""
+
+
+NOT_STORED = NotStored()
+
+
+class Outcome(enum.Enum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"  # same (device, seq), same content: acknowledged again
+    CONFLICT = "conflict"  # same (device, seq), other content: recorded as a reject
+    REJECT_RECORDED = "reject_recorded"
+    # The seq is at or below what retention already pruned for this device: the
+    # spool can no longer tell a redelivery from a replay, so it is refused.
+    BEYOND_RETENTION = "beyond_retention"
+    NOT_STORED = "not_stored"  # a NotStored append: nothing written
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    outcome: Outcome
+    tx_id: bytes = b""
+    reject_id: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PendingTx:
+    rowid: int
+    tx_id: bytes
+    size: int
+    received_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBatch:
+    seq: int
+    header: bytes
+    signature: bytes
+    header_hash: bytes
+    first_rowid: int
+    last_rowid: int
+    tx_count: int
+    created_ms: int
+    committed_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class TxRecord:
+    rowid: int
+    tx_id: bytes
+    leaf: bytes
+    device_id: str
+    device_seq: int
+    received_ms: int
+
+
+_BATCH_COLS = (
+    "seq, header, signature, header_hash, first_rowid, last_rowid, tx_count, created_ms, "
+    "committed_ms"
+)
+
+
+# Page cache per connection (KiB, as a negative cache_size). SQLite's default of
+# 2 MiB makes inserts into the random-keyed tx_id index miss the cache once the
+# spool passes a few hundred thousand rows: 16 MiB took an insert from about 10 to
+# 6 us per row. The writer also checkpoints less often (WAL pages), which halves
+# the commit cost; the WAL stays below about 16 MiB.
+WRITER_CACHE_KIB = 16 * 1024
+READER_CACHE_KIB = 8 * 1024
+WAL_AUTOCHECKPOINT_PAGES = 4000
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30.0)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA busy_timeout=30000")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute(f"PRAGMA cache_size=-{WRITER_CACHE_KIB}")
+    conn.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
+    return conn
+
+
+# Rows per INSERT statement, largest first (7 columns x 128 rows stays under SQLite's
+# oldest default of 999 variables).
+_ROWS_PER_STATEMENT = (128, 64, 32, 16, 8, 4, 2, 1)
+
+
+@functools.lru_cache(maxsize=64)
+def _multi_row_sql(head: str, tail: str, width: int, rows: int) -> str:
+    one = "(" + ", ".join("?" * width) + ")"
+    return head + ", ".join([one] * rows) + tail
+
+
+def insert_rows(
+    conn: sqlite3.Connection, head: str, tail: str, rows: list[tuple[Any, ...]]
+) -> None:
+    """INSERT `rows` with a few multi-row statements. executemany steps SQLite once per
+    row, and Python's sqlite3 releases and retakes the GIL around every step: in the
+    intake process, behind a paho thread that is parsing, each retake can wait for a
+    switch interval, which made a 700-row group commit take 100 ms instead of 5."""
+    if not rows:
+        return
+    width = len(rows[0])
+    i, n = 0, len(rows)
+    while i < n:
+        k = next(c for c in _ROWS_PER_STATEMENT if c <= n - i)
+        conn.execute(
+            _multi_row_sql(head, tail, width, k), [v for row in rows[i : i + k] for v in row]
+        )
+        i += k
+
+
+AppendCallback = Callable[["AppendResult | BaseException"], None]
+AppendItem = Incoming | RejectRecord | NotStored
+# Called with an unexpected exception (a bug) on the writer thread, where it happened, and
+# the append callback it concerns, if one: the process's failure path (gateway.edge.poison).
+FatalHook = Callable[[BaseException, str, object | None], None]
+
+
+class _Op:
+    __slots__ = ("fn", "future")
+
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any], future: Future[Any]) -> None:
+        self.fn = fn
+        self.future = future
+
+
+_STOP = object()
+
+
+def claim_instance(path: Path) -> int:
+    """One gateway per spool: take an exclusive, non-blocking flock on `<spool>.instance`
+    and return its descriptor, held until the process closes it or dies. A second
+    gateway on the same spool would sign the same seqs (a fork at the ledger), so it
+    must stop before it touches anything. `<spool>.lock` is not this lock: the writers
+    of one gateway take turns on it.
+
+    The descriptor is close-on-exec (O_CLOEXEC, and os.open's default): the intake
+    processes, spawned by fork and exec, never hold it, so the lock dies with the
+    process that took it."""
+    lock = Path(f"{path}.instance")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise SpoolError(f"spool.path {path}: cannot open {lock}: {e.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        except OSError:
+            holder = ""
+        finally:
+            os.close(fd)
+        who = f"pid {holder}" if holder.isdigit() else "pid unknown"
+        raise SpoolInUse(
+            f"spool {path} is in use by another gateway ({who}, lock {lock}): "
+            "stop that one first, or give this one its own spool.path"
+        ) from None
+    # The holder's pid, for the second one's message; only informative, so a full
+    # disk does not stop the start here (the spool's own checks say so next).
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    return fd
+
+
+class Spool:
+    def __init__(self, cfg: SpoolConfig, gateway_id: str, write_priority: bool = False) -> None:
+        """`write_priority`: this process's writes (a batch, its receipts: few and short)
+        go ahead of the intake processes' group commits waiting for the same turn."""
+        self._priority = write_priority
+        self.cfg = cfg
+        self.gateway_id = gateway_id
+        self.path = cfg.path
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._writer: threading.Thread | None = None
+        self._wconn: sqlite3.Connection | None = None
+        self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="spool-read")
+        self._local = threading.local()
+        self._reader_conns: list[sqlite3.Connection] = []
+        self._lock_fd: int | None = None
+        self._next_fd: int | None = None
+        self._commit_listeners: list[Callable[[int], None]] = []
+        self._group_listeners: list[Callable[[], None]] = []
+        self.max_rowid = 0
+        self.stored = 0
+        self.duplicates = 0
+        self.rejects = 0
+        self.commits = 0
+        # Group commits by size, for the intake process to hand to the main process's
+        # edge_gateway_group_commit_size (each process has its own registry).
+        self.group_sizes: collections.Counter[int] = collections.Counter()
+        self.last_error: str | None = None
+        self._pruned: dict[str, int] = {}
+        self._fatal: FatalHook | None = None
+
+    # ---- lifecycle -------------------------------------------------------
+
+    def open(self, check_integrity: bool = True) -> None:
+        directory = self.path.parent
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SpoolError(
+                f"spool.path directory {directory} cannot be created: {e.strerror}"
+            ) from None
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise SpoolError(
+                f"spool.path directory {directory} is not writable by this user: "
+                "fix its owner or mode (the unit's StateDirectory= does this)"
+            )
+        if self.path.exists() and check_integrity:
+            self._check_integrity()
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        self._lock_fd = os.open(f"{self.path}.lock", flags, 0o600)
+        self._next_fd = os.open(f"{self.path}.lock-next", flags, 0o600)
+        try:
+            conn = _connect(self.path)
+        except sqlite3.DatabaseError as e:
+            raise SpoolIntegrityError(
+                f"spool {self.path} cannot be opened as SQLite ({e}); it was left untouched: "
+                "move it aside to start with an empty spool"
+            ) from None
+        try:
+            with self._write_lock():
+                conn.executescript(SCHEMA)
+                self._check_meta(conn)
+        except sqlite3.DatabaseError as e:
+            conn.close()
+            raise SpoolIntegrityError(f"spool {self.path} is not a gateway spool: {e}") from None
+        self.max_rowid = conn.execute("SELECT coalesce(max(rowid), 0) FROM tx").fetchone()[0]
+        # Totals over the spool's life, not this process's, so status survives restarts.
+        self.stored = conn.execute("SELECT count(*) FROM tx").fetchone()[0]
+        self.rejects = conn.execute("SELECT count(*) FROM reject").fetchone()[0]
+        self._pruned = dict(conn.execute("SELECT device_id, seq FROM pruned").fetchall())
+        self._wconn = conn
+        self._writer = threading.Thread(target=self._write_loop, name="spool-writer", daemon=True)
+        self._writer.start()
+
+    def _check_integrity(self) -> None:
+        """SQLite's quick_check through a read-only connection: a damaged spool is
+        reported and never written to (no WAL checkpoint, no schema upgrade)."""
+        problem: str | None = None
+        try:
+            ro = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30.0)
+            try:
+                rows = ro.execute("PRAGMA quick_check").fetchall()
+            finally:
+                ro.close()
+            if [r[0] for r in rows] != ["ok"]:
+                problem = "; ".join(str(r[0]) for r in rows[:3])
+        except sqlite3.DatabaseError as e:
+            problem = str(e)
+        if problem is not None:
+            # One line, bounded: a report row may hold many newline-separated findings.
+            problem = " ".join(problem.split())
+            if len(problem) > 240:
+                problem = problem[:240] + " ..."
+            raise SpoolIntegrityError(
+                f"spool {self.path} failed SQLite's integrity check ({problem}); it was left "
+                "untouched: keep it for analysis and move it aside to start with an empty spool"
+            )
+
+    def _check_meta(self, conn: sqlite3.Connection) -> None:
+        rows = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        if not rows:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(
+                "INSERT INTO meta VALUES (?, ?)",
+                [("schema_version", str(SCHEMA_VERSION)), ("gateway_id", self.gateway_id)],
+            )
+            conn.execute("COMMIT")
+            return
+        if rows.get("gateway_id") != self.gateway_id:
+            raise SpoolError(
+                f"spool {self.path} belongs to gateway {rows.get('gateway_id')!r}, not "
+                f"{self.gateway_id!r}: a spool carries one gateway's chain; point spool.path "
+                "elsewhere or fix gateway.id"
+            )
+        if rows.get("schema_version") != str(SCHEMA_VERSION):
+            raise SpoolError(
+                f"spool {self.path} has schema {rows.get('schema_version')}, "
+                f"this gateway reads {SCHEMA_VERSION}"
+            )
+
+    def close(self, checkpoint: bool = True) -> None:
+        """Stop the writer and the readers. With `checkpoint` (the process that closes
+        last), fold the WAL into the database file and truncate it: a spool at rest is
+        one file, whole, that an integrity check or a backup sees entirely."""
+        if self._writer is not None and self._writer.is_alive():
+            self._queue.put(_STOP)
+            self._writer.join(30)
+        self._readers.shutdown(wait=True)
+        for conn in self._reader_conns:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+        self._reader_conns.clear()
+        if self._wconn is not None:
+            if checkpoint:
+                try:
+                    self._wconn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                except sqlite3.Error as e:
+                    log.warning("spool checkpoint at close failed: %s", e)
+            self._wconn.close()
+            self._wconn = None
+        for fd in (self._lock_fd, self._next_fd):
+            if fd is not None:
+                os.close(fd)
+        self._lock_fd = self._next_fd = None
+
+    def on_commit(self, listener: Callable[[int], None]) -> None:
+        """Call `listener(max_rowid)` on the writer thread after each commit that stored rows."""
+        self._commit_listeners.append(listener)
+
+    def note_commit(self, max_rowid: int) -> None:
+        """Rows another process (the intake child) committed up to `max_rowid`: tell
+        the commit listeners as if this writer had stored them."""
+        if max_rowid > self.max_rowid:
+            self.max_rowid = max_rowid
+        for listener in self._commit_listeners:
+            listener(self.max_rowid)
+
+    def on_fatal(self, hook: FatalHook) -> None:
+        """Where an unexpected exception on the writer thread goes (a callback that raised,
+        a group commit that failed other than in SQLite). The writer keeps serving, so the
+        stop that follows can drain; without a hook it is logged with its traceback."""
+        self._fatal = hook
+
+    def _report(self, exc: BaseException, where: str, culprit: object | None = None) -> None:
+        if self._fatal is not None:
+            self._fatal(exc, where, culprit)
+        else:
+            log.error("spool writer: unexpected error in %s", where, exc_info=exc)
+
+    def after_group(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` on the writer thread once every append callback of a
+        group commit has run: where intake sends that group's PUBACKs in one write."""
+        self._group_listeners.append(listener)
+
+    # ---- writer ----------------------------------------------------------
+
+    def append(self, item: AppendItem) -> Future[AppendResult]:
+        fut: Future[AppendResult] = Future()
+
+        def resolve(res: AppendResult | BaseException) -> None:
+            if isinstance(res, BaseException):
+                fut.set_exception(res)
+            else:
+                fut.set_result(res)
+
+        self._queue.put((item, resolve))
+        return fut
+
+    def append_cb(self, item: AppendItem, callback: AppendCallback) -> None:
+        """Append; `callback(result or error)` runs on the writer thread once the group
+        commit is durable. No Future per message: the intake hot path."""
+        self._queue.put((item, callback))
+
+    def write(self, fn: Callable[[sqlite3.Connection], T]) -> Future[T]:
+        """Run fn(conn) on the writer thread inside its own transaction."""
+        fut: Future[T] = Future()
+        self._queue.put(_Op(fn, fut))
+        return fut
+
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    def _write_loop(self) -> None:
+        conn = self._wconn
+        assert conn is not None
+        limit = self.cfg.group_commit_max
+        linger = self.cfg.group_commit_wait_ms / 1000.0
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            group: list[Any] = [first]
+            ops: list[_Op] = []
+            stop = False
+            deadline = time.monotonic() + linger
+            while len(group) < limit:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    if linger <= 0 or time.monotonic() >= deadline:
+                        break
+                    try:
+                        item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    except queue.Empty:
+                        break
+                if item is _STOP:
+                    stop = True
+                    break
+                group.append(item)
+            appends = [g for g in group if not isinstance(g, _Op)]
+            ops = [g for g in group if isinstance(g, _Op)]
+            # Only the database work holds the writers' turn; answering the callers
+            # (PUBACKs, futures) comes after it is released.
+            with self._write_lock():
+                deliver = [self._commit_guarded(conn, appends)] if appends else []
+                deliver += [self._run_op(conn, op) for op in ops]
+            for d in deliver:
+                try:
+                    d()
+                except Exception as e:  # a bug in a caller's callback: reported, never lost
+                    self._report(e, "spool writer callback")
+            if stop:
+                return
+
+    def _commit_guarded(self, conn: sqlite3.Connection, appends: list[Any]) -> Callable[[], None]:
+        """_commit_appends, and if it fails other than in SQLite (a bug, e.g. a value SQLite
+        cannot take), the group again one append at a time: the others are committed and
+        the one that fails is reported as the culprit and answered with an error."""
+        try:
+            return self._commit_appends(conn, appends)
+        except Exception as e:
+            self._rollback(conn)
+            if len(appends) == 1:
+                first: BaseException | None = e
+                culprits = [appends[0]]
+                answers: list[Callable[[], None]] = []
+            else:
+                first, culprits, answers = None, [], []
+                for a in appends:
+                    try:
+                        answers.append(self._commit_appends(conn, [a]))
+                    except Exception as e2:
+                        self._rollback(conn)
+                        first = first or e2
+                        culprits.append(a)
+            for _item, callback in culprits:
+                assert first is not None
+                self._report(first, "spool group commit", callback)
+            if not culprits:
+                self._report(e, "spool group commit")
+            err = SpoolError(f"spool write failed: internal error: {type(e).__name__}")
+
+            def answer() -> None:
+                for _item, callback in culprits:
+                    self._call(callback, err)
+                for a in answers:
+                    a()
+                if not answers:
+                    self._groups_done()
+
+            return answer
+
+    def _call(self, callback: AppendCallback, res: AppendResult | BaseException) -> None:
+        """Answer one append; a callback that raises is reported with itself as culprit,
+        and the rest of its group is still answered."""
+        try:
+            callback(res)
+        except Exception as e:
+            self._report(e, "spool append callback", callback)
+
+    @contextlib.contextmanager
+    def _write_lock(self) -> Iterator[None]:
+        """One writer at a time across processes (the gateway and its intake processes):
+        an exclusive flock on <spool>.lock around each write transaction. SQLite would
+        serialise them too, but its busy handler retries after sleeping 1, 2, 5 ... 100 ms,
+        so a writer committing back to back starves the others; a waiter on the flock is
+        woken the moment it is free. A second lock, <spool>.lock-next, is the queue's
+        head: the priority writer holds it while it waits, and the others pass through it
+        before they queue, so batches and receipts are never stuck behind group commits."""
+        fd, nxt = self._lock_fd, self._next_fd
+        if fd is None or nxt is None:
+            yield
+            return
+        if self._priority:
+            fcntl.flock(nxt, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            finally:
+                fcntl.flock(nxt, fcntl.LOCK_UN)
+        else:
+            fcntl.flock(nxt, fcntl.LOCK_SH)
+            fcntl.flock(nxt, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _commit_appends(self, conn: sqlite3.Connection, appends: list[Any]) -> Callable[[], None]:
+        """Commit a group; returns what answers its callers once the turn is released."""
+        skipped = [cb for item, cb in appends if item is NOT_STORED]
+        if skipped:
+            rest = [a for a in appends if a[0] is not NOT_STORED]
+            inner = self._commit_appends(conn, rest) if rest else self._groups_done
+            self.rejects += len(skipped)
+
+            def answer_skipped() -> None:
+                for cb in skipped:
+                    self._call(cb, AppendResult(Outcome.NOT_STORED))
+                inner()
+
+            return answer_skipped
+        results: list[AppendResult] = []
+        devices: dict[str, tuple[int, int]] = {}
+        stored = dup = rej = 0
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            fast = self._insert_all_new(conn, appends)
+            if fast:
+                stored = len(appends)
+                for item, _fut in appends:
+                    results.append(AppendResult(Outcome.STORED, item.tx_id))
+                    prev = devices.get(item.device_id)
+                    if prev is None or item.device_seq > prev[0]:
+                        devices[item.device_id] = (item.device_seq, item.received_ms)
+            for item, _fut in [] if fast else appends:
+                if isinstance(item, Incoming):
+                    if item.device_seq <= self._pruned.get(item.device_id, -1):
+                        results.append(AppendResult(Outcome.BEYOND_RETENTION))
+                        continue
+                    cur = conn.execute(
+                        "INSERT INTO tx (device_id, device_seq, payload_sha256, tx_id, leaf, size,"
+                        " received_ms) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                        " ON CONFLICT (device_id, device_seq) DO NOTHING",
+                        (
+                            item.device_id,
+                            item.device_seq,
+                            item.payload_sha256,
+                            item.tx_id,
+                            item.leaf,
+                            len(item.leaf),
+                            item.received_ms,
+                        ),
+                    )
+                    if cur.rowcount == 1:
+                        results.append(AppendResult(Outcome.STORED, item.tx_id))
+                        stored += 1
+                        prev = devices.get(item.device_id)
+                        if prev is None or item.device_seq > prev[0]:
+                            devices[item.device_id] = (item.device_seq, item.received_ms)
+                        continue
+                    row = conn.execute(
+                        "SELECT payload_sha256, tx_id FROM tx"
+                        " WHERE device_id = ? AND device_seq = ?",
+                        (item.device_id, item.device_seq),
+                    ).fetchone()
+                    if row is None:
+                        # Not inserted and not there: the retention trigger refused it.
+                        results.append(AppendResult(Outcome.BEYOND_RETENTION))
+                    elif row[0] == item.payload_sha256:
+                        results.append(AppendResult(Outcome.DUPLICATE, row[1]))
+                        dup += 1
+                    else:
+                        results.append(AppendResult(Outcome.CONFLICT, row[1] if row else b""))
+                else:
+                    cur = conn.execute(
+                        "INSERT INTO reject (received_ms, reason, device_id, topic, message)"
+                        " VALUES (?, ?, ?, ?, ?)",
+                        (item.received_ms, item.reason, item.device_id, item.topic, item.message),
+                    )
+                    rej += item.count
+                    results.append(
+                        AppendResult(Outcome.REJECT_RECORDED, reject_id=int(cur.lastrowid or 0))
+                    )
+            if devices:
+                insert_rows(
+                    conn,
+                    "INSERT INTO device (device_id, last_seq, last_seen_ms) VALUES ",
+                    " ON CONFLICT (device_id) DO UPDATE SET"
+                    " last_seq = max(last_seq, excluded.last_seq),"
+                    " last_seen_ms = excluded.last_seen_ms",
+                    [(d, s, t) for d, (s, t) in devices.items()],
+                )
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            self._rollback(conn)
+            self.last_error = f"{type(e).__name__}: {e}"
+            log.error("spool group commit of %d failed: %s", len(appends), e)
+            err = SpoolError(f"spool write failed: {e}")
+
+            def fail() -> None:
+                for _item, callback in appends:
+                    self._call(callback, err)
+                self._groups_done()
+
+            return fail
+        self.commits += 1
+        self.group_sizes[len(appends)] += 1
+        metrics.group_commit_size.observe(len(appends))
+        self.stored += stored
+        self.duplicates += dup
+        self.rejects += rej
+        self.last_error = None
+        if stored:
+            self.max_rowid = conn.execute("SELECT max(rowid) FROM tx").fetchone()[0]
+
+        def answer() -> None:
+            for (_item, callback), res in zip(appends, results, strict=True):
+                self._call(callback, res)
+            self._groups_done()
+            if stored:
+                for listener in self._commit_listeners:
+                    try:
+                        listener(self.max_rowid)
+                    except Exception as e:
+                        self._report(e, "spool commit listener")
+
+        return answer
+
+    def _groups_done(self) -> None:
+        for listener in self._group_listeners:
+            try:
+                listener()
+            except Exception as e:
+                self._report(e, "spool group listener")
+
+    def _insert_all_new(self, conn: sqlite3.Connection, appends: list[Any]) -> bool:
+        """The common case in a few statements: every item a new transaction. If any
+        was a duplicate (fewer rows changed), undo to the savepoint and let the
+        per-row path sort them out."""
+        if not all(
+            type(item) is Incoming and item.device_seq > self._pruned.get(item.device_id, -1)
+            for item, _fut in appends
+        ):
+            return False
+        conn.execute("SAVEPOINT bulk")
+        before = conn.total_changes
+        insert_rows(
+            conn,
+            "INSERT INTO tx (device_id, device_seq, payload_sha256, tx_id, leaf, size,"
+            " received_ms) VALUES ",
+            " ON CONFLICT (device_id, device_seq) DO NOTHING",
+            [
+                (
+                    i.device_id,
+                    i.device_seq,
+                    i.payload_sha256,
+                    i.tx_id,
+                    i.leaf,
+                    len(i.leaf),
+                    i.received_ms,
+                )
+                for i, _fut in appends
+            ],
+        )
+        if conn.total_changes - before == len(appends):
+            conn.execute("RELEASE bulk")
+            return True
+        conn.execute("ROLLBACK TO bulk")
+        conn.execute("RELEASE bulk")
+        return False
+
+    @staticmethod
+    def _rollback(conn: sqlite3.Connection) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+
+    def _run_op(self, conn: sqlite3.Connection, op: _Op) -> Callable[[], None]:
+        """Run an op in its own transaction; returns what resolves its future."""
+        fut = op.future
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            result = op.fn(conn)
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            self._rollback(conn)
+            self.last_error = f"{type(e).__name__}: {e}"
+            err: BaseException = SpoolError(f"spool write failed: {e}")
+            return lambda: fut.set_exception(err)
+        except BaseException as e:  # the op's own error travels to its caller unchanged
+            self._rollback(conn)
+            own = e
+            return lambda: fut.set_exception(own)
+        return lambda: fut.set_result(result)
+
+    # ---- readers ---------------------------------------------------------
+
+    def _reader_conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(
+                f"file:{self.path}?mode=ro",
+                uri=True,
+                isolation_level=None,
+                check_same_thread=False,
+                timeout=30.0,
+            )
+            conn.execute("PRAGMA busy_timeout=30000")
+            conn.execute(f"PRAGMA cache_size=-{READER_CACHE_KIB}")
+            self._local.conn = conn
+            self._reader_conns.append(conn)
+        return conn
+
+    def read(self, fn: Callable[[sqlite3.Connection], T]) -> Future[T]:
+        return self._readers.submit(lambda: fn(self._reader_conn()))
+
+    # ---- queries (run them through read() or write()) ---------------------
+
+    @staticmethod
+    def q_last_batch(conn: sqlite3.Connection) -> StoredBatch | None:
+        row = conn.execute(f"SELECT {_BATCH_COLS} FROM batch ORDER BY seq DESC LIMIT 1").fetchone()
+        return StoredBatch(*row) if row else None
+
+    @staticmethod
+    def q_batch(conn: sqlite3.Connection, seq: int) -> StoredBatch | None:
+        row = conn.execute(f"SELECT {_BATCH_COLS} FROM batch WHERE seq = ?", (seq,)).fetchone()
+        return StoredBatch(*row) if row else None
+
+    @staticmethod
+    def q_pending(conn: sqlite3.Connection, after_rowid: int, limit: int) -> list[PendingTx]:
+        return [
+            PendingTx(*r)
+            for r in conn.execute(
+                "SELECT rowid, tx_id, size, received_ms FROM tx"
+                " WHERE rowid > ? ORDER BY rowid LIMIT ?",
+                (after_rowid, limit),
+            )
+        ]
+
+    @staticmethod
+    def q_leaves(conn: sqlite3.Connection, first_rowid: int, last_rowid: int) -> list[bytes]:
+        return [
+            r[0]
+            for r in conn.execute(
+                "SELECT leaf FROM tx WHERE rowid BETWEEN ? AND ? ORDER BY rowid",
+                (first_rowid, last_rowid),
+            )
+        ]
+
+    @staticmethod
+    def q_tx_ids(conn: sqlite3.Connection, first_rowid: int, last_rowid: int) -> list[bytes]:
+        return [
+            r[0]
+            for r in conn.execute(
+                "SELECT tx_id FROM tx WHERE rowid BETWEEN ? AND ? ORDER BY rowid",
+                (first_rowid, last_rowid),
+            )
+        ]
+
+    @staticmethod
+    def q_tx(conn: sqlite3.Connection, tx_id: bytes) -> TxRecord | None:
+        row = conn.execute(
+            "SELECT rowid, tx_id, leaf, device_id, device_seq, received_ms FROM tx WHERE tx_id = ?",
+            (tx_id,),
+        ).fetchone()
+        return TxRecord(*row) if row else None
+
+    @staticmethod
+    def q_batch_of_rowid(conn: sqlite3.Connection, rowid: int) -> StoredBatch | None:
+        row = conn.execute(
+            f"SELECT {_BATCH_COLS} FROM batch WHERE last_rowid >= ? ORDER BY last_rowid LIMIT 1",
+            (rowid,),
+        ).fetchone()
+        if row is None:
+            return None
+        b = StoredBatch(*row)
+        return b if b.first_rowid <= rowid else None
+
+    @staticmethod
+    def q_receipts(conn: sqlite3.Connection, seq: int) -> list[tuple[str, bytes]]:
+        return [
+            (r[0], r[1])
+            for r in conn.execute(
+                "SELECT node_id, receipt FROM receipt WHERE seq = ? ORDER BY node_id", (seq,)
+            )
+        ]
+
+    @staticmethod
+    def q_last_committed_seq(conn: sqlite3.Connection) -> int:
+        row = conn.execute("SELECT max(seq) FROM batch WHERE committed_ms IS NOT NULL").fetchone()
+        return -1 if row is None or row[0] is None else int(row[0])
+
+    @staticmethod
+    def q_unpublished_rejects(conn: sqlite3.Connection, limit: int) -> list[tuple[int, str, bytes]]:
+        return [
+            (r[0], r[1], r[2])
+            for r in conn.execute(
+                "SELECT id, topic, message FROM reject WHERE published = 0 ORDER BY id LIMIT ?",
+                (limit,),
+            )
+        ]
+
+    # ---- writes ----------------------------------------------------------
+
+    @staticmethod
+    def w_store_batch(conn: sqlite3.Connection, b: StoredBatch) -> None:
+        """Header, signature and tx-to-batch assignment (a rowid range): one transaction."""
+        prev = conn.execute("SELECT max(seq), max(last_rowid) FROM batch").fetchone()
+        expected = 0 if prev[0] is None else prev[0] + 1
+        if b.seq != expected:
+            raise SpoolError(f"batch seq {b.seq} out of order: the spool expects {expected}")
+        if prev[1] is not None and b.first_rowid <= prev[1]:
+            raise SpoolError(f"batch {b.seq} overlaps the previous batch's transactions")
+        conn.execute(
+            f"INSERT INTO batch ({_BATCH_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                b.seq,
+                b.header,
+                b.signature,
+                b.header_hash,
+                b.first_rowid,
+                b.last_rowid,
+                b.tx_count,
+                b.created_ms,
+                b.committed_ms,
+            ),
+        )
+
+    @staticmethod
+    def w_store_receipt(
+        conn: sqlite3.Connection, seq: int, node_id: str, receipt: bytes, quorum: int
+    ) -> bool:
+        """Store a node's receipt; mark the batch committed at quorum. True if now committed."""
+        conn.execute(
+            "INSERT INTO receipt (seq, node_id, receipt, received_ms) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (seq, node_id) DO NOTHING",
+            (seq, node_id, receipt, now_ms()),
+        )
+        n = conn.execute("SELECT count(*) FROM receipt WHERE seq = ?", (seq,)).fetchone()[0]
+        if n >= quorum:
+            conn.execute(
+                "UPDATE batch SET committed_ms = ? WHERE seq = ? AND committed_ms IS NULL",
+                (now_ms(), seq),
+            )
+            return True
+        return False
+
+    @staticmethod
+    def w_mark_published(conn: sqlite3.Connection, ids: Iterable[int]) -> None:
+        conn.executemany("UPDATE reject SET published = 1 WHERE id = ?", [(i,) for i in ids])
+
+
+def prune(spool: Spool, keep_from_seq: int, max_batches: int = 200) -> int:
+    """Delete batches below `keep_from_seq` (and their transactions and receipts), a
+    bounded number per call so the writer is never held for long. Returns batches pruned.
+    Runs on the writer thread through Spool.write()."""
+
+    def op(conn: sqlite3.Connection) -> tuple[int, dict[str, int]]:
+        row = conn.execute(
+            "SELECT min(seq), max(seq), max(last_rowid) FROM"
+            " (SELECT seq, last_rowid FROM batch WHERE seq < ? ORDER BY seq LIMIT ?)",
+            (keep_from_seq, max_batches),
+        ).fetchone()
+        if row[0] is None:
+            return 0, {}
+        first, last, last_rowid = row
+        marks = dict(
+            conn.execute(
+                "SELECT device_id, max(device_seq) FROM tx WHERE rowid <= ? GROUP BY device_id",
+                (last_rowid,),
+            ).fetchall()
+        )
+        conn.executemany(
+            "INSERT INTO pruned (device_id, seq) VALUES (?, ?) ON CONFLICT (device_id)"
+            " DO UPDATE SET seq = max(seq, excluded.seq)",
+            list(marks.items()),
+        )
+        conn.execute("DELETE FROM tx WHERE rowid <= ?", (last_rowid,))
+        conn.execute("DELETE FROM receipt WHERE seq <= ?", (last,))
+        conn.execute("DELETE FROM batch WHERE seq <= ?", (last,))
+        # Updated here, on the writer thread, so no append slips between.
+        for device, seq in marks.items():
+            if seq > spool._pruned.get(device, -1):
+                spool._pruned[device] = seq
+        return last - first + 1, marks
+
+    n, _marks = spool.write(op).result()
+    return int(n)
+
+
+def prune_rejects(spool: Spool, older_than_ms: int, keep: int, max_rows: int = 10_000) -> int:
+    """Delete recorded rejects received before `older_than_ms`, and the oldest beyond the
+    newest `keep`; at most `max_rows` per call, looking only at the oldest rows (ids grow
+    with time), so the writer is never held for long. Returns rows deleted."""
+
+    def op(conn: sqlite3.Connection) -> int:
+        old = conn.execute(
+            "DELETE FROM reject WHERE id IN (SELECT id FROM reject ORDER BY id LIMIT ?)"
+            " AND received_ms < ?",
+            (max_rows, older_than_ms),
+        ).rowcount
+        n = conn.execute("SELECT count(*) FROM reject").fetchone()[0]
+        over = min(max(0, n - keep), max_rows - old)
+        if over > 0:
+            conn.execute(
+                "DELETE FROM reject WHERE id IN (SELECT id FROM reject ORDER BY id LIMIT ?)",
+                (over,),
+            )
+        return int(old + max(0, over))
+
+    return spool.write(op).result()
+
+
+def stored_batches(conn: sqlite3.Connection, from_seq: int, limit: int) -> Sequence[StoredBatch]:
+    return [
+        StoredBatch(*r)
+        for r in conn.execute(
+            f"SELECT {_BATCH_COLS} FROM batch WHERE seq >= ? ORDER BY seq LIMIT ?",
+            (from_seq, limit),
+        )
+    ]

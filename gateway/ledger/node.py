@@ -1,0 +1,663 @@
+"""The reference ledger node: verifies gateways' signed batches and stores them durably.
+
+Promise: a batch is answered with a Receipt only after it is committed to SQLite on disk
+(WAL, synchronous=FULL); each gateway's chain is applied exactly once, in order, and a gap,
+a fork or a broken link is refused with the status the LedgerService contract names.
+Under mutual TLS a gateway's chain is written and its head read only with the client
+certificate bound to that gateway, and its batches are read only with that certificate or
+one listed in node.readers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import signal
+import sqlite3
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+import grpc
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from gateway._pb.edgegateway.v1 import batch_pb2, ledger_pb2, ledger_pb2_grpc
+from gateway.common import grpcutil
+from gateway.common.errors import EXIT_IOERR, EXIT_OK, ConfigError, GatewayError, LedgerError
+from gateway.common.identity import Identity, peer_certificate
+from gateway.formats import batchformat
+from gateway.formats.batchformat import BatchInvalid
+from gateway.ledger.config import LedgerNodeConfig
+from gateway.ledger.config import check_certificates as check_ledger_certificates
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+SERVICE_NAME: str = ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name
+# Seconds in-flight calls get to finish when the node stops.
+SHUTDOWN_GRACE_S = 5.0
+# Batches fetched from SQLite per round trip while streaming ListBatches.
+LIST_PAGE = 32
+# SQLite integers are signed 64-bit; a uint64 seq beyond this cannot be stored anyway.
+_SQLITE_MAX_INT = 2**63 - 1
+# A SignedBatch beyond its leaves' bytes: the header and signature, and a tag and a length
+# per leaf, which is at most a quarter of the leaves (two bytes per leaf of eight or more).
+BATCH_FIXED_OVERHEAD = 64 * 1024
+
+
+def max_receive_bytes(max_batch_bytes: int) -> int:
+    """The largest request the node accepts: a batch of node.max_batch_bytes leaf bytes and
+    its framing. grpc refuses a bigger one before buffering it (RESOURCE_EXHAUSTED)."""
+    return max_batch_bytes + max_batch_bytes // 4 + BATCH_FIXED_OVERHEAD
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS batches (
+    gateway_id   TEXT    NOT NULL,
+    seq          INTEGER NOT NULL,
+    header       BLOB    NOT NULL,
+    header_hash  BLOB    NOT NULL,
+    signature    BLOB    NOT NULL,
+    batch        BLOB    NOT NULL,  -- serialised SignedBatch as received
+    receipt      BLOB    NOT NULL,  -- serialised Receipt it was answered with
+    committed_ms INTEGER NOT NULL,
+    PRIMARY KEY (gateway_id, seq)
+) WITHOUT ROWID;
+"""
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+class LedgerStoreError(GatewayError):
+    """The ledger's SQLite store cannot be opened or written."""
+
+    exit_code = EXIT_IOERR
+
+
+class ChainRejected(LedgerError):
+    """A verified batch does not continue the gateway's stored chain."""
+
+
+class SeqGap(ChainRejected):
+    def __init__(self, expected: int, got: int) -> None:
+        super().__init__(f"gap: expected seq {expected}, got {got}")
+        self.expected = expected
+        self.got = got
+
+
+class SeqFork(ChainRejected):
+    def __init__(self, seq: int, stored: bytes, received: bytes) -> None:
+        super().__init__(
+            f"fork at seq {seq}: stored header hash {stored.hex()}, received {received.hex()}"
+        )
+        self.seq = seq
+        self.stored = stored
+        self.received = received
+
+
+class BadChainLink(ChainRejected):
+    def __init__(self, seq: int, expected: bytes, got: bytes) -> None:
+        super().__init__(
+            f"bad_chain_link: seq {seq} carries prev_header_hash {got.hex()}, "
+            f"the stored head's header hash is {expected.hex()}"
+        )
+        self.seq = seq
+        self.expected = expected
+        self.got = got
+
+
+# --- store --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StoredHead:
+    """Where one gateway's chain stands in the store."""
+
+    next_seq: int
+    header_hash: bytes  # of the batch at next_seq - 1; b"" when next_seq == 0
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    receipt: batch_pb2.Receipt
+    duplicate: bool  # True: an identical batch was already stored, receipt is the original
+
+
+@dataclass(frozen=True, slots=True)
+class _NewBatch:
+    gateway_id: str
+    seq: int
+    prev_header_hash: bytes
+    header: bytes
+    header_hash: bytes
+    signature: bytes
+    batch: bytes
+
+
+@contextlib.contextmanager
+def _sqlite_errors(what: str, path: Path) -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.Error as e:
+        raise LedgerStoreError(f"ledger store {path}: {what} failed: {e}") from e
+
+
+class LedgerStore:
+    """Batches per gateway in one SQLite file, touched only by one dedicated thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-store")
+        self._conn: sqlite3.Connection | None = None
+
+    @classmethod
+    async def open(cls, path: Path) -> LedgerStore:
+        store = cls(path)
+        try:
+            await store._run(store._open_sync)
+        except LedgerStoreError:
+            store._executor.shutdown(wait=False)
+            raise
+        return store
+
+    async def close(self) -> None:
+        try:
+            await self._run(self._close_sync)
+        finally:
+            self._executor.shutdown(wait=False)
+
+    async def head(self, gateway_id: str) -> StoredHead:
+        return await self._run(self._head_sync, gateway_id)
+
+    async def append(
+        self,
+        node_id: str,
+        gateway_id: str,
+        header: batch_pb2.BatchHeader,
+        batch: batch_pb2.SignedBatch,
+    ) -> Appended:
+        """Apply a verified batch to the gateway's chain and commit it, or raise ChainRejected."""
+        new = _NewBatch(
+            gateway_id=gateway_id,
+            seq=header.seq,
+            prev_header_hash=header.prev_header_hash,
+            header=batch.header,
+            header_hash=batchformat.header_hash(batch.header),
+            signature=batch.signature,
+            batch=batch.SerializeToString(deterministic=True),
+        )
+        return await self._run(self._append_sync, node_id, new)
+
+    async def batches(self, gateway_id: str, from_seq: int, limit: int) -> list[bytes]:
+        """Serialised SignedBatches of `gateway_id` from `from_seq` on, at most `limit`."""
+        if from_seq > _SQLITE_MAX_INT or limit <= 0:
+            return []
+        return await self._run(
+            self._batches_sync, gateway_id, from_seq, min(limit, _SQLITE_MAX_INT)
+        )
+
+    async def _run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+
+    # Everything below runs on the store thread only.
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise LedgerStoreError(f"ledger store {self.path} is closed")
+        return self._conn
+
+    def _open_sync(self) -> None:
+        with _sqlite_errors("open", self.path):
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise LedgerStoreError(
+                    f"ledger store {self.path}: cannot create {self.path.parent}: {e.strerror}"
+                ) from None
+            # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
+            conn = sqlite3.connect(self.path, isolation_level=None)
+            try:
+                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    raise LedgerStoreError(
+                        f"ledger store {self.path}: WAL journal mode refused (got {mode!r}): "
+                        "put the database on a local file system"
+                    )
+                # FULL: the WAL is fsynced at every commit, so a receipt survives power loss.
+                conn.execute("PRAGMA synchronous=FULL")
+                conn.execute("PRAGMA busy_timeout=5000")
+                conn.executescript(_SCHEMA)
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
+
+    def _close_sync(self) -> None:
+        if self._conn is not None:
+            with _sqlite_errors("close", self.path):
+                self._conn.close()
+            self._conn = None
+
+    def _head_sync(self, gateway_id: str) -> StoredHead:
+        with _sqlite_errors("head query", self.path):
+            return self._head_of(self._db(), gateway_id)
+
+    @staticmethod
+    def _head_of(conn: sqlite3.Connection, gateway_id: str) -> StoredHead:
+        row = conn.execute(
+            "SELECT seq, header_hash FROM batches WHERE gateway_id = ? ORDER BY seq DESC LIMIT 1",
+            (gateway_id,),
+        ).fetchone()
+        if row is None:
+            return StoredHead(next_seq=0, header_hash=b"")
+        return StoredHead(next_seq=int(row[0]) + 1, header_hash=bytes(row[1]))
+
+    def _append_sync(self, node_id: str, new: _NewBatch) -> Appended:
+        conn = self._db()
+        with _sqlite_errors("append", self.path):
+            # IMMEDIATE takes the write lock before reading the head, so the head cannot move
+            # between the chain check and the insert, even with another process on the file.
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = self._apply(conn, node_id, new)
+                conn.execute("ROLLBACK" if result.duplicate else "COMMIT")
+            except BaseException:
+                # Also after a failed COMMIT (disk full, I/O error): leave no transaction
+                # open, or every later append would fail to BEGIN.
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            return result
+
+    @staticmethod
+    def _apply(conn: sqlite3.Connection, node_id: str, new: _NewBatch) -> Appended:
+        head = LedgerStore._head_of(conn, new.gateway_id)
+        if new.seq < head.next_seq:
+            row = conn.execute(
+                "SELECT header_hash, receipt FROM batches WHERE gateway_id = ? AND seq = ?",
+                (new.gateway_id, new.seq),
+            ).fetchone()
+            if row is None:  # only if the table was edited by hand
+                raise LedgerStoreError(
+                    f"ledger store: gateway {new.gateway_id} has no batch at seq {new.seq} "
+                    f"below its head {head.next_seq}: the store is damaged"
+                )
+            stored_hash = bytes(row[0])
+            if stored_hash != new.header_hash:
+                raise SeqFork(new.seq, stored_hash, new.header_hash)
+            return Appended(receipt=batch_pb2.Receipt.FromString(bytes(row[1])), duplicate=True)
+        if new.seq > head.next_seq:
+            raise SeqGap(head.next_seq, new.seq)
+        expected_prev = head.header_hash if head.next_seq else batchformat.ZERO_HASH
+        if new.prev_header_hash != expected_prev:
+            raise BadChainLink(new.seq, expected_prev, new.prev_header_hash)
+        committed_ms = time.time_ns() // 1_000_000
+        receipt = batch_pb2.Receipt(
+            node_id=node_id,
+            gateway_id=new.gateway_id,
+            seq=new.seq,
+            header_hash=new.header_hash,
+            committed_ms=committed_ms,
+        )
+        conn.execute(
+            "INSERT INTO batches (gateway_id, seq, header, header_hash, signature, batch,"
+            " receipt, committed_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                new.gateway_id,
+                new.seq,
+                new.header,
+                new.header_hash,
+                new.signature,
+                new.batch,
+                receipt.SerializeToString(deterministic=True),
+                committed_ms,
+            ),
+        )
+        return Appended(receipt=receipt, duplicate=False)
+
+    def _batches_sync(self, gateway_id: str, from_seq: int, limit: int) -> list[bytes]:
+        with _sqlite_errors("batch listing", self.path):
+            rows = (
+                self._db()
+                .execute(
+                    "SELECT batch FROM batches WHERE gateway_id = ? AND seq >= ?"
+                    " ORDER BY seq LIMIT ?",
+                    (gateway_id, from_seq, limit),
+                )
+                .fetchall()
+            )
+        return [bytes(r[0]) for r in rows]
+
+
+# --- gRPC service -------------------------------------------------------------------------
+
+
+def load_gateway_keys(paths: Mapping[str, Path]) -> dict[str, ec.EllipticCurvePublicKey]:
+    """Read every registered gateway's public key once, at start."""
+    keys: dict[str, ec.EllipticCurvePublicKey] = {}
+    for gateway_id, path in paths.items():
+        try:
+            pem = path.read_bytes()
+        except OSError as e:
+            raise ConfigError(
+                f"gateways.{gateway_id} = {str(path)!r}: cannot read the key: {e.strerror}"
+            ) from None
+        try:
+            keys[gateway_id] = batchformat.load_public_key(pem)
+        except (ValueError, UnsupportedAlgorithm) as e:
+            raise ConfigError(
+                f"gateways.{gateway_id} = {str(path)!r}: not a P-256 public key PEM ({e}): "
+                "export it with `openssl ec -pubout`"
+            ) from None
+    return keys
+
+
+@dataclass(frozen=True, slots=True)
+class ClientAccess:
+    """Under mutual TLS: the certificate identity bound to each gateway id, and the
+    identities that may read every gateway's batches."""
+
+    gateways: Mapping[str, Identity]
+    readers: tuple[Identity, ...] = ()
+
+    @classmethod
+    def of(cls, cfg: LedgerNodeConfig) -> ClientAccess | None:
+        """None when the node takes no client certificates (plain text, no client CA)."""
+        if cfg.tls is None or cfg.tls.client_ca_file is None:
+            return None
+        return cls(dict(cfg.gateway_clients), cfg.readers)
+
+    def shared(self) -> list[list[str]]:
+        """Groups of gateway ids bound to one identity: each may act for the others."""
+        by_identity: defaultdict[object, list[str]] = defaultdict(list)
+        for gid, ident in self.gateways.items():
+            by_identity[(ident.uri, ident.subject)].append(gid)
+        return [sorted(g) for g in by_identity.values() if len(g) > 1]
+
+
+class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
+    """LedgerService over one LedgerStore; each gateway's submissions are applied one at a time."""
+
+    def __init__(
+        self,
+        node_id: str,
+        keys: Mapping[str, ec.EllipticCurvePublicKey],
+        store: LedgerStore,
+        verify_executor: ThreadPoolExecutor | None = None,
+        access: ClientAccess | None = None,
+    ) -> None:
+        self._node_id = node_id
+        self._keys = dict(keys)
+        self._store = store
+        self._verify_executor = verify_executor
+        self._access = access
+        self._locks = {gid: asyncio.Lock() for gid in self._keys}
+
+    async def _authorize(
+        self,
+        method: str,
+        gateway_id: str,
+        context: grpc.aio.ServicerContext[Any, Any],
+        *,
+        read: bool,
+    ) -> None:
+        """Under mutual TLS: the gateway's own certificate, or for a read a reader's."""
+        if self._access is None:
+            return
+        peer = peer_certificate(context.auth_context())
+        if peer is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required")
+            return
+        bound = self._access.gateways.get(gateway_id)
+        if bound is not None and bound.matches(peer):
+            return
+        if read and peer.is_any(self._access.readers):
+            return
+        who = peer.description
+        log.warning("%s for gateway %r refused to %s", method, gateway_id, who)
+        if bound is None and not read:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"gateway {gateway_id!r} is not registered on ledger node {self._node_id}: "
+                "add its public key and client certificate under [gateways]",
+            )
+        allowed = "the certificate bound to it under [gateways]"
+        await context.abort(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"{method} for gateway {gateway_id!r} needs {allowed}"
+            + (" or one listed in node.readers" if read else "")
+            + f"; {who} is not one",
+        )
+
+    async def SubmitBatch(
+        self,
+        request: ledger_pb2.SubmitBatchRequest,
+        context: grpc.aio.ServicerContext[ledger_pb2.SubmitBatchRequest, batch_pb2.Receipt],
+    ) -> batch_pb2.Receipt:
+        batch = request.batch
+        if not request.HasField("batch"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad_header: no batch sent")
+        try:
+            header = batchformat.parse_header(batch.header)
+        except BatchInvalid as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        gateway_id = header.gateway_id
+        if header.seq > _SQLITE_MAX_INT:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"bad_header: seq {header.seq} is out of range: batch seqs go from 0 to "
+                f"{_SQLITE_MAX_INT}",
+            )
+        # Before the signature's CPU work: only the gateway's own certificate may write.
+        await self._authorize("SubmitBatch", gateway_id, context, read=False)
+        key = self._keys.get(gateway_id)
+        if key is None:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"gateway {gateway_id!r} is not registered on ledger node {self._node_id}: "
+                "add its public key under [gateways]",
+            )
+        try:
+            # Pure CPU work (ECDSA, hashing every leaf): off the event loop.
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._verify_executor, batchformat.verify_batch, batch, key)
+        except BatchInvalid as e:
+            # The contract puts an unknown key with an unknown gateway.
+            code = (
+                grpc.StatusCode.PERMISSION_DENIED
+                if e.reason == "unknown_key"
+                else grpc.StatusCode.INVALID_ARGUMENT
+            )
+            log.warning("refused batch %s/%d: %s", gateway_id, header.seq, e)
+            await context.abort(code, str(e))
+        async with self._locks[gateway_id]:
+            try:
+                appended = await self._store.append(self._node_id, gateway_id, header, batch)
+            except SeqGap as e:
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    str(e),
+                    trailing_metadata=(("expected-seq", str(e.expected)),),
+                )
+            except SeqFork as e:
+                log.warning("refused batch %s/%d: %s", gateway_id, header.seq, e)
+                await context.abort(grpc.StatusCode.ABORTED, str(e))
+            except BadChainLink as e:
+                log.warning("refused batch %s/%d: %s", gateway_id, header.seq, e)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            except LedgerStoreError as e:
+                log.error("%s", e)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        if appended.duplicate:
+            log.debug("re-sent batch %s/%d answered with its receipt", gateway_id, header.seq)
+        else:
+            log.info(
+                "stored batch %s/%d (%d txs, header %s)",
+                gateway_id,
+                header.seq,
+                header.tx_count,
+                appended.receipt.header_hash.hex()[:16],
+            )
+        return appended.receipt
+
+    async def GetHead(
+        self,
+        request: ledger_pb2.GetHeadRequest,
+        context: grpc.aio.ServicerContext[ledger_pb2.GetHeadRequest, ledger_pb2.Head],
+    ) -> ledger_pb2.Head:
+        await self._authorize("GetHead", request.gateway_id, context, read=False)
+        await self._require_registered(request.gateway_id, context)
+        try:
+            head = await self._store.head(request.gateway_id)
+        except LedgerStoreError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        return ledger_pb2.Head(
+            gateway_id=request.gateway_id,
+            next_seq=head.next_seq,
+            header_hash=head.header_hash,
+            node_id=self._node_id,
+        )
+
+    async def ListBatches(
+        self,
+        request: ledger_pb2.ListBatchesRequest,
+        context: grpc.aio.ServicerContext[ledger_pb2.ListBatchesRequest, batch_pb2.SignedBatch],
+    ) -> AsyncIterator[batch_pb2.SignedBatch]:
+        await self._authorize("ListBatches", request.gateway_id, context, read=True)
+        await self._require_registered(request.gateway_id, context)
+        if request.from_seq > _SQLITE_MAX_INT:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"from_seq {request.from_seq} is out of range: batch seqs go from 0 to "
+                f"{_SQLITE_MAX_INT}",
+            )
+        remaining = request.limit or None
+        seq = request.from_seq
+        while remaining is None or remaining > 0:
+            page = LIST_PAGE if remaining is None else min(LIST_PAGE, remaining)
+            try:
+                rows = await self._store.batches(request.gateway_id, seq, page)
+            except LedgerStoreError as e:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            for raw in rows:
+                yield batch_pb2.SignedBatch.FromString(raw)
+            if len(rows) < page:
+                return
+            seq += len(rows)
+            if remaining is not None:
+                remaining -= len(rows)
+
+    async def _require_registered(
+        self, gateway_id: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        if gateway_id not in self._keys:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"gateway {gateway_id!r} is not registered on ledger node {self._node_id}",
+            )
+
+
+# --- lifecycle ----------------------------------------------------------------------------
+
+
+async def serve(
+    cfg: LedgerNodeConfig,
+    *,
+    ready: Callable[[int], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Run the node until `stop` is set (forever without one); then drain and close."""
+    check_ledger_certificates(cfg)
+    keys = load_gateway_keys(cfg.gateway_keys)
+    access = ClientAccess.of(cfg)
+    for group in access.shared() if access is not None else []:
+        log.warning(
+            "gateways %s are bound to one client certificate: each may write the others' "
+            "chains; give each gateway a certificate of its own",
+            ", ".join(group),
+        )
+    store = await LedgerStore.open(cfg.db_path)
+    verify_executor = ThreadPoolExecutor(thread_name_prefix="ledger-verify")
+    try:
+        # Past max_concurrent_rpcs grpc answers RESOURCE_EXHAUSTED and the forwarder backs
+        # off: it bounds the work queued behind the single SQLite thread, and the memory
+        # held by calls in flight (each up to max_receive_bytes).
+        server = grpc.aio.server(
+            options=grpcutil.server_options(max_receive_bytes(cfg.max_batch_bytes)),
+            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
+        )
+        servicer = LedgerServicer(cfg.node_id, keys, store, verify_executor, access)
+        # The generated registration helper carries no annotations.
+        ledger_pb2_grpc.add_LedgerServiceServicer_to_server(servicer, server)
+        # grpc-stubs predates the asyncio health servicer; it exists since grpcio-health 1.30.
+        health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        try:
+            port = grpcutil.add_port(server, cfg.listen, cfg.tls)
+        except RuntimeError as e:  # grpcio >= 1.60 raises instead of returning port 0
+            raise ConfigError(
+                f"node.listen = {cfg.listen!r}: cannot listen ({e}): "
+                "is another process on that port?"
+            ) from None
+        await server.start()
+        try:
+            if ready is not None:
+                ready(port)
+            if stop is None:
+                await server.wait_for_termination()
+            else:
+                await stop.wait()
+        finally:
+            await health_servicer.enter_graceful_shutdown()
+            await server.stop(SHUTDOWN_GRACE_S)
+    finally:
+        verify_executor.shutdown(wait=False, cancel_futures=True)
+        # The store thread runs jobs in order: a commit still in flight finishes before close.
+        await store.close()
+
+
+def _bound_address(listen: str, port: int) -> str:
+    host, _, _ = listen.rpartition(":")
+    return f"{host}:{port}"
+
+
+def run(cfg: LedgerNodeConfig) -> int:
+    """Serve until SIGTERM or SIGINT; 0 on a clean stop. Errors propagate as GatewayError."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    def announce(port: int) -> None:
+        log.info("ledger node %s listening on %s", cfg.node_id, _bound_address(cfg.listen, port))
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        signals = (signal.SIGTERM, signal.SIGINT)
+        for sig in signals:
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await serve(cfg, ready=announce, stop=stop)
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+        log.info("ledger node %s stopped", cfg.node_id)
+
+    asyncio.run(main())
+    return EXIT_OK
