@@ -12,9 +12,9 @@ import os
 import socket
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from gateway import __version__
 from gateway.common.errors import (
@@ -97,6 +97,12 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate_arguments(p: argparse.ArgumentParser) -> None:
+    from gateway.lab.simulate import add_arguments
+
+    add_arguments(p)
+
+
 def _cmd_profiles(args: argparse.Namespace) -> int:
     code: int = args.profiles_fn(args)
     return code
@@ -135,7 +141,25 @@ def _client_args(p: argparse.ArgumentParser) -> None:
 
 class _Parser(argparse.ArgumentParser):
     """argparse with usage errors exiting 64 (EX_USAGE, as documented), not 2. Sub-command
-    parsers are made of the same class."""
+    parsers are made of the same class. `lazy_arguments` adds a sub-command's arguments
+    only when that sub-command is chosen, so that `run` never loads the lab's modules."""
+
+    def __init__(
+        self,
+        *args: Any,
+        lazy_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._lazy_arguments = lazy_arguments
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        if self._lazy_arguments is not None:
+            add, self._lazy_arguments = self._lazy_arguments, None
+            add(self)
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
@@ -194,10 +218,11 @@ def parser() -> argparse.ArgumentParser:
     _client_args(p)
     p.set_defaults(fn=_cmd_proof)
 
-    p = sub.add_parser("simulate", help="publish device traffic over MQTT")
-    from gateway.lab.simulate import add_arguments
-
-    add_arguments(p)
+    p = sub.add_parser(
+        "simulate",
+        help="publish device traffic over MQTT",
+        lazy_arguments=_simulate_arguments,
+    )
     p.set_defaults(fn=_cmd_simulate)
 
     p = sub.add_parser("profiles", help="firmware profiles: list, check a file, decode a payload")

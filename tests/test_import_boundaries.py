@@ -131,3 +131,19 @@ def test_loading_a_room_loads_nothing_it_may_not(module: str, forbidden: tuple[s
     ).stdout.split()
     loaded = [m for m in out if m.startswith(forbidden)]
     assert not loaded, f"importing {module} loads {loaded}"
+
+
+def test_the_run_command_loads_no_lab_or_ledger_module() -> None:
+    """`edge-gateway run` parses its command line with every sub-command's parser built;
+    none of that may load the lab or the ledger node into the service's process."""
+    code = (
+        "import sys; from gateway import cli; "
+        "cli.parser().parse_args(['run', '--config', '/nonexistent.toml']); "
+        "print('\\n'.join(m for m in sys.modules if m.startswith('gateway')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert "gateway.edge.config" in out
+    loaded = [m for m in out if m.startswith(("gateway.lab", "gateway.ledger"))]
+    assert not loaded, f"parsing `run` loads {loaded}"
