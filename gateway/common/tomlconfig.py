@@ -3,6 +3,15 @@
 A wrong value stops the start with one line naming the key, the value and what is allowed.
 The edge service (gateway.edge.config) and the ledger node (gateway.ledger.config) both read
 their files through this; it imports nothing of either.
+
+Hand-written on purpose. A typed-validation library (msgspec: Structs with
+forbid_unknown_fields, Meta ranges, strict convert) was measured against it with the same
+messages and tests, and came out longer: 938 lines against 836 for the three config modules
+(721 against 681 lines of code). The config objects must stay frozen dataclasses (callers use
+dataclasses.replace), so its schema declares every table a second time beside them; its
+errors name the broken bound but not the value or the whole range, so a translation layer
+rebuilt them from the schema; and the checks across keys (TLS pairs, PIN sources, quorum,
+identities) stayed code either way. Here each key is read once, with its default and range.
 """
 
 from __future__ import annotations
@@ -180,19 +189,27 @@ def address(r: Reader, name: str, default: object = REQUIRED) -> str:
     return v
 
 
-def tls_client(r: Reader, name: str, plaintext_key: str) -> TlsClient | None:
-    plaintext = r.boolean(plaintext_key, False)
-    if plaintext:
+def _tls_table(r: Reader, name: str, plaintext_key: str, first: str, what: str) -> Reader | None:
+    """A section's [name] table, or None under `plaintext_key = true`. TLS is on by default:
+    without plaintext the table and its `first` key are required."""
+    if r.boolean(plaintext_key, False):
         if r.has(name):
             raise r.fail(plaintext_key, True, f"cannot be true while [{name}] is set")
         r.table(name)
         return None
     t = r.table(name)
-    if not t.has("ca_file"):
+    if not t.has(first):
         raise ConfigError(
-            f"config {r._source}: {r._key(name)}.ca_file is missing: TLS is on by default; "
-            f"set it, or set {r._key(plaintext_key)} = true for a plain-text link"
+            f"config {r._source}: {r._key(name)}.{first} is missing: TLS is on by default; "
+            f"set {what}, or set {r._key(plaintext_key)} = true for a plain-text link"
         )
+    return t
+
+
+def tls_client(r: Reader, name: str, plaintext_key: str) -> TlsClient | None:
+    t = _tls_table(r, name, plaintext_key, "ca_file", "it")
+    if t is None:
+        return None
     cfg = TlsClient(
         ca_file=t.path("ca_file"),
         cert_file=t.opt_path("cert_file"),
@@ -205,18 +222,9 @@ def tls_client(r: Reader, name: str, plaintext_key: str) -> TlsClient | None:
 
 
 def tls_server(r: Reader, name: str, plaintext_key: str) -> TlsServer | None:
-    plaintext = r.boolean(plaintext_key, False)
-    if plaintext:
-        if r.has(name):
-            raise r.fail(plaintext_key, True, f"cannot be true while [{name}] is set")
-        r.table(name)
+    t = _tls_table(r, name, plaintext_key, "cert_file", "cert_file and key_file")
+    if t is None:
         return None
-    t = r.table(name)
-    if not t.has("cert_file"):
-        raise ConfigError(
-            f"config {r._source}: {r._key(name)}.cert_file is missing: TLS is on by default; "
-            f"set cert_file and key_file, or set {r._key(plaintext_key)} = true"
-        )
     cfg = TlsServer(
         cert_file=t.path("cert_file"),
         key_file=t.path("key_file"),
