@@ -107,7 +107,7 @@ def test_wheel_alone_in_an_empty_venv_runs_the_demo_from_an_empty_directory(
         [
             str(venv / "bin" / "python"),
             "-c",
-            "from gateway import resources as r; print(r.profiles_dir())",
+            "from gateway.common import resources as r; print(r.profiles_dir())",
         ],
         60,
         cwd=empty,
