@@ -1,4 +1,10 @@
-"""Structured logs: one logfmt event per line on stdout, for journald."""
+"""Structured logs: one logfmt event per line on stdout, for journald.
+
+Ours, not a library's: logfmter and structlog's LogfmtRenderer leave line separators unescaped
+(U+2028 and NEL; structlog also CR and NUL), so one event could read as two lines, and
+logfmter writes every `extra` attribute of a record, where this writes only ts, level, logger,
+msg and exc, so nothing passed beside a message (a device's identity) reaches a log.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +13,20 @@ import sys
 import time
 
 
+def _escape(c: str) -> str:
+    if c in '\\"':
+        return "\\" + c
+    if c.isprintable():
+        return c
+    return c.encode("unicode_escape").decode("ascii")  # \n, \r, \t, \x00, \u2028, ...
+
+
 def _quote(value: str) -> str:
     if value and all(c.isalnum() or c in "-_./:@" for c in value):
         return value
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if value.isprintable():  # the common case, quickly
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return '"' + "".join(map(_escape, value)) + '"'
 
 
 class LogfmtFormatter(logging.Formatter):
