@@ -83,40 +83,17 @@ def test_batch_signature_verifies_with_openssl(deployment: Deployment, tmp_path:
     signed.write_bytes(batchformat.signing_input(b.batch.header))
     sig = tmp_path / "sig.der"
     sig.write_bytes(b.batch.signature)
-    out = subprocess.run(
-        [
-            "openssl",
-            "dgst",
-            "-sha256",
-            "-verify",
-            str(d.public_key),
-            "-signature",
-            str(sig),
-            str(signed),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+
+    def openssl_verify(data: Path) -> subprocess.CompletedProcess[str]:
+        argv = ["openssl", "dgst", "-sha256", "-verify", str(d.public_key)]
+        argv += ["-signature", str(sig), str(data)]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=30)
+
+    out = openssl_verify(signed)
     assert out.returncode == 0 and "Verified OK" in out.stdout, out.stdout + out.stderr
     tampered = tmp_path / "tampered.bin"
     tampered.write_bytes(signed.read_bytes()[:-1] + bytes([signed.read_bytes()[-1] ^ 1]))
-    out = subprocess.run(
-        [
-            "openssl",
-            "dgst",
-            "-sha256",
-            "-verify",
-            str(d.public_key),
-            "-signature",
-            str(sig),
-            str(tampered),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert out.returncode != 0
+    assert openssl_verify(tampered).returncode != 0
 
 
 def test_unacknowledged_message_comes_back_after_kill(sandbox: Sandbox) -> None:

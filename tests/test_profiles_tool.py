@@ -31,42 +31,29 @@ def dirs(tmp_path: Path) -> tuple[Path, Path]:
     return profiles, keys
 
 
-def decode(profile: str, payload: Path, profiles: Path, keys: Path, *extra: str) -> int:
-    return cli.main(
-        [
-            "profiles",
-            "decode",
-            profile,
-            str(payload),
-            "--dir",
-            str(profiles),
-            "--keys-dir",
-            str(keys),
-            "--received-ms",
-            str(MANIFEST["received_ms"]),
-            "--gateway-id",
-            MANIFEST["gateway_id"],
-            *extra,
-        ]
-    )
+def decode(profile: str, payload: Path, dirs: tuple[Path, Path], *extra: str) -> int:
+    profiles, keys = dirs
+    argv = ["profiles", "decode", profile, str(payload), "--dir", str(profiles)]
+    argv += ["--keys-dir", str(keys), "--received-ms", str(MANIFEST["received_ms"])]
+    return cli.main([*argv, "--gateway-id", MANIFEST["gateway_id"], *extra])
+
+
+def decode_first_sample(profile: str, dirs: tuple[Path, Path], topic: str = "") -> int:
+    """Decode the first sample in `profile`'s manifest, on its own topic or on `topic`."""
+    manifest = tomllib.loads((SAMPLES / profile / "manifest.toml").read_text())
+    sample = manifest["sample"][0]
+    payload = SAMPLES / profile / sample["file"]
+    return decode(profile, payload, dirs, "--topic", topic or sample["topic"])
 
 
 def test_decode_ignores_another_profiles_missing_keys_file(
     dirs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    profiles, keys = dirs
-    sample = MANIFEST["sample"][0]
-    code = decode(
-        "cellsite-power",
-        SAMPLES / "cellsite-power" / sample["file"],
-        profiles,
-        keys,
-        "--topic",
-        sample["topic"],
-    )
+    code = decode_first_sample("cellsite-power", dirs)
     captured = capsys.readouterr()
     assert code == 0, captured.err
     doc = json.loads(captured.out)
+    sample = MANIFEST["sample"][0]
     assert doc["profile"] == "cellsite-power@1"
     assert doc["tx_id"] == sample["tx_id"]
     assert doc["fields_canonical"] == sample["fields"]
@@ -76,16 +63,7 @@ def test_decode_still_routes_topics_by_the_whole_set(
     dirs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     # nbiot-meter is not bound to keys here, yet its topics are still its own.
-    profiles, keys = dirs
-    sample = MANIFEST["sample"][0]
-    code = decode(
-        "cellsite-power",
-        SAMPLES / "cellsite-power" / sample["file"],
-        profiles,
-        keys,
-        "--topic",
-        "meters/nbiot/meter-0001/up",
-    )
+    code = decode_first_sample("cellsite-power", dirs, topic="meters/nbiot/meter-0001/up")
     assert code == 1
     err = capsys.readouterr().err
     assert err.startswith("rejected: unknown_topic: ")
@@ -95,26 +73,16 @@ def test_decode_still_routes_topics_by_the_whole_set(
 def test_decoding_the_profile_whose_keys_file_is_missing_names_the_file(
     dirs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    profiles, keys = dirs
-    manifest = tomllib.loads((SAMPLES / "nbiot-meter" / "manifest.toml").read_text())
-    first = manifest["sample"][0]
-    code = decode(
-        "nbiot-meter",
-        SAMPLES / "nbiot-meter" / first["file"],
-        profiles,
-        keys,
-        "--topic",
-        first["topic"],
-    )
+    code = decode_first_sample("nbiot-meter", dirs)
     assert code == EXIT_CONFIG
     err = capsys.readouterr().err
+    _, keys = dirs
     assert f"{keys / 'nbiot-meter.toml'} does not exist" in err
 
 
 def test_an_unknown_profile_is_still_a_rejection(
     dirs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    profiles, keys = dirs
-    code = decode("no-such", SAMPLES / "cellsite-power" / "valid-1.bin", profiles, keys)
+    code = decode("no-such", SAMPLES / "cellsite-power" / "valid-1.bin", dirs)
     assert code == 1
     assert capsys.readouterr().err.startswith("rejected: unknown_profile: ")

@@ -48,7 +48,7 @@ import threading
 import time
 import tomllib
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -465,6 +465,30 @@ class Bench:
         self.phase += 1
         return 1_000_000_000 + self.phase * SEQ_STRIDE
 
+    def _job(
+        self,
+        name: str,
+        devices: int,
+        payload_bytes: int,
+        seconds: float,
+        mode: str = loadgen.MODE_CREDIT,
+        rate: float = 0.0,
+    ) -> loadgen.Job:
+        """The next phase's load on the device listener, its seqs clear of every earlier
+        phase's and its run named `name`-phase."""
+        start_seq = self.next_seq()
+        return loadgen.Job(
+            port=self.port,
+            devices=devices,
+            payload_bytes=payload_bytes,
+            seconds=seconds,
+            start_seq=start_seq,
+            mode=mode,
+            rate=rate,
+            run_id=f"{name}-{self.phase}",
+            tls=self.tls("device"),
+        )
+
     def setup(self, gateway_ids: Sequence[str]) -> None:
         """One token, one broker, three ledger nodes knowing every gateway's key."""
         self.hsm = self.sb.hsm()
@@ -504,15 +528,8 @@ class Bench:
         consumer = loadgen.BareConsumer(self.port, self.tls("device"))
         consumer.start()
         try:
-            job = loadgen.Job(
-                port=self.port,
-                devices=o.devices,
-                payload_bytes=o.payload_bytes,
-                seconds=o.ceiling_seconds,
-                start_seq=self.next_seq(),
-                mode=loadgen.MODE_MAX,
-                run_id=f"ceiling-{self.phase}",
-                tls=self.tls("device"),
+            job = self._job(
+                "ceiling", o.devices, o.payload_bytes, o.ceiling_seconds, loadgen.MODE_MAX
             )
             t0 = self.gen.begin(job)
             warm = min(1.0, o.ceiling_seconds / 3)
@@ -536,16 +553,7 @@ class Bench:
         try:
             watch = Watch(consumer.pid)
             warm = min(3.0, seconds / 4)
-            job = loadgen.Job(
-                port=self.port,
-                devices=devices,
-                payload_bytes=payload_bytes,
-                seconds=seconds + warm,
-                start_seq=self.next_seq(),
-                mode=loadgen.MODE_CREDIT,
-                run_id=f"bare-{self.phase}",
-                tls=self.tls("device"),
-            )
+            job = self._job("bare", devices, payload_bytes, seconds + warm)
             t0 = self.gen.begin(job)
             assert self.broker is not None and self.broker.proc is not None
             broker = [self.broker.proc.pid]
@@ -623,16 +631,7 @@ class Bench:
         probe = SpoolProbe(gw.spool)
         try:
             # Saturation: the generator stays a window ahead of what is committed.
-            job = loadgen.Job(
-                port=self.port,
-                devices=devices,
-                payload_bytes=payload_bytes,
-                seconds=warmup + seconds,
-                start_seq=self.next_seq(),
-                mode=loadgen.MODE_CREDIT,
-                run_id=f"e2e-{self.phase}",
-                tls=self.tls("device"),
-            )
+            job = self._job("e2e", devices, payload_bytes, warmup + seconds)
             t0 = self.gen.begin(job)
             mark: Mark | None = None
             next_print = t0 + 5
@@ -680,17 +679,7 @@ class Bench:
             # Latency: a fixed rate below saturation, so no backlog builds up.
             rate = max(50.0, LATENCY_LOAD * tx_per_s)
             lo = probe.stored()
-            job = loadgen.Job(
-                port=self.port,
-                devices=devices,
-                payload_bytes=payload_bytes,
-                seconds=latency_seconds,
-                start_seq=self.next_seq(),
-                mode=loadgen.MODE_RATE,
-                rate=rate,
-                run_id=f"lat-{self.phase}",
-                tls=self.tls("device"),
-            )
+            job = self._job("lat", devices, payload_bytes, latency_seconds, loadgen.MODE_RATE, rate)
             t1 = self.gen.begin(job)
             # Steady state only: after a second of ramp, and not the last batch, which
             # waits for max_age once the load stops (it would pose as the p99 of a short run).
@@ -790,16 +779,7 @@ class Bench:
             for child in root.children(recursive=True):
                 roles[child.pid] = process_role(child)
         warm = 2.0
-        job = loadgen.Job(
-            port=self.port,
-            devices=devices,
-            payload_bytes=payload_bytes,
-            seconds=warm + seconds,
-            start_seq=self.next_seq(),
-            mode=loadgen.MODE_CREDIT,
-            run_id=f"stages-{self.phase}",
-            tls=self.tls("device"),
-        )
+        job = self._job("stages", devices, payload_bytes, warm + seconds)
         base = probe.stored()
         history: list[tuple[float, int]] = []
         sampler = cpustages.StageSampler(gw.proc.pid, roles, self.root / f"stages-{gw.name}.txt")
@@ -843,16 +823,7 @@ class Bench:
         if seconds <= 0:
             return 0.0, 0.0, 0, 0.0
         warm = 2.0
-        job = loadgen.Job(
-            port=self.port,
-            devices=devices,
-            payload_bytes=payload_bytes,
-            seconds=seconds + warm,
-            start_seq=self.next_seq(),
-            mode=loadgen.MODE_CREDIT,
-            run_id=f"over-{self.phase}",
-            tls=self.tls("device"),
-        )
+        job = self._job("over", devices, payload_bytes, seconds + warm)
         before = probe.stored()
         t0 = self.gen.begin(job)
         mark: Mark | None = None
@@ -1532,19 +1503,28 @@ def _terminate(_signum: int, _frame: object) -> None:
     raise KeyboardInterrupt  # the same clean-up path as Ctrl-C
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    opts = parse_args(argv)
+def run_main(
+    name: str, run: Callable[[], dict[str, Any]], failures: tuple[type[Exception], ...]
+) -> int:
+    """A bench's command: its figures as JSON on stdout and 0; on Ctrl-C or SIGTERM, 130
+    once every process it started is stopped; on one of `failures`, one line and 1."""
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        figures = run(opts)
+        figures = run()
     except KeyboardInterrupt:
-        print("bench: interrupted; every process it started was stopped", file=sys.stderr)
+        print(f"{name}: interrupted; every process it started was stopped", file=sys.stderr)
         return 130
-    except (GatewayError, OSError) as e:  # OSError: ConnectionError, TimeoutError
-        print(f"bench: {e}", file=sys.stderr)
+    except failures as e:
+        print(f"{name}: {e}", file=sys.stderr)
         return 1
     print(json.dumps(figures, sort_keys=True), flush=True)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    opts = parse_args(argv)
+    # OSError: ConnectionError, TimeoutError
+    return run_main("bench", lambda: run(opts), (GatewayError, OSError))
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ from gateway.lab.bench import (
     cpu_of,
     machine_busy,
     mosquitto_version,
+    run_main,
     say,
 )
 from gateway.lab.sandbox import Proc
@@ -873,23 +874,9 @@ def run(opts: PeerOptions) -> dict[str, Any]:
     return report(opts, version, rows, losses, before, machine_state(), time.monotonic() - t0)
 
 
-def _terminate(_signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt  # the same clean-up path as Ctrl-C
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
-        figures = run(opts)
-    except KeyboardInterrupt:
-        print("peer bench: interrupted; every process it started was stopped", file=sys.stderr)
-        return 130
-    except (GatewayError, OSError, queue.Empty) as e:
-        print(f"peer bench: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(figures, sort_keys=True), flush=True)
-    return 0
+    return run_main("peer bench", lambda: run(opts), (GatewayError, OSError, queue.Empty))
 
 
 if __name__ == "__main__":

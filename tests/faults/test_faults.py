@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -16,7 +17,7 @@ import psutil
 import pytest
 
 from gateway._pb.edgegateway.v1 import gateway_pb2, gateway_pb2_grpc
-from gateway.lab.sandbox import Sandbox, SandboxError, free_port
+from gateway.lab.sandbox import GatewayProc, Sandbox, SandboxError, free_port
 from tests.conftest import Deployment, deploy
 from tests.faults import harness
 from tests.faults.conftest import FAULT_BATCH
@@ -95,13 +96,7 @@ def test_one_of_three_ledger_nodes_down(sandbox: Sandbox) -> None:
     assert {n.node_id: n.state for n in st.ledger_nodes}["ledger-3"] == "unreachable"
     # The node comes back and catches up from its head.
     sandbox.restart(d.ledgers[2].proc)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if harness.audit(gw, d.ledgers, pub.acked, proof_sample=0).per_node.get("ledger-3") == len(
-            pub.acked
-        ):
-            break
-        time.sleep(0.5)
+    harness.wait_all_nodes(gw, d.ledgers, pub.acked)
     a = harness.audit(gw, d.ledgers, pub.acked)
     assert a.per_node["ledger-3"] == len(pub.acked)
     harness.record("1 of 3 ledger nodes down", a, time.monotonic() - t0)
@@ -153,12 +148,7 @@ def test_ledger_node_returns_empty_and_is_resent_from_its_head(sandbox: Sandbox)
     pub.publish(2000, rate=3000)
     pub.close()
     harness.wait_committed(gw, d.ledgers, pub.acked, timeout=60)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        got = harness.audit(gw, d.ledgers, pub.acked, proof_sample=0).per_node.get("ledger-2")
-        if got == len(pub.acked):
-            break
-        time.sleep(0.5)
+    harness.wait_all_nodes(gw, d.ledgers, pub.acked)
     a = harness.audit(gw, d.ledgers, pub.acked)
     assert a.per_node["ledger-2"] == len(pub.acked)
     harness.record("ledger node lost its data", a, time.monotonic() - t0)
@@ -375,51 +365,61 @@ def _proxied(sandbox: Sandbox) -> tuple[Deployment, list[harness.Proxy]]:
     return d, proxies
 
 
-def test_ledger_calls_that_hang_hit_their_deadline_and_retry(sandbox: Sandbox) -> None:
+def _ledger_fault_then_heal(
+    sandbox: Sandbox,
+    name: str,
+    mode: str,
+    count: int,
+    fault_s: float,
+    cut_after: int = 0,
+    while_faulty: Callable[[GatewayProc], None] | None = None,
+) -> None:
+    """Publish `count` with the proxies in front of two ledger nodes in `mode` for `fault_s`,
+    heal them, drain, audit and record the scenario as `name`."""
     d, proxies = _proxied(sandbox)
     try:
         gw = d.start_gateway()
         for p in proxies:
-            p.set_mode("hang")
-        pub = harness.Publisher(d.broker.port, "hang", devices=50, tls=d.sandbox.mqtt_tls())
-        pub.publish(2000, rate=2000)
+            p.set_mode(mode, cut_after=cut_after)
+        pub = harness.Publisher(d.broker.port, mode, devices=50, tls=d.sandbox.mqtt_tls())
+        pub.publish(count, rate=count)
         pub.wait_acked()
-        time.sleep(5)  # several 2 s deadlines pass
+        time.sleep(fault_s)
+        if while_faulty:
+            while_faulty(gw)
+        t0 = time.monotonic()
+        for p in proxies:
+            p.set_mode("pass")
+        pub.close()
+        harness.wait_committed(gw, d.ledgers, pub.acked, timeout=60)
+        a = harness.audit(gw, d.ledgers, pub.acked)
+        harness.record(name, a, time.monotonic() - t0)
+    finally:
+        for p in proxies:
+            p.stop()
+
+
+def test_ledger_calls_that_hang_hit_their_deadline_and_retry(sandbox: Sandbox) -> None:
+    def nothing_committed_and_deadlines_seen(gw: GatewayProc) -> None:
         st = harness.status(gw)
         assert st.last_committed_seq == -1
         assert any("DEADLINE_EXCEEDED" in n.last_error for n in st.ledger_nodes), st
-        t0 = time.monotonic()
-        for p in proxies:
-            p.set_mode("pass")
-        pub.close()
-        harness.wait_committed(gw, d.ledgers, pub.acked, timeout=60)
-        a = harness.audit(gw, d.ledgers, pub.acked)
-        harness.record("ledger calls hang (deadline)", a, time.monotonic() - t0)
-    finally:
-        for p in proxies:
-            p.stop()
+
+    # 5 s of hanging: several 2 s deadlines pass.
+    _ledger_fault_then_heal(
+        sandbox,
+        "ledger calls hang (deadline)",
+        "hang",
+        count=2000,
+        fault_s=5,
+        while_faulty=nothing_committed_and_deadlines_seen,
+    )
 
 
 def test_connections_cut_mid_call_are_retried_and_absorbed(sandbox: Sandbox) -> None:
-    d, proxies = _proxied(sandbox)
-    try:
-        gw = d.start_gateway()
-        for p in proxies:
-            p.set_mode("cut", cut_after=3000)
-        pub = harness.Publisher(d.broker.port, "cut", devices=50, tls=d.sandbox.mqtt_tls())
-        pub.publish(3000, rate=3000)
-        pub.wait_acked()
-        time.sleep(3)
-        t0 = time.monotonic()
-        for p in proxies:
-            p.set_mode("pass")
-        pub.close()
-        harness.wait_committed(gw, d.ledgers, pub.acked, timeout=60)
-        a = harness.audit(gw, d.ledgers, pub.acked)
-        harness.record("connections cut mid-call", a, time.monotonic() - t0)
-    finally:
-        for p in proxies:
-            p.stop()
+    _ledger_fault_then_heal(
+        sandbox, "connections cut mid-call", "cut", count=3000, fault_s=3, cut_after=3000
+    )
 
 
 def test_same_device_seq_racing_on_grpc_and_mqtt_is_stored_once(sandbox: Sandbox) -> None:
