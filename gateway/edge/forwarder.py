@@ -264,9 +264,21 @@ class Forwarder:
             if ours is not None and ours.header_hash != head.header_hash:
                 self._forked(node, f"header hash at seq {head.next_seq - 1} differs")
                 return
-        node.next_seq = head.next_seq
+        # A batch the node already holds may still lack its receipt here (the gateway
+        # was killed between the node's answer and the receipt's store): send it again,
+        # the node answers a re-sent batch with its receipt, or the batch never reaches
+        # the quorum when no other node is left to send it to.
+        unreceipted = await asyncio.wrap_future(
+            self.spool.read(lambda c: _first_unreceipted(c, node.ref.node_id, head.next_seq))
+        )
+        node.next_seq = head.next_seq if unreceipted is None else unreceipted
         self._set_state(node, "ok")
-        log.info("ledger %s head: next seq %d", node.ref.node_id, head.next_seq)
+        log.info(
+            "ledger %s head: next seq %d; sending from seq %d",
+            node.ref.node_id,
+            head.next_seq,
+            node.next_seq,
+        )
 
     async def _send(
         self, node: NodeState, stub: ledger_pb2_grpc.LedgerServiceStub, seq: int
@@ -328,6 +340,19 @@ class Forwarder:
             self.last_committed_seq = seq
             metrics.batches_committed.inc()
             metrics.last_committed_seq.set(seq)
+
+
+def _first_unreceipted(conn: object, node_id: str, below_seq: int) -> int | None:
+    """The lowest uncommitted batch below `below_seq` without a receipt from `node_id`."""
+    import sqlite3
+
+    assert isinstance(conn, sqlite3.Connection)
+    row = conn.execute(
+        "SELECT min(seq) FROM batch WHERE seq < ? AND committed_ms IS NULL AND NOT EXISTS"
+        " (SELECT 1 FROM receipt WHERE receipt.seq = batch.seq AND receipt.node_id = ?)",
+        (below_seq, node_id),
+    ).fetchone()
+    return None if row is None or row[0] is None else int(row[0])
 
 
 def _load(conn: object, seq: int) -> tuple[StoredBatch, list[bytes], list[int]] | None:
