@@ -44,6 +44,7 @@ from paho.mqtt.properties import Properties
 from gateway.common.errors import ConfigError, Rejected
 from gateway.edge import metrics
 from gateway.edge.config import MqttConfig, RejectsConfig
+from gateway.edge.mqttrx import BulkClient
 from gateway.edge.poison import POISON_AFTER, Guard
 from gateway.edge.profiles.builtin import DEVICE_ID_RE
 from gateway.edge.profiles.ratelimit import RateLimiter
@@ -488,10 +489,11 @@ class Intake:
         p.done(res, p.rej)
 
 
-def make_client(cfg: MqttConfig) -> mqtt.Client:
-    """A paho client as `cfg` asks (auth, TLS, reconnect, windows), without callbacks.
-    Raises ConfigError for files that cannot be loaded."""
-    c = mqtt.Client(
+def make_client(cfg: MqttConfig) -> BulkClient:
+    """A paho client (with the bulk read path of gateway.edge.mqttrx) as `cfg` asks (auth,
+    TLS, reconnect, windows), without callbacks. Raises ConfigError for files that cannot
+    be loaded."""
+    c = BulkClient(
         CallbackAPIVersion.VERSION2,
         client_id=cfg.client_id,
         protocol=MQTTProtocolVersion.MQTTv5,
@@ -582,8 +584,9 @@ class MqttIngest:
         self._client = self._make_client()
         spool.after_group(self._flush_acks)
 
-    def _make_client(self) -> mqtt.Client:
+    def _make_client(self) -> BulkClient:
         c = make_client(self.cfg)
+        c.on_publish_fast = self._on_fast
         c.on_connect = self._guarded(self._on_connect, "mqtt on_connect")
         c.on_connect_fail = self._guarded(self._on_connect_fail, "mqtt on_connect_fail")
         c.on_disconnect = self._guarded(self._on_disconnect, "mqtt on_disconnect")
@@ -735,18 +738,27 @@ class MqttIngest:
             log.warning("mqtt disconnected: %s; reconnecting with backoff", reason)
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        """A PUBLISH the bulk read path left to paho (properties, QoS 2, a topic that is
+        not UTF-8: its .topic raises, which the guard reports)."""
         try:
-            self._message(msg)
+            self._message(msg.topic, bytes(msg.payload), msg.mid, msg.qos)
         except Exception as e:
             source = None
             with contextlib.suppress(UnicodeDecodeError):
                 source = (msg.topic.removeprefix(self.cfg.mount_point), bytes(msg.payload))
             self.guard.fatal(e, "mqtt message", source)
 
-    def _message(self, msg: mqtt.MQTTMessage) -> None:
+    def _on_fast(self, topic: str, payload: bytes, mid: int, qos: int) -> None:
+        """A PUBLISH from the bulk read path (gateway.edge.mqttrx), on the network thread."""
+        try:
+            self._message(topic, payload, mid, qos)
+        except Exception as e:
+            self.guard.fatal(e, "mqtt message", (topic.removeprefix(self.cfg.mount_point), payload))
+
+    def _message(self, full_topic: str, payload: bytes, mid: int, qos: int) -> None:
         # Devices publish below the broker's mount point; they and the profiles know the
         # topic without it.
-        topic = msg.topic.removeprefix(self.cfg.mount_point)
+        topic = full_topic.removeprefix(self.cfg.mount_point)
         device = device_from_topic(topic, self.cfg.device_id_level)
         with self._lock:
             gen = self._gen
@@ -765,9 +777,9 @@ class MqttIngest:
                 or self._held
                 or (self._window and self._depth() + self._inflight >= self._window)
             ):
-                self._held.append((device, topic, bytes(msg.payload), msg.mid, msg.qos, gen))
+                self._held.append((device, topic, payload, mid, qos, gen))
                 return
-        self._submit(device, topic, bytes(msg.payload), msg.mid, msg.qos, gen)
+        self._submit(device, topic, payload, mid, qos, gen)
 
     def release(self) -> None:
         """Let held messages in while under the flow window (called when a batch is cut)."""
