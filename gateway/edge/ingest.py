@@ -44,12 +44,13 @@ from paho.mqtt.properties import Properties
 from gateway.common.errors import ConfigError, Rejected
 from gateway.edge import metrics
 from gateway.edge.config import MqttConfig, RejectsConfig
-from gateway.edge.mqttrx import BulkClient
+from gateway.edge.mqttrx import BulkClient, Publish
 from gateway.edge.poison import POISON_AFTER, Guard
 from gateway.edge.profiles.builtin import DEVICE_ID_RE
 from gateway.edge.profiles.ratelimit import RateLimiter
 from gateway.edge.spool import (
     NOT_STORED,
+    AppendCallback,
     AppendItem,
     AppendResult,
     Incoming,
@@ -308,6 +309,10 @@ class Intake:
         self._suppressed: dict[str, _Suppressed] = {}
         self._lock = threading.Lock()
         self._fault = fault
+        # Transactions stored, by channel, since the last group commit was answered: the
+        # writer thread counts them here and adds them to the metric once per group.
+        self._stored: Counter[str] = Counter()
+        spool.after_group(self._count_stored)
 
     def reject_topic(self, device_id: str | None) -> str:
         """`<prefix>/<device>`, for a device id the profiles allow only."""
@@ -325,6 +330,39 @@ class Intake:
         """Decode and append; `done` runs once the outcome is durable (or failed)."""
         received = now_ms()
         _child(metrics.received, channel).inc()
+        item, callback = self._prepare(device_id, topic, payload, channel, done, profile, received)
+        self.spool.append_cb(item, callback)
+
+    def submit_many(
+        self,
+        entries: list[tuple[str | None, str, bytes, DoneCallback]],
+        channel: str,
+        error: Callable[[BaseException, str, bytes], None],
+    ) -> None:
+        """submit() for each (device_id, topic, payload, done) of what arrived together
+        (one socket read), handed to the spool writer at once. An unexpected exception
+        for one entry goes to `error(exc, topic, payload)`; the others go on."""
+        received = now_ms()
+        _child(metrics.received, channel).inc(len(entries))
+        out: list[tuple[AppendItem, AppendCallback]] = []
+        for device_id, topic, payload, done in entries:
+            try:
+                out.append(self._prepare(device_id, topic, payload, channel, done, None, received))
+            except Exception as e:
+                error(e, topic, payload)
+        self.spool.append_many(out)
+
+    def _prepare(
+        self,
+        device_id: str | None,
+        topic: str,
+        payload: bytes,
+        channel: str,
+        done: DoneCallback,
+        profile: str | None,
+        received: int,
+    ) -> tuple[AppendItem, AppendCallback]:
+        """The payload decoded (or its reject record) and the callback of its append."""
         fp = self.guard.check(topic, payload)
         pending = _Pending(self, topic, payload, channel, done, fp)
         try:
@@ -350,7 +388,7 @@ class Intake:
             device = getattr(r, "device_id", None) or device_id
             item = self._reject(r, device, topic, payload, received, channel, None)
         pending.item = item
-        self.spool.append_cb(item, pending)
+        return item, pending
 
     def _reject(
         self,
@@ -438,6 +476,13 @@ class Intake:
         elif res.outcome is Outcome.REJECT_RECORDED:
             self._publish(res.reject_id, rec.topic, rec.message)
 
+    def _count_stored(self) -> None:
+        """After each group commit's answers, on the writer thread."""
+        if self._stored:
+            for channel, n in self._stored.items():
+                _child(metrics.stored, channel).inc(n)
+            self._stored.clear()
+
     def _appended(self, res: AppendResult | BaseException, p: _Pending) -> None:
         """Runs on the spool writer thread once the append is durable (or failed)."""
         if self._fault is not None and p.rej is None and self._fault in p.payload:
@@ -448,7 +493,7 @@ class Intake:
             return
         item = p.item
         if res.outcome is Outcome.STORED:
-            _child(metrics.stored, p.channel).inc()
+            self._stored[p.channel] += 1
         elif res.outcome is Outcome.DUPLICATE:
             _child(metrics.duplicates, p.channel).inc()
         elif res.outcome in (Outcome.CONFLICT, Outcome.BEYOND_RETENTION):
@@ -586,7 +631,7 @@ class MqttIngest:
 
     def _make_client(self) -> BulkClient:
         c = make_client(self.cfg)
-        c.on_publish_fast = self._on_fast
+        c.on_publishes = self._on_publishes
         c.on_connect = self._guarded(self._on_connect, "mqtt on_connect")
         c.on_connect_fail = self._guarded(self._on_connect_fail, "mqtt on_connect_fail")
         c.on_disconnect = self._guarded(self._on_disconnect, "mqtt on_disconnect")
@@ -748,12 +793,38 @@ class MqttIngest:
                 source = (msg.topic.removeprefix(self.cfg.mount_point), bytes(msg.payload))
             self.guard.fatal(e, "mqtt message", source)
 
-    def _on_fast(self, topic: str, payload: bytes, mid: int, qos: int) -> None:
-        """A PUBLISH from the bulk read path (gateway.edge.mqttrx), on the network thread."""
+    def _on_publishes(self, batch: list[Publish]) -> None:
+        """The PUBLISH packets of one socket read (gateway.edge.mqttrx), on the network
+        thread: through the depth and window gates under one lock, then decoded and
+        handed to the spool writer together. Gated as _message gates one at a time."""
+        mount = self.cfg.mount_point
+        level = self.cfg.device_id_level
+        go: list[tuple[str | None, str, bytes, DoneCallback]] = []
         try:
-            self._message(topic, payload, mid, qos)
+            with self._lock:
+                gen = self._gen
+                depth = self._depth()
+                for full_topic, payload, mid, qos in batch:
+                    topic = full_topic.removeprefix(mount)
+                    device = device_from_topic(topic, level)
+                    load = depth + self._inflight + len(go)
+                    if not self.paused and self._max_depth and load >= self._max_depth:
+                        self.paused = True
+                    if self.paused or self._held or (self._window and load >= self._window):
+                        self._held.append((device, topic, payload, mid, qos, gen))
+                        continue
+                    go.append((device, topic, payload, self._done_for(mid, qos, gen)))
+                self._inflight += len(go)
+            if go:
+                self.intake.submit_many(go, "mqtt", self._failed_message)
         except Exception as e:
-            self.guard.fatal(e, "mqtt message", (topic.removeprefix(self.cfg.mount_point), payload))
+            self.guard.fatal(e, "mqtt messages")
+
+    def _done_for(self, mid: int, qos: int, gen: int) -> DoneCallback:
+        return lambda res, _rej: self._done(res, mid, qos, gen)
+
+    def _failed_message(self, e: BaseException, topic: str, payload: bytes) -> None:
+        self.guard.fatal(e, "mqtt message", (topic, payload))
 
     def _message(self, full_topic: str, payload: bytes, mid: int, qos: int) -> None:
         # Devices publish below the broker's mount point; they and the profiles know the

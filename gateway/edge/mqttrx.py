@@ -11,8 +11,9 @@ parser).
 persistent sessions, keepalive, reconnect, subscribe, publish, PUBACK writes)
 and replaces only the read side of its network loop: each time the socket is
 readable it takes what is there in one recv() (up to READ_BYTES), cuts every
-complete packet out of it, and hands each PUBLISH without properties straight
-to `on_publish_fast(topic, payload, mid, qos)`. Anything else (CONNACK, SUBACK,
+complete packet out of it, and hands the PUBLISH packets without properties
+straight to `on_publishes([(topic, payload, mid, qos), ...])`, one call for all
+of them in a row. Anything else (CONNACK, SUBACK,
 PUBACK of the gateway's own publishes, PINGRESP, DISCONNECT, a PUBLISH with
 properties or QoS 2 or a topic that is not UTF-8) goes to paho's own handler,
 exactly as paho would have read it. A partial packet waits in the buffer for
@@ -43,7 +44,8 @@ READ_BYTES = 256 * 1024
 _PUBLISH = 0x30
 
 # topic, payload, packet id (0 for QoS 0), QoS
-FastPublish = Callable[[str, bytes, int, int], None]
+Publish = tuple[str, bytes, int, int]
+Publishes = Callable[[list[Publish]], None]
 
 
 def _fresh_in_packet() -> _InPacket:
@@ -66,7 +68,7 @@ class BulkClient(mqtt.Client):
         super().__init__(*args, **kwargs)
         self._rx = b""
         self._rx_sock: object | None = None
-        self.on_publish_fast: FastPublish | None = None
+        self.on_publishes: Publishes | None = None
         self.reads = 0
         self.packets = 0
 
@@ -111,7 +113,8 @@ class BulkClient(mqtt.Client):
         n = len(buf)
         pos = 0
         v5 = self._protocol == MQTTProtocolVersion.MQTTv5
-        fast = self.on_publish_fast
+        deliver = self.on_publishes
+        fast: list[Publish] = []
         count = 0
         while pos + 2 <= n:
             command = buf[pos]
@@ -122,6 +125,8 @@ class BulkClient(mqtt.Client):
             while True:
                 if i >= n:
                     self.packets += count
+                    if fast and deliver is not None:
+                        deliver(fast)
                     return MQTTErrorCode.MQTT_ERR_SUCCESS, pos
                 byte = buf[i]
                 length += (byte & 0x7F) * mult
@@ -131,52 +136,57 @@ class BulkClient(mqtt.Client):
                 mult *= 128
                 if i - pos > 4:
                     self.packets += count
+                    if fast and deliver is not None:
+                        deliver(fast)
                     return MQTTErrorCode.MQTT_ERR_PROTOCOL, pos
             end = i + length
             if end > n:
                 break
             count += 1
-            if (
-                fast is not None
-                and command & 0xF0 == _PUBLISH
-                and self._publish_fast(fast, command, buf, i, end, v5)
-            ):
-                pos = end
-                continue
+            if deliver is not None and command & 0xF0 == _PUBLISH:
+                one = self._publish_fast(command, buf, i, end, v5)
+                if one is not None:
+                    fast.append(one)
+                    pos = end
+                    continue
+            if fast and deliver is not None:  # in order: what came before this packet first
+                deliver(fast)
+                fast = []
             rc = self._paho_packet(command, buf[i:end])
             pos = end
             if rc > 0 or self._sock is None:
                 self.packets += count
                 return rc, pos
         self.packets += count
+        if fast and deliver is not None:
+            deliver(fast)
         return MQTTErrorCode.MQTT_ERR_SUCCESS, pos
 
     @staticmethod
-    def _publish_fast(
-        fast: FastPublish, command: int, buf: bytes, start: int, end: int, v5: bool
-    ) -> bool:
-        """A QoS 0 or 1 PUBLISH without properties to `fast`; False: paho's handler."""
+    def _publish_fast(command: int, buf: bytes, start: int, end: int, v5: bool) -> Publish | None:
+        """A QoS 0 or 1 PUBLISH without properties, or None for paho's handler."""
         qos = (command >> 1) & 3
         if qos == 2 or end - start < 2:
-            return False
+            return None
         tlen = (buf[start] << 8) | buf[start + 1]
         p = start + 2 + tlen
+        if p > end:
+            return None
         mid = 0
         if qos:
             if p + 2 > end:
-                return False
+                return None
             mid = (buf[p] << 8) | buf[p + 1]
             p += 2
         if v5:
             if p >= end or buf[p] != 0:  # properties present (or malformed): paho's path
-                return False
+                return None
             p += 1
         try:
             topic = buf[start + 2 : start + 2 + tlen].decode("utf-8")
         except UnicodeDecodeError:
-            return False
-        fast(topic, buf[p:end], mid, qos)
-        return True
+            return None
+        return (topic, buf[p:end], mid, qos)
 
     def _paho_packet(self, command: int, body: bytes) -> MQTTErrorCode:
         """One whole packet through paho's own handler, as its _packet_read would."""
