@@ -1,17 +1,20 @@
-"""The json@1 decoder's compiled fast path (gateway.edge.profiles.builtin._flat_object)
-answers exactly as the strict stdlib path does: same values, same refusals, word for word."""
+"""The compiled JSON paths (gateway.edge.profiles.builtin._flat_object for json@1,
+gateway.edge.profiles.strictjson._compiled for firmware profiles) answer exactly as the
+strict stdlib paths do: same values, same refusals, word for word."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.common import resources
 from gateway.common.errors import Rejected
-from gateway.edge.profiles import builtin
+from gateway.edge.profiles import builtin, strictjson
 
 
 def strict(payload: bytes) -> Any:
@@ -105,3 +108,62 @@ def test_flat_objects_answer_as_the_strict_path(doc: dict[str, Any], style: int)
         assert type(got[k]) is type(v)
         if isinstance(v, float) and not math.isnan(v):
             assert math.copysign(1, got[k]) == math.copysign(1, v)
+
+
+def strict_profiles(payload: bytes) -> Any:
+    """strictjson's strict path alone."""
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise Rejected("bad_encoding", f"payload is not UTF-8 (byte {e.start})") from None
+    try:
+        return strictjson._DECODER.decode(text)
+    except RecursionError:
+        raise Rejected("not_decodable", "JSON nested too deeply") from None
+    except ValueError as e:
+        raise Rejected("not_decodable", f"payload is not JSON: {e}") from None
+
+
+PROFILE_TRICKY = [
+    *TRICKY,
+    b'{"a":{"b":[1,{"c":2}]}}',
+    b'{"a":{"b":1,"b":2}}',
+    b'{"a":[18446744073709551615]}',
+    b'{"a":[18446744073709551616]}',
+    b'{"a":{"b":-9223372036854775808}}',
+    b'{"a":{"b":-9223372036854775809}}',
+    b'{"a":[1e308,2.5,-0.0]}',
+    b"[" * 40 + b"]" * 40,
+]
+
+
+@pytest.mark.parametrize("payload", PROFILE_TRICKY)
+def test_profile_json_answers_as_the_strict_path(payload: bytes) -> None:
+    assert outcome(strictjson.parse, payload) == outcome(strict_profiles, payload)
+
+
+def test_profile_samples_answer_as_the_strict_path() -> None:
+    samples = sorted(Path(resources.profiles_dir(), "samples").glob("*/*.json"))
+    assert samples
+    for path in samples:
+        payload = path.read_bytes()
+        assert outcome(strictjson.parse, payload) == outcome(strict_profiles, payload), path
+
+
+_json = st.recursive(
+    _scalar,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_json, st.sampled_from([0, 1, 2]))
+def test_nested_documents_answer_as_the_strict_path(doc: Any, style: int) -> None:
+    import json
+
+    separators = [(",", ":"), (", ", ": "), (",", ": ")][style]
+    payload = json.dumps(doc, separators=separators, ensure_ascii=style == 1).encode()
+    assert outcome(strictjson.parse, payload) == outcome(strict_profiles, payload)
