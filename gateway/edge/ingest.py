@@ -44,11 +44,13 @@ from paho.mqtt.properties import Properties
 from gateway.common.errors import ConfigError, Rejected
 from gateway.edge import metrics
 from gateway.edge.config import MqttConfig, RejectsConfig
+from gateway.edge.mqttrx import BulkClient, Publish
 from gateway.edge.poison import POISON_AFTER, Guard
 from gateway.edge.profiles.builtin import DEVICE_ID_RE
 from gateway.edge.profiles.ratelimit import RateLimiter
 from gateway.edge.spool import (
     NOT_STORED,
+    AppendCallback,
     AppendItem,
     AppendResult,
     Incoming,
@@ -307,6 +309,10 @@ class Intake:
         self._suppressed: dict[str, _Suppressed] = {}
         self._lock = threading.Lock()
         self._fault = fault
+        # Transactions stored, by channel, since the last group commit was answered: the
+        # writer thread counts them here and adds them to the metric once per group.
+        self._stored: Counter[str] = Counter()
+        spool.after_group(self._count_stored)
 
     def reject_topic(self, device_id: str | None) -> str:
         """`<prefix>/<device>`, for a device id the profiles allow only."""
@@ -324,6 +330,39 @@ class Intake:
         """Decode and append; `done` runs once the outcome is durable (or failed)."""
         received = now_ms()
         _child(metrics.received, channel).inc()
+        item, callback = self._prepare(device_id, topic, payload, channel, done, profile, received)
+        self.spool.append_cb(item, callback)
+
+    def submit_many(
+        self,
+        entries: list[tuple[str | None, str, bytes, DoneCallback]],
+        channel: str,
+        error: Callable[[BaseException, str, bytes], None],
+    ) -> None:
+        """submit() for each (device_id, topic, payload, done) of what arrived together
+        (one socket read), handed to the spool writer at once. An unexpected exception
+        for one entry goes to `error(exc, topic, payload)`; the others go on."""
+        received = now_ms()
+        _child(metrics.received, channel).inc(len(entries))
+        out: list[tuple[AppendItem, AppendCallback]] = []
+        for device_id, topic, payload, done in entries:
+            try:
+                out.append(self._prepare(device_id, topic, payload, channel, done, None, received))
+            except Exception as e:
+                error(e, topic, payload)
+        self.spool.append_many(out)
+
+    def _prepare(
+        self,
+        device_id: str | None,
+        topic: str,
+        payload: bytes,
+        channel: str,
+        done: DoneCallback,
+        profile: str | None,
+        received: int,
+    ) -> tuple[AppendItem, AppendCallback]:
+        """The payload decoded (or its reject record) and the callback of its append."""
         fp = self.guard.check(topic, payload)
         pending = _Pending(self, topic, payload, channel, done, fp)
         try:
@@ -349,7 +388,7 @@ class Intake:
             device = getattr(r, "device_id", None) or device_id
             item = self._reject(r, device, topic, payload, received, channel, None)
         pending.item = item
-        self.spool.append_cb(item, pending)
+        return item, pending
 
     def _reject(
         self,
@@ -437,6 +476,13 @@ class Intake:
         elif res.outcome is Outcome.REJECT_RECORDED:
             self._publish(res.reject_id, rec.topic, rec.message)
 
+    def _count_stored(self) -> None:
+        """After each group commit's answers, on the writer thread."""
+        if self._stored:
+            for channel, n in self._stored.items():
+                _child(metrics.stored, channel).inc(n)
+            self._stored.clear()
+
     def _appended(self, res: AppendResult | BaseException, p: _Pending) -> None:
         """Runs on the spool writer thread once the append is durable (or failed)."""
         if self._fault is not None and p.rej is None and self._fault in p.payload:
@@ -447,7 +493,7 @@ class Intake:
             return
         item = p.item
         if res.outcome is Outcome.STORED:
-            _child(metrics.stored, p.channel).inc()
+            self._stored[p.channel] += 1
         elif res.outcome is Outcome.DUPLICATE:
             _child(metrics.duplicates, p.channel).inc()
         elif res.outcome in (Outcome.CONFLICT, Outcome.BEYOND_RETENTION):
@@ -488,10 +534,11 @@ class Intake:
         p.done(res, p.rej)
 
 
-def make_client(cfg: MqttConfig) -> mqtt.Client:
-    """A paho client as `cfg` asks (auth, TLS, reconnect, windows), without callbacks.
-    Raises ConfigError for files that cannot be loaded."""
-    c = mqtt.Client(
+def make_client(cfg: MqttConfig) -> BulkClient:
+    """A paho client (with the bulk read path of gateway.edge.mqttrx) as `cfg` asks (auth,
+    TLS, reconnect, windows), without callbacks. Raises ConfigError for files that cannot
+    be loaded."""
+    c = BulkClient(
         CallbackAPIVersion.VERSION2,
         client_id=cfg.client_id,
         protocol=MQTTProtocolVersion.MQTTv5,
@@ -582,8 +629,9 @@ class MqttIngest:
         self._client = self._make_client()
         spool.after_group(self._flush_acks)
 
-    def _make_client(self) -> mqtt.Client:
+    def _make_client(self) -> BulkClient:
         c = make_client(self.cfg)
+        c.on_publishes = self._on_publishes
         c.on_connect = self._guarded(self._on_connect, "mqtt on_connect")
         c.on_connect_fail = self._guarded(self._on_connect_fail, "mqtt on_connect_fail")
         c.on_disconnect = self._guarded(self._on_disconnect, "mqtt on_disconnect")
@@ -735,18 +783,53 @@ class MqttIngest:
             log.warning("mqtt disconnected: %s; reconnecting with backoff", reason)
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        """A PUBLISH the bulk read path left to paho (properties, QoS 2, a topic that is
+        not UTF-8: its .topic raises, which the guard reports)."""
         try:
-            self._message(msg)
+            self._message(msg.topic, bytes(msg.payload), msg.mid, msg.qos)
         except Exception as e:
             source = None
             with contextlib.suppress(UnicodeDecodeError):
                 source = (msg.topic.removeprefix(self.cfg.mount_point), bytes(msg.payload))
             self.guard.fatal(e, "mqtt message", source)
 
-    def _message(self, msg: mqtt.MQTTMessage) -> None:
+    def _on_publishes(self, batch: list[Publish]) -> None:
+        """The PUBLISH packets of one socket read (gateway.edge.mqttrx), on the network
+        thread: through the depth and window gates under one lock, then decoded and
+        handed to the spool writer together. Gated as _message gates one at a time."""
+        mount = self.cfg.mount_point
+        level = self.cfg.device_id_level
+        go: list[tuple[str | None, str, bytes, DoneCallback]] = []
+        try:
+            with self._lock:
+                gen = self._gen
+                depth = self._depth()
+                for full_topic, payload, mid, qos in batch:
+                    topic = full_topic.removeprefix(mount)
+                    device = device_from_topic(topic, level)
+                    load = depth + self._inflight + len(go)
+                    if not self.paused and self._max_depth and load >= self._max_depth:
+                        self.paused = True
+                    if self.paused or self._held or (self._window and load >= self._window):
+                        self._held.append((device, topic, payload, mid, qos, gen))
+                        continue
+                    go.append((device, topic, payload, self._done_for(mid, qos, gen)))
+                self._inflight += len(go)
+            if go:
+                self.intake.submit_many(go, "mqtt", self._failed_message)
+        except Exception as e:
+            self.guard.fatal(e, "mqtt messages")
+
+    def _done_for(self, mid: int, qos: int, gen: int) -> DoneCallback:
+        return lambda res, _rej: self._done(res, mid, qos, gen)
+
+    def _failed_message(self, e: BaseException, topic: str, payload: bytes) -> None:
+        self.guard.fatal(e, "mqtt message", (topic, payload))
+
+    def _message(self, full_topic: str, payload: bytes, mid: int, qos: int) -> None:
         # Devices publish below the broker's mount point; they and the profiles know the
         # topic without it.
-        topic = msg.topic.removeprefix(self.cfg.mount_point)
+        topic = full_topic.removeprefix(self.cfg.mount_point)
         device = device_from_topic(topic, self.cfg.device_id_level)
         with self._lock:
             gen = self._gen
@@ -765,9 +848,9 @@ class MqttIngest:
                 or self._held
                 or (self._window and self._depth() + self._inflight >= self._window)
             ):
-                self._held.append((device, topic, bytes(msg.payload), msg.mid, msg.qos, gen))
+                self._held.append((device, topic, payload, mid, qos, gen))
                 return
-        self._submit(device, topic, bytes(msg.payload), msg.mid, msg.qos, gen)
+        self._submit(device, topic, payload, mid, qos, gen)
 
     def release(self) -> None:
         """Let held messages in while under the flow window (called when a batch is cut)."""

@@ -488,6 +488,14 @@ class Spool:
         commit is durable. No Future per message: the intake hot path."""
         self._queue.put((item, callback))
 
+    def append_many(self, appends: list[tuple[AppendItem, AppendCallback]]) -> None:
+        """append_cb for each (item, callback), in order, as one hand-off to the writer
+        (one queue operation for all of them: intake passes what one socket read
+        brought). They join the same group commit, which may then exceed
+        group_commit_max by up to their number."""
+        if appends:
+            self._queue.put(appends)
+
     def write(self, fn: Callable[[sqlite3.Connection], T]) -> Future[T]:
         """Run fn(conn) on the writer thread inside its own transaction."""
         fut: Future[T] = Future()
@@ -506,7 +514,7 @@ class Spool:
             first = self._queue.get()
             if first is _STOP:
                 return
-            group: list[Any] = [first]
+            group: list[Any] = list(first) if type(first) is list else [first]
             ops: list[_Op] = []
             stop = False
             deadline = time.monotonic() + linger
@@ -523,7 +531,10 @@ class Spool:
                 if item is _STOP:
                     stop = True
                     break
-                group.append(item)
+                if type(item) is list:  # append_many
+                    group.extend(item)
+                else:
+                    group.append(item)
             appends = [g for g in group if not isinstance(g, _Op)]
             ops = [g for g in group if isinstance(g, _Op)]
             # Only the database work holds the writers' turn; answering the callers

@@ -38,7 +38,7 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("batch, Merkle, sign", ("/gateway/edge/batcher.py", "/gateway/edge/signer.py", "/pkcs11/")),
     ("forward", ("/gateway/edge/forwarder.py",)),
     ("API, metrics", ("/gateway/edge/api.py", "/gateway/edge/metrics.py", "/prometheus_client/")),
-    ("MQTT client library", ("/paho/", "/aiomqtt/")),
+    ("MQTT client library", ("/paho/", "/aiomqtt/", "/gateway/edge/mqttrx.py")),
     (
         "intake hand-off",
         ("/gateway/edge/ingest.py", "/gateway/edge/intakeproc.py", "/gateway/edge/poison.py"),

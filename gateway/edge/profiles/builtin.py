@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from gateway._pb.edgegateway.v1 import transaction_pb2
 from gateway.common.errors import Rejected
 from gateway.edge.spool import Incoming
@@ -54,8 +56,41 @@ def _pairs_unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 _DECODER = json.JSONDecoder(object_pairs_hook=_pairs_unique, parse_constant=_no_constants)
 
 
+_MS_DECODE = msgspec.json.decode
+_MS_ENCODE = msgspec.json.encode
+_MS_FORMAT = msgspec.json.format
+_FLAT = frozenset((int, str, float, bool, type(None)))
+
+
+def _flat_object(payload: bytes) -> dict[str, Any] | None:
+    """The common payload, a flat JSON object, through the compiled parser (msgspec),
+    or None for the strict path. It is taken only when encoding what was parsed gives
+    the payload's own bytes back, whitespace aside: the compiled parser keeps the last
+    of duplicate member names and reads some spellings (escapes, exponents, -0) the
+    strict parser might read otherwise, and each of those changes the bytes. Nested
+    values go to the strict path too, which bounds their depth. So what is taken here
+    is what the strict path would have returned; anything else, refusals included, is
+    answered by the strict path, word for word."""
+    try:
+        doc = _MS_DECODE(payload)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    if type(doc) is not dict:
+        return None
+    for v in doc.values():
+        if type(v) not in _FLAT:
+            return None
+    encoded = _MS_ENCODE(doc)
+    if encoded != payload and encoded != _MS_FORMAT(payload, indent=-1):
+        return None
+    return doc
+
+
 def parse_json(payload: bytes) -> Any:
     """Strict JSON: UTF-8 only, no NaN/Infinity, no duplicate keys, bounded depth."""
+    doc = _flat_object(payload)
+    if doc is not None:
+        return doc
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -12,6 +12,8 @@ import json
 import math
 from typing import Any
 
+import msgspec
+
 from gateway.common.errors import Rejected
 
 INT_MIN = -(2**63)
@@ -57,8 +59,61 @@ _DECODER = json.JSONDecoder(
 )
 
 
+# Nesting the compiled path takes; deeper documents take the strict path, which bounds them.
+_FAST_DEPTH = 32
+_MISS = object()
+_MS_DECODE = msgspec.json.decode
+_MS_ENCODE = msgspec.json.encode
+_MS_FORMAT = msgspec.json.format
+
+
+def _within(value: Any, depth: int) -> bool:
+    """Integers within 64 bits and nesting within _FAST_DEPTH, as the strict path allows."""
+    t = type(value)
+    if t is int:
+        return bool(INT_MIN <= value <= INT_MAX)
+    if t is dict:
+        items = value.values()
+    elif t is list:
+        items = value
+    else:
+        return True
+    if depth >= _FAST_DEPTH:
+        return False
+    for v in items:
+        tv = type(v)
+        if tv is int:
+            if not INT_MIN <= v <= INT_MAX:
+                return False
+        elif (tv is dict or tv is list) and not _within(v, depth + 1):
+            return False
+    return True
+
+
+def _compiled(payload: bytes) -> Any:
+    """The document through the compiled parser (msgspec), or _MISS for the strict path.
+    Taken only when encoding what was parsed gives the payload's own bytes back,
+    whitespace aside: the compiled parser keeps the last of duplicate member names and
+    reads some spellings (escapes, exponents, -0) the strict parser reads otherwise, and
+    each of those changes the bytes. So what is taken is what the strict path would have
+    returned; everything else, refusals included, is answered by the strict path."""
+    try:
+        doc = _MS_DECODE(payload)
+    except (msgspec.DecodeError, RecursionError):
+        return _MISS
+    if not _within(doc, 0):
+        return _MISS
+    encoded = _MS_ENCODE(doc)
+    if encoded != payload and encoded != _MS_FORMAT(payload, indent=-1):
+        return _MISS
+    return doc
+
+
 def parse(payload: bytes) -> Any:
     """Decode one strict JSON text; raise Rejected for anything it refuses."""
+    doc = _compiled(payload)
+    if doc is not _MISS:
+        return doc
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -1,0 +1,137 @@
+"""Microbenchmarks of the intake path's parts, in CPU time (user and system) per row or
+payload, not wall time: what each stage costs whatever else shares the machine.
+
+    python -m gateway.lab.intakebench spool [--prefill 200000] [--rows 60000] [--group 500]
+    python -m gateway.lab.intakebench decode
+
+`spool` runs the group commit's statements (multi-row INSERT into tx, the device upsert,
+COMMIT, as Spool._commit_appends does) on a spool file under /tmp prefilled with
+`--prefill` rows of 1,000 devices, once as shipped and once without each of the tx table's
+two indexes, to show what each costs per row. `decode` runs the json@1 decoder on load
+generator payloads of 120 B, 1 KiB and 4 KiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sqlite3
+import tempfile
+import time
+from pathlib import Path
+
+from gateway.edge import spool as spoolmod
+from gateway.edge.profiles.builtin import JsonDecoder
+from gateway.lab.loadgen import sample_payload
+
+DEVICES = 1000
+VARIANTS = (
+    "as shipped",
+    "without tx_by_id",
+    "without UNIQUE (device_id, device_seq)",
+    "without both",
+)
+
+
+def _schema(variant: str) -> tuple[str, str]:
+    schema = spoolmod.SCHEMA
+    conflict = " ON CONFLICT (device_id, device_seq) DO NOTHING"
+    if variant in ("without tx_by_id", "without both"):
+        schema = schema.replace("CREATE INDEX IF NOT EXISTS tx_by_id ON tx (tx_id);", "")
+    if variant in ("without UNIQUE (device_id, device_seq)", "without both"):
+        schema = schema.replace("UNIQUE (device_id, device_seq)", "CHECK (1)")
+        conflict = ""
+    return schema, conflict
+
+
+def _rows(start: int, n: int) -> list[tuple[object, ...]]:
+    return [
+        (
+            f"dev-{i % DEVICES:05d}",
+            i // DEVICES,
+            hashlib.sha256(i.to_bytes(8, "big")).digest(),
+            hashlib.sha256(b"\x00" + i.to_bytes(8, "big")).digest(),
+            b"L" * 190,
+            190,
+            1_700_000_000_000 + i,
+        )
+        for i in range(start, start + n)
+    ]
+
+
+def _commit(conn: sqlite3.Connection, conflict: str, group: list[tuple[object, ...]]) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    spoolmod.insert_rows(
+        conn,
+        "INSERT INTO tx (device_id, device_seq, payload_sha256, tx_id, leaf, size, received_ms)"
+        " VALUES ",
+        conflict,
+        group,
+    )
+    devices = {r[0]: (r[1], r[6]) for r in group}
+    spoolmod.insert_rows(
+        conn,
+        "INSERT INTO device (device_id, last_seq, last_seen_ms) VALUES ",
+        " ON CONFLICT (device_id) DO UPDATE SET last_seq = max(last_seq, excluded.last_seq),"
+        " last_seen_ms = excluded.last_seen_ms",
+        [(d, s, t) for d, (s, t) in devices.items()],
+    )
+    conn.execute("COMMIT")
+
+
+def spool_variant(variant: str, prefill: int, rows: int, group: int) -> tuple[float, float]:
+    """CPU µs per row (user, system) of `rows` rows in groups of `group` after `prefill`."""
+    with tempfile.TemporaryDirectory(prefix="intakebench-") as tmp:
+        conn = spoolmod._connect(Path(tmp) / "spool.db")
+        schema, conflict = _schema(variant)
+        conn.executescript(schema)
+        step = 50_000
+        for k in range(0, prefill, step):
+            data = _rows(k, min(step, prefill - k))
+            for g in range(0, len(data), group):
+                _commit(conn, conflict, data[g : g + group])
+        data = _rows(prefill, rows)
+        t0 = os.times()
+        for g in range(0, len(data), group):
+            _commit(conn, conflict, data[g : g + group])
+        t1 = os.times()
+        conn.close()
+    return (t1.user - t0.user) / rows * 1e6, (t1.system - t0.system) / rows * 1e6
+
+
+def decode_cost(size: int, n: int = 20_000) -> float:
+    dec = JsonDecoder("gw-bench", 64 * 1024)
+    payloads = [sample_payload(size, seq=1_000 + i) for i in range(2_000)]
+    now = time.time_ns() // 1_000_000
+    t0 = time.process_time()
+    done = 0
+    while done < n:
+        for p in payloads:
+            dec.decode("dev-00001", "devices/dev-00001/tx", p, now, "mqtt")
+        done += len(payloads)
+    return (time.process_time() - t0) / done * 1e6
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m gateway.lab.intakebench")
+    ap.add_argument("what", choices=("spool", "decode"))
+    ap.add_argument("--prefill", type=int, default=200_000)
+    ap.add_argument("--rows", type=int, default=60_000)
+    ap.add_argument("--group", type=int, default=500)
+    args = ap.parse_args(argv)
+    if args.what == "spool":
+        print(
+            f"group commit of {args.group} rows, {DEVICES} devices, after {args.prefill} rows;"
+            " CPU µs per row"
+        )
+        for v in VARIANTS:
+            user, system = spool_variant(v, args.prefill, args.rows, args.group)
+            print(f"  {v:42s} {user + system:6.1f}  (user {user:.1f}, system {system:.1f})")
+    else:
+        for size in (120, 1024, 4096):
+            print(f"  json@1 decode, {size} B payload: {decode_cost(size):.2f} µs CPU")
+
+
+if __name__ == "__main__":
+    main()
