@@ -472,7 +472,7 @@ class Intake:
 
     def _summary_recorded(self, rec: RejectRecord, res: AppendResult | BaseException) -> None:
         if isinstance(res, BaseException):
-            log.error("spool append of a reject summary for %s failed: %s", rec.device_id, res)
+            log.error("spool append of a reject summary failed: %s", res)
         elif res.outcome is Outcome.REJECT_RECORDED:
             self._publish(res.reject_id, rec.topic, rec.message)
 
