@@ -322,6 +322,7 @@ class Gateway:
             cfg.gateway_id,
             info.key_id,
             self.forwarder.notify_signed,
+            origin=cfg.log_origin,
         )
         await self.batcher.resume()
         self.profiles = await asyncio.to_thread(ProfileSet.from_config, cfg)

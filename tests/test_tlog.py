@@ -1,0 +1,219 @@
+"""The gateway's log: tiles appended batch by batch give the RFC 9162 roots and proofs of
+the whole tree, stored in SQLite and read back in O(log n) tile reads; the service writes
+one checkpoint per batch, signed in the HSM, that an independent signed-note
+implementation (sigstore-python) and ours both verify."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import sqlite3
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from gateway.edge import tlog
+from gateway.edge.spool import SCHEMA
+from gateway.formats import checkpoint, merkle, note, tiles
+from tests.conftest import Deployment
+
+
+def leaf_hashes(n: int, start: int = 0) -> list[bytes]:
+    return [merkle.leaf_hash(f"leaf {i}".encode()) for i in range(start, start + n)]
+
+
+def grow(chunks: list[int]) -> tuple[tlog.LogEdge, dict[tuple[int, int], bytes], list[bytes]]:
+    """Append `chunks` leaves at a time, keeping every tile write as a store would."""
+    edge = tlog.LogEdge(0)
+    store: dict[tuple[int, int], bytes] = {}
+    hashes: list[bytes] = []
+    for k in chunks:
+        new = leaf_hashes(k, len(hashes))
+        edge, writes = edge.append(new)
+        hashes += new
+        for w in writes:
+            old = store.get((w.level, w.index), b"")
+            assert w.data.startswith(old), "a stored tile changed below its new end"
+            store[(w.level, w.index)] = w.data
+        assert edge.size == len(hashes)
+    return edge, store, hashes
+
+
+def test_roots_after_each_append_are_the_rfc_9162_roots() -> None:
+    rng = random.Random(13)
+    edge = tlog.LogEdge(0)
+    hashes: list[bytes] = []
+    assert edge.root() == merkle.EMPTY_ROOT
+    for _ in range(60):
+        new = leaf_hashes(rng.choice([1, 2, 3, 7, 255, 256, 257, 600]), len(hashes))
+        edge, _writes = edge.append(new)
+        hashes += new
+        assert edge.root() == merkle.root_from_hashes(hashes), len(hashes)
+
+
+@pytest.mark.parametrize("sizes", [[256], [255, 1], [1] * 300, [65536, 1], [65535, 2, 256]])
+def test_tiles_at_the_edges_of_tile_levels(sizes: list[int]) -> None:
+    edge, store, hashes = grow(sizes)
+    assert edge.root() == merkle.root_from_hashes(hashes)
+    # The stored tiles are exactly the tlog-tiles tiles of that size, with their bytes.
+    ref = merkle.subtree_hashes(hashes)
+    expected = {
+        (t.level, t.index): tiles.tile_data(t, ref) for t in tiles.tiles_for_size(edge.size)
+    }
+    assert store == expected
+    # And the edge reloads from them.
+    again = tlog.load_edge(edge.size, lambda lv, i: store.get((lv, i)))
+    assert again == edge
+
+
+def test_proofs_from_stored_tiles_are_the_reference_proofs_for_every_earlier_size() -> None:
+    rng = random.Random(7)
+    chunks = [rng.randint(1, 900) for _ in range(40)]
+    _edge, store, hashes = grow(chunks)
+    sizes = [sum(chunks[: i + 1]) for i in range(len(chunks))]
+    for new_size in rng.sample(sizes, 8):
+        reader = tlog.TileReader(new_size, lambda lv, i: store.get((lv, i)))
+        assert reader.root() == merkle.root_from_hashes(hashes[:new_size])
+        for index in rng.sample(range(new_size), 5):
+            proof = reader.inclusion_proof(index)
+            assert proof == merkle.inclusion_proof_from_hashes(hashes[:new_size], index)
+            root = merkle.root_from_inclusion_proof(hashes[index], index, new_size, proof)
+            assert root == reader.root()
+        for old in [s for s in sizes if s <= new_size][-4:]:
+            proof = reader.consistency_proof(old)
+            assert proof == merkle.consistency_proof_from_hashes(hashes[:new_size], old)
+            old_root = merkle.root_from_hashes(hashes[:old])
+            assert merkle.verify_consistency(old, new_size, proof, old_root, reader.root())
+
+
+def test_tiles_in_sqlite_serve_proofs_and_a_missing_tile_is_an_error(tmp_path: Path) -> None:
+    conn = sqlite3.connect(tmp_path / "spool.db", isolation_level=None)
+    conn.executescript(SCHEMA)
+    edge = tlog.LogEdge(0)
+    hashes: list[bytes] = []
+    for k in (300, 70_000, 5):
+        new = leaf_hashes(k, len(hashes))
+        edge, writes = edge.append(new)
+        hashes += new
+        conn.execute("BEGIN")
+        tlog.write_tiles(conn, writes)
+        conn.execute("COMMIT")
+    fetch = tlog.sqlite_fetch(conn)
+    assert tlog.load_edge(edge.size, fetch) == edge
+    reader = tlog.TileReader(300, fetch)
+    assert reader.root() == merkle.root_from_hashes(hashes[:300])
+    full = tlog.TileReader(edge.size, fetch)
+    proof = full.consistency_proof(300)
+    assert merkle.verify_consistency(300, edge.size, proof, reader.root(), edge.root())
+    # An older, narrower write never shrinks a tile that has grown.
+    conn.execute("BEGIN")
+    tlog.write_tiles(conn, [tlog.TileWrite(0, 0, hashes[0])])
+    conn.execute("COMMIT")
+    assert tlog.TileReader(edge.size, fetch).root() == edge.root()
+    conn.execute("DELETE FROM log_tile WHERE level = 1")
+    with pytest.raises(tlog.LogStateError, match="missing or short"):
+        tlog.TileReader(edge.size, fetch).inclusion_proof(70_000)
+    conn.close()
+
+
+def test_proofs_at_ten_million_leaves_cost_a_few_tile_reads() -> None:
+    """O(log n) reads at 10,000,000 leaves: every proof reads at most a few tiles per
+    tile level (3 levels here), counted on a store that would answer any tile."""
+    size = 10_000_000
+
+    def fetch(level: int, index: int) -> bytes:
+        width = tiles.tile_width(level, index, size)
+        assert width > 0, f"read of tile {level}/{index} beyond the tree"
+        seed = hashlib.sha256(f"{level}/{index}".encode()).digest()
+        return seed * width
+
+    rng = random.Random(10)
+    worst = 0
+    for _ in range(50):
+        reader = tlog.TileReader(size, fetch)
+        reader.inclusion_proof(rng.randrange(size))
+        worst = max(worst, reader.reads)
+        reader = tlog.TileReader(size, fetch)
+        reader.consistency_proof(rng.randrange(1, size))
+        worst = max(worst, reader.reads)
+    levels = len(tlog.load_edge(size, fetch).edge)
+    assert levels == 3
+    # One read per level on the path, plus the right-edge tiles: far below log2(n) = 24.
+    assert worst <= 3 * levels, worst
+
+
+def test_an_edge_that_does_not_match_its_size_is_refused() -> None:
+    with pytest.raises(tlog.LogStateError):
+        tlog.LogEdge(5, (b"\x00" * 32 * 4,))
+    with pytest.raises(tlog.LogStateError):
+        tlog.LogEdge(256, (b"\x00" * 32 * 256,))  # level 1 missing
+
+
+def verify_with_sigstore(signed: bytes, pem: bytes) -> None:
+    from tests.test_checkpoint import sigstore_verify
+
+    key = serialization.load_pem_public_key(pem)
+    sigstore_verify(signed, key)  # type: ignore[arg-type]
+
+
+def gateway_verifier(origin: str, pem: bytes) -> note.EcdsaVerifier:
+    key = serialization.load_pem_public_key(pem)
+    return note.EcdsaVerifier.from_public_key(origin, key)  # type: ignore[arg-type]
+
+
+def open_gateway_checkpoint(signed: bytes, origin: str, pem: bytes) -> checkpoint.Checkpoint:
+    return checkpoint.open_checkpoint(signed, [gateway_verifier(origin, pem)], origin).checkpoint
+
+
+# --------------------------------------------------------------------------
+# The service: one checkpoint per batch, signed in SoftHSM2.
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_the_gateway_signs_a_checkpoint_per_batch_of_one_log_across_a_kill(
+    deployment: Deployment,
+) -> None:
+    from gateway.lab import demo, logaudit
+    from tests.test_integration import publish_load
+
+    d = deployment
+    origin = checkpoint.gateway_origin("edge-gateway.invalid", d.gateway_id)
+    pem = d.public_key.read_bytes()
+    gw = d.start_gateway()
+    res = publish_load(d, devices=20, count=30)
+    assert res.acknowledged == 600 and res.failed == 0, res.line()
+    demo.wait_drained(gw, 600, timeout=120)
+    gw.proc.kill()  # SIGKILL: the next start reloads the log's edge from the tiles
+    gw = d.start_gateway()
+    res = publish_load(d, devices=20, count=30, start_seq=31)
+    assert res.acknowledged == 600 and res.failed == 0, res.line()
+    demo.wait_drained(gw, 1200, timeout=120)
+    assert gw.proc.terminate(30) == 0
+
+    audit = logaudit.audit_spool(gw.spool, origin, pem)
+    assert audit.ok, audit.errors
+    assert audit.leaves == 1200
+    conn = sqlite3.connect(f"file:{gw.spool}?mode=ro", uri=True)
+    batches = conn.execute("SELECT count(*) FROM batch").fetchone()[0]
+    tx_ids = [r[0] for r in conn.execute("SELECT tx_id FROM tx ORDER BY rowid")]
+    conn.close()
+    assert audit.checkpoints == batches >= 2
+    assert audit.consistency_checked == batches - 1
+    last = checkpoint.parse_checkpoint(note.parse_note(audit.notes[-1]).text)
+    assert last.origin == origin and last.size == 1200
+    assert last.root_hash == merkle.root_from_hashes(tx_ids)
+    for signed in audit.notes:
+        # An implementation that is not ours, and ours.
+        verify_with_sigstore(signed, pem)
+        cp = open_gateway_checkpoint(signed, origin, pem)
+        assert signed.decode().startswith(cp.body() + "\n\u2014 " + origin + " ")
+    # A changed checkpoint is refused by both.
+    tampered = audit.notes[-1].replace(b"\n1200\n", b"\n1201\n")
+    from sigstore.errors import VerificationError
+
+    with pytest.raises(VerificationError):
+        verify_with_sigstore(tampered, pem)
+    with pytest.raises(note.InvalidNoteSignature):
+        open_gateway_checkpoint(tampered, origin, pem)
