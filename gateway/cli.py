@@ -70,9 +70,22 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
     from gateway.ledger import node as ledger
     from gateway.ledger.config import load_ledger_config
 
+    if args.config is None:
+        print(
+            "edge-gateway ledger-node: --config F runs the node; "
+            "keygen --name N --out F writes its witness key",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     cfg = load_ledger_config(args.config)
     logs.configure("info")
     return ledger.run(cfg)
+
+
+def _cmd_ledger_keygen(args: argparse.Namespace) -> int:
+    from gateway.ledger import witness
+
+    return witness.cmd_keygen(args.name, args.out)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -179,9 +192,18 @@ def parser() -> argparse.ArgumentParser:
 
     add_broker_arguments(p)
 
-    p = sub.add_parser("ledger-node", help="run the reference ledger node")
-    p.add_argument("--config", type=Path, required=True)
+    p = sub.add_parser("ledger-node", help="run the reference ledger node, or make its key")
+    p.add_argument("--config", type=Path, help="the node's configuration, to run it")
     p.set_defaults(fn=_cmd_ledger)
+    node_sub = p.add_subparsers(dest="ledger_cmd", required=False)
+    k = node_sub.add_parser(
+        "keygen", help="write a new Ed25519 witness key (mode 0600) and print its vkey"
+    )
+    k.add_argument(
+        "--name", required=True, help="the witness name, <domain>/ledger-witness/<node id>"
+    )
+    k.add_argument("--out", type=Path, required=True, help="the key file to create")
+    k.set_defaults(fn=_cmd_ledger_keygen)
 
     p = sub.add_parser("status", help="the gateway's status as a table")
     _client_args(p)

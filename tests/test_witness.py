@@ -8,6 +8,8 @@ import hashlib
 import logging
 import sqlite3
 import stat
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from gateway.common.errors import ConfigError, OutputFileError
 from gateway.formats import checkpoint, cosignature, merkle, note
 from gateway.formats.checkpoint import Checkpoint
+from gateway.formats.cosignature import Cosigner
 from gateway.ledger import witness
 from gateway.ledger.witness import LogKey, Witness
 
@@ -522,3 +525,15 @@ def test_a_cosignature_by_another_key_does_not_verify(db: sqlite3.Connection, lo
     other = note.ed25519_public_bytes(ed_key("someone else"))
     with pytest.raises((InvalidSignature, AssertionError)):
         spec_verify_cosignature(WITNESS, other, body, line.line())
+
+
+def test_ledger_node_keygen_command(tmp_path: Path) -> None:
+    out = tmp_path / "node.key"
+    run = [sys.executable, "-m", "gateway", "ledger-node", "keygen", "--name", WITNESS]
+    res = subprocess.run([*run, "--out", str(out)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    vkey = res.stdout.strip()
+    name, key = witness.load_key(out)
+    assert cosignature.parse_cosigner_vkey(vkey) == Cosigner(name, key).verifier()
+    again = subprocess.run([*run, "--out", str(out)], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 73 and again.stderr.count("\n") == 1

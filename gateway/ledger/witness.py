@@ -10,7 +10,6 @@ another tree than the one cosigned) are kept side by side as evidence and logged
 
 from __future__ import annotations
 
-import argparse
 import base64
 import hashlib
 import logging
@@ -623,14 +622,6 @@ def load_key(path: Path) -> tuple[str, Ed25519PrivateKey]:
     except NoteError as e:
         raise ConfigError(f"witness key {path}: {e.detail}") from None
     return signer.name, signer.private_key
-
-
-def add_keygen_arguments(p: argparse.ArgumentParser) -> None:
-    """`edge-gateway ledger-node keygen --name N --out F`."""
-    p.add_argument(
-        "--name", required=True, help="the witness name, e.g. <domain>/ledger-witness/<node id>"
-    )
-    p.add_argument("--out", type=Path, required=True, help="the key file to create (mode 0600)")
 
 
 def cmd_keygen(name: str, out: Path) -> int:
