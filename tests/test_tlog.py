@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import random
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 
 from gateway.edge import tlog
 from gateway.edge.spool import SCHEMA
-from gateway.formats import checkpoint, merkle, note, tiles
+from gateway.formats import checkpoint, cosignature, merkle, note, tiles
 from tests.conftest import Deployment
 
 
@@ -217,3 +218,124 @@ def test_the_gateway_signs_a_checkpoint_per_batch_of_one_log_across_a_kill(
         verify_with_sigstore(tampered, pem)
     with pytest.raises(note.InvalidNoteSignature):
         open_gateway_checkpoint(tampered, origin, pem)
+
+
+def wait_cosigned(spool: Path, size: int, nodes: int, timeout: float = 60) -> list[tuple[str, str]]:
+    """Until `nodes` ledger nodes cosigned checkpoint `size`; their (node id, line)."""
+    deadline = time.monotonic() + timeout
+    rows: list[tuple[str, str]] = []
+    while time.monotonic() < deadline:
+        conn = sqlite3.connect(f"file:{spool}?mode=ro", uri=True)
+        try:
+            rows = conn.execute(
+                "SELECT node_id, line FROM log_cosignature WHERE size = ? ORDER BY node_id",
+                (size,),
+            ).fetchall()
+        finally:
+            conn.close()
+        if len(rows) >= nodes:
+            return rows
+        time.sleep(0.2)
+    raise AssertionError(f"checkpoint {size}: cosigned by {rows} only")
+
+
+def cosigned_by(signed: bytes, lines: list[tuple[str, str]], vkeys: list[str]) -> set[str]:
+    """Names of the witnesses whose cosignature lines verify on the checkpoint."""
+    body = note.parse_note(signed).text
+    text = body + "\n" + "".join(line + "\n" for _n, line in lines)
+    verifiers = [cosignature.parse_cosigner_vkey(v) for v in vkeys]
+    verified = note.verify_note(note.parse_note(text.encode()), verifiers)
+    return {s.name for s in verified.verified}
+
+
+@pytest.mark.integration
+def test_ledger_nodes_cosign_every_checkpoint_and_refuse_a_split_view(
+    deployment: Deployment,
+) -> None:
+    import grpc
+
+    from gateway._pb.edgegateway.v1 import ledger_pb2, ledger_pb2_grpc
+    from gateway.edge.config import load_gateway_config
+    from gateway.edge.signer import Signer
+    from gateway.lab import demo, logaudit
+    from gateway.lab.sandbox import TEST_PIN
+    from tests.test_integration import publish_load
+
+    d = deployment
+    origin = checkpoint.gateway_origin("edge-gateway.invalid", d.gateway_id)
+    pem = d.public_key.read_bytes()
+    vkeys = [lg.witness_vkey for lg in d.ledgers]
+    gw = d.start_gateway()
+    res = publish_load(d, devices=10, count=20)
+    assert res.acknowledged == 200, res.line()
+    demo.wait_drained(gw, 200, timeout=120)
+    audit = logaudit.audit_spool(gw.spool, origin, pem)
+    assert audit.ok and audit.leaves == 200, audit.errors
+    last = checkpoint.parse_checkpoint(note.parse_note(audit.notes[-1]).text)
+    lines = wait_cosigned(gw.spool, last.size, 3)
+    names = {checkpoint.witness_name("ledger.sandbox.invalid", lg.node_id) for lg in d.ledgers}
+    assert cosigned_by(audit.notes[-1], lines, vkeys) == names
+    assert gw.proc.terminate(30) == 0
+
+    # Each node keeps the leaves it cosigned, in log order, and the same checkpoints.
+    for lg in d.ledgers:
+        conn = sqlite3.connect(f"file:{lg.db}?mode=ro", uri=True)
+        leaves = [r[0] for r in conn.execute("SELECT leaf FROM log_leaf ORDER BY idx")]
+        sizes = [r[0] for r in conn.execute("SELECT size FROM witness_cosigned ORDER BY size")]
+        conn.close()
+        assert merkle.root([bytes(x) for x in leaves]) == last.root_hash
+        assert sizes[-1] == last.size
+
+    # Shown another tree of the same size, signed by the gateway's own key, a node refuses
+    # it (ABORTED) and keeps both checkpoints as evidence.
+    cfg = load_gateway_config(d.config)
+    hsm = Signer(cfg.hsm, TEST_PIN)
+    hsm.start()
+    try:
+        other = checkpoint.Checkpoint(origin, last.size, hashlib.sha256(b"other").digest())
+        forged = hsm.sign_checkpoint(other).result(30)
+    finally:
+        hsm.close()
+    lg = d.ledgers[0]
+    with lg.channel("gateway") as ch:
+        stub = ledger_pb2_grpc.LedgerServiceStub(ch)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.AddCheckpoint(
+                ledger_pb2.AddCheckpointRequest(
+                    gateway_id=d.gateway_id, old_size=last.size, checkpoint=forged
+                ),
+                timeout=10,
+            )
+        assert err.value.code() is grpc.StatusCode.ABORTED, err.value.details()
+        head = stub.GetHead(ledger_pb2.GetHeadRequest(gateway_id=d.gateway_id), timeout=10)
+        assert head.log_size == last.size
+    conn = sqlite3.connect(f"file:{lg.db}?mode=ro", uri=True)
+    evidence = conn.execute("SELECT cosigned_size, presented_note FROM witness_evidence").fetchall()
+    conn.close()
+    assert [(e[0], bytes(e[1])) for e in evidence] == [(last.size, forged)]
+    assert "SPLIT VIEW" in lg.proc.log_path.read_text()
+
+    # A node whose cosigned view differs from the gateway's log is marked forked by the
+    # gateway, which keeps committing with the other two.
+    conn = sqlite3.connect(d.ledgers[1].db)
+    conn.execute(
+        "UPDATE witness_cosigned SET root_hash = ? WHERE size = ?",
+        (hashlib.sha256(b"elsewhere").digest(), last.size),
+    )
+    conn.commit()
+    conn.close()
+    gw = d.start_gateway()
+    res = publish_load(d, devices=10, count=5, start_seq=21)
+    assert res.acknowledged == 50, res.line()
+    demo.wait_drained(gw, 250, timeout=120)
+    deadline = time.monotonic() + 30
+    states: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        st = demo.gateway_status(gw)
+        states = {n.node_id: n.state for n in st.ledger_nodes}
+        if states[d.ledgers[1].node_id] == "forked":
+            break
+        time.sleep(0.2)
+    assert states[d.ledgers[1].node_id] == "forked", states
+    assert states[d.ledgers[0].node_id] == states[d.ledgers[2].node_id] == "ok"
+    assert gw.proc.terminate(30) == 0

@@ -29,7 +29,7 @@ from gateway.common.tomlconfig import (
     tls_client,
     tls_server,
 )
-from gateway.formats import checkpoint, note
+from gateway.formats import checkpoint, cosignature, note
 
 DEFAULT_PATH = Path("/etc/edge-gateway/gateway.toml")
 DEFAULT_HSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
@@ -203,12 +203,15 @@ class LogConfig:
     by default `edge-gateway.invalid/edge-gateway/<gateway id>` (set a domain you own)."""
 
     origin: str
+    # Ledger node id -> its witness cosignature vkey: a node's cosignature counts only if
+    # it verifies under its vkey. A node without one here is trusted on its word.
+    witnesses: Mapping[str, str] = field(default_factory=dict)
 
 
 DEFAULT_LOG_DOMAIN = "edge-gateway.invalid"
 
 
-def _log(root: Reader, gateway_id: str) -> LogConfig:
+def _log(root: Reader, gateway_id: str, node_ids: list[str]) -> LogConfig:
     lg = root.table("log")
     try:
         default = checkpoint.gateway_origin(DEFAULT_LOG_DOMAIN, gateway_id)
@@ -222,8 +225,20 @@ def _log(root: Reader, gateway_id: str) -> LogConfig:
             "expected a log origin of at most 256 bytes without spaces or '+', "
             'e.g. "ledger.carrier.example/edge-gateway/gw-01"',
         )
+    given = lg._get("witnesses", {})
+    if not isinstance(given, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in given.items()
+    ):
+        raise lg.fail("witnesses", given, 'expected a table of ledger node id = "vkey"')
+    for node_id, vkey in given.items():
+        if node_id not in node_ids:
+            raise lg.fail(f"witnesses.{node_id}", vkey, "not a node of forwarder.nodes")
+        try:
+            cosignature.parse_cosigner_vkey(vkey)
+        except note.NoteError as e:
+            raise lg.fail(f"witnesses.{node_id}", vkey, e.detail) from None
     lg.finish()
-    return LogConfig(origin=origin)
+    return LogConfig(origin=origin, witnesses=dict(given))
 
 
 # ---- end of [log] ----------------------------------------------------------------------
@@ -400,7 +415,7 @@ def parse_gateway_config(data: Mapping[str, Any], source: Path) -> GatewayConfig
     metrics_listen = metrics_address if metrics_enabled else None
     mt.finish()
     profiles = _profiles(root) if root.has("profiles") else None
-    log_cfg = _log(root, gateway_id)  # [log] (issue 13)
+    log_cfg = _log(root, gateway_id, [n.node_id for n in forwarder.nodes])  # [log] (issue 13)
     root.finish()
     return GatewayConfig(
         gateway_id=gateway_id,

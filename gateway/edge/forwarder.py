@@ -14,17 +14,21 @@ import collections
 import contextlib
 import logging
 import random
+import sqlite3
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
 from gateway._pb.edgegateway.v1 import batch_pb2, ledger_pb2, ledger_pb2_grpc
 from gateway.common.errors import LedgerError
 from gateway.common.grpcutil import aio_channel
-from gateway.edge import metrics
+from gateway.edge import metrics, tlog
 from gateway.edge.config import ForwarderConfig, LedgerNodeRef
-from gateway.edge.spool import Spool, StoredBatch, now_ms
+from gateway.edge.spool import Spool, StoredBatch, StoredCheckpoint, now_ms
+from gateway.formats import cosignature, note
 
 log = logging.getLogger("gateway.edge.forwarder")
 
@@ -52,6 +56,10 @@ class NodeState:
     # unreachable or refusing; None while it answers.
     down_since: float | None = None
     down_attempts: int = 0
+    # The size of the last checkpoint of this gateway's log the node cosigned (its
+    # GetHead); None until asked.
+    log_size: int | None = None
+    cosigned: int = 0
 
 
 def backoff_delay(attempt: int, initial: float, maximum: float, rng: random.Random) -> float:
@@ -61,7 +69,20 @@ def backoff_delay(attempt: int, initial: float, maximum: float, rng: random.Rand
 
 
 class Forwarder:
-    def __init__(self, cfg: ForwarderConfig, spool: Spool, gateway_id: str) -> None:
+    def __init__(
+        self,
+        cfg: ForwarderConfig,
+        spool: Spool,
+        gateway_id: str,
+        witnesses: Mapping[str, str] | None = None,
+    ) -> None:
+        """`witnesses`: node id -> witness cosignature vkey ([log] witnesses); a node's
+        cosignature is stored only if it verifies under its vkey, when it has one."""
+        self._witnesses = {
+            node_id: cosignature.parse_cosigner_vkey(vkey)
+            for node_id, vkey in (witnesses or {}).items()
+        }
+        self.last_committed_size = 0
         self.cfg = cfg
         self.spool = spool
         self.gateway_id = gateway_id
@@ -184,6 +205,8 @@ class Forwarder:
                 if node.next_seq is None:
                     await self._sync_head(node, stub)
                 if node.next_seq is None or node.next_seq > self.last_signed_seq:
+                    if node.next_seq is not None and await self._cosign(node, stub):
+                        continue
                     if node.state not in ("forked",):
                         self._working(node)
                     await self._wait(i, stop, 1.0)
@@ -265,6 +288,7 @@ class Forwarder:
                 self._forked(node, f"header hash at seq {head.next_seq - 1} differs")
                 return
         node.next_seq = head.next_seq
+        node.log_size = head.log_size
         self._set_state(node, "ok")
         log.info("ledger %s head: next seq %d", node.ref.node_id, head.next_seq)
 
@@ -315,6 +339,79 @@ class Forwarder:
         pending.append(asyncio.ensure_future(self._receipt_stored(store, seq, received)))
         while len(pending) >= RECEIPTS_IN_FLIGHT or (pending and pending[0].done()):
             await pending.popleft()
+        await self._cosign(node, stub)
+
+    async def _cosign(self, node: NodeState, stub: ledger_pb2_grpc.LedgerServiceStub) -> bool:
+        """Bring the node's cosigned view of the log up to the last batch it holds: one
+        AddCheckpoint from the size it last cosigned, with the leaves since and a
+        consistency proof from the tiles. True if it sent one."""
+        if node.log_size is None or node.next_seq is None or node.next_seq == 0:
+            return False
+        held = node.next_seq - 1
+        old = node.log_size
+        loaded = await asyncio.wrap_future(
+            self.spool.read(lambda c: _load_cosign(c, old, held, MAX_COSIGN_LEAVES))
+        )
+        if loaded is None:
+            return False
+        cp, leaves, proof = loaded
+        if cp is None:
+            self._forked(node, f"node cosigned a log of {old} leaves, beyond this gateway's")
+            return False
+        req = ledger_pb2.AddCheckpointRequest(
+            gateway_id=self.gateway_id,
+            old_size=old,
+            consistency_proof=proof,
+            checkpoint=cp.note,
+            leaves=leaves,
+        )
+        t0 = time.perf_counter()
+        try:
+            answer: ledger_pb2.Cosignature = await stub.AddCheckpoint(
+                req, timeout=self.cfg.call_timeout_s
+            )
+        except grpc.aio.AioRpcError as e:
+            if e.code() is grpc.StatusCode.FAILED_PRECONDITION:
+                known = _metadata(e, "known-size")
+                if known is not None and known.isdigit():
+                    node.log_size = int(known)
+            raise
+        metrics.forward_seconds.labels(node.ref.node_id).observe(time.perf_counter() - t0)
+        line = self._checked_line(node, cp, answer)
+        committed = await asyncio.wrap_future(
+            self.spool.write(
+                lambda c: Spool.w_store_cosignature(
+                    c, cp.size, node.ref.node_id, line, self.cfg.quorum
+                )
+            )
+        )
+        node.log_size = cp.size
+        node.cosigned += 1
+        if committed and cp.size > self.last_committed_size:
+            self.last_committed_size = cp.size
+        return True
+
+    def _checked_line(
+        self, node: NodeState, cp: StoredCheckpoint, answer: ledger_pb2.Cosignature
+    ) -> str:
+        """The node's cosignature line, verified under its vkey when one is configured."""
+        if answer.size != cp.size or not answer.line or "\n" in answer.line:
+            raise LedgerError(
+                f"ledger {node.ref.node_id} answered a cosignature of size {answer.size} "
+                f"for checkpoint {cp.size}"
+            )
+        try:
+            body = note.parse_note(cp.note).text
+            cosigned = note.parse_note((body + "\n" + answer.line + "\n").encode())
+            verifier = self._witnesses.get(node.ref.node_id)
+            if verifier is not None:
+                note.verify_note(cosigned, [verifier])
+        except note.NoteError as e:
+            raise LedgerError(
+                f"ledger {node.ref.node_id}: its cosignature of checkpoint {cp.size} "
+                f"does not verify ({e})"
+            ) from None
+        return answer.line
 
     async def _receipt_stored(
         self, store: asyncio.Future[bool], seq: int, received: list[int]
@@ -328,6 +425,54 @@ class Forwarder:
             self.last_committed_seq = seq
             metrics.batches_committed.inc()
             metrics.last_committed_seq.set(seq)
+
+
+# Leaves one AddCheckpoint carries at most when a node catches up (several checkpoints).
+MAX_COSIGN_LEAVES = 20_000
+
+
+def _metadata(e: grpc.aio.AioRpcError, key: str) -> str | None:
+    items: Any = e.trailing_metadata() or ()
+    for k, v in items:
+        if k == key:
+            return v if isinstance(v, str) else bytes(v).decode("ascii", "replace")
+    return None
+
+
+def _load_cosign(
+    conn: sqlite3.Connection, old_size: int, max_seq: int, max_leaves: int
+) -> tuple[StoredCheckpoint | None, list[bytes], list[bytes]] | None:
+    """What a node that cosigned `old_size` is sent next: the latest checkpoint of a batch
+    it holds (seq <= max_seq) within `max_leaves` of it (at least the next one), the
+    leaves since `old_size` and the consistency proof. None when it is up to date;
+    (None, [], []) when old_size is no checkpoint of this log."""
+    if old_size:
+        known = Spool.q_checkpoint(conn, old_size)
+        if known is None:
+            return None, [], []
+    row = conn.execute(
+        "SELECT size FROM log_checkpoint WHERE size > ? AND seq <= ? AND size <= ?"
+        " ORDER BY size DESC LIMIT 1",
+        (old_size, max_seq, old_size + max_leaves),
+    ).fetchone()
+    if row is None:
+        row = conn.execute(
+            "SELECT size FROM log_checkpoint WHERE size > ? AND seq <= ? ORDER BY size LIMIT 1",
+            (old_size, max_seq),
+        ).fetchone()
+    if row is None:
+        return None
+    cp = Spool.q_checkpoint(conn, int(row[0]))
+    assert cp is not None
+    first = Spool.q_checkpoint_covering_index(conn, old_size)
+    if first is None:
+        return None
+    leaves = Spool.q_leaves(conn, first.first_rowid, cp.last_rowid)
+    if len(leaves) != cp.size - old_size:
+        return None  # pruned: the node cannot be brought up to date from this spool
+    reader = tlog.TileReader(cp.size, tlog.sqlite_fetch(conn))
+    proof = reader.consistency_proof(old_size) if old_size else []
+    return cp, leaves, proof
 
 
 def _load(conn: object, seq: int) -> tuple[StoredBatch, list[bytes], list[int]] | None:

@@ -313,7 +313,12 @@ class Gateway:
         log.info(
             "hsm token %s key %s key_id %s", info.token_label, info.key_label, info.key_id.hex()
         )
-        self.forwarder = Forwarder(cfg.forwarder, self.spool, cfg.gateway_id)
+        self.forwarder = Forwarder(
+            cfg.forwarder,
+            self.spool,
+            cfg.gateway_id,
+            witnesses=cfg.log.witnesses if cfg.log is not None else None,
+        )
         await self.forwarder.resume()
         self.batcher = Batcher(
             cfg.batch,

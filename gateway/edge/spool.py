@@ -998,6 +998,20 @@ class Spool:
         return StoredCheckpoint(*row) if row else None
 
     @staticmethod
+    def q_checkpoint_covering_index(
+        conn: sqlite3.Connection, index: int
+    ) -> StoredCheckpoint | None:
+        """The checkpoint whose batch holds leaf `index`."""
+        row = conn.execute(
+            f"SELECT {_CHECKPOINT_COLS} FROM log_checkpoint WHERE size > ? ORDER BY size LIMIT 1",
+            (index,),
+        ).fetchone()
+        if row is None:
+            return None
+        cp = StoredCheckpoint(*row)
+        return cp if cp.first_index <= index else None
+
+    @staticmethod
     def q_leaf_index(conn: sqlite3.Connection, rowid: int) -> tuple[int, StoredCheckpoint] | None:
         """The log index of the transaction at `rowid` and the checkpoint of its batch;
         None while it is in no batch yet."""
