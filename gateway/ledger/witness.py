@@ -176,7 +176,9 @@ class Witness:
 
     One lock serialises every use of the connection, so the check of the old size and the
     write of the new checkpoint are atomic (the race c2sp.org/tlog-witness describes) and
-    the connection is never used by two threads at once.
+    the connection is never used by two threads at once (open it with
+    check_same_thread=False when several threads call; isolation_level=None or the default,
+    never inside a transaction of the caller's: the witness runs BEGIN IMMEDIATE itself).
     """
 
     def __init__(
@@ -339,12 +341,14 @@ class Witness:
                 raise BadRequest(f"{len(proof)} consistency proof hashes, at most 63")
             if any(len(h) != merkle.HASH_SIZE for h in proof):
                 raise BadConsistencyProof("every consistency proof hash must be 32 bytes")
-            stored = Note(cp.body(), log_sigs).serialise()
+            # Strict parsing makes the text and cp.body() the same bytes; the text is what
+            # the log signed, so it is what is stored and cosigned.
+            stored = Note(parsed.text, log_sigs).serialise()
             with self._transaction():
                 self._check_against(cp, note, old_size, proof)
                 if check is not None:
                     check(cp)
-                line = self._cosigner.signature(cp.body(), self._timestamp())
+                line = self._cosigner.signature(parsed.text, self._timestamp())
                 self._db.execute(
                     "INSERT OR REPLACE INTO witness_cosigned (origin, size, root_hash, note,"
                     " cosignature, cosigned_ms) VALUES (?, ?, ?, ?, ?, ?)",
