@@ -4,12 +4,15 @@ it stores in a real SQLite file, and the split views it keeps as evidence."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
+import itertools
 import logging
 import sqlite3
 import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -537,3 +540,45 @@ def test_ledger_node_keygen_command(tmp_path: Path) -> None:
     assert cosignature.parse_cosigner_vkey(vkey) == Cosigner(name, key).verifier()
     again = subprocess.run([*run, "--out", str(out)], capture_output=True, text=True, timeout=60)
     assert again.returncode == 73 and again.stderr.count("\n") == 1
+
+
+def test_concurrent_submissions_never_roll_the_witness_back(tmp_path: Path) -> None:
+    # The race of c2sp.org/tlog-witness: the old size is checked and the new checkpoint
+    # written atomically, so the checkpoints cosigned form one chain, each from the size
+    # of the one before, however the submissions interleave.
+    log = TestLog()
+    log.grow(400)
+    conn = connect(tmp_path / "n.sqlite")
+    w = make_witness(conn, log)
+    notes = {size: log.checkpoint(size) for size in range(1, 401)}
+    chain: list[tuple[int, int]] = []
+
+    def submit(step: int) -> None:
+        for _ in range(40):
+            known = w.known_size(ORIGIN)
+            size = min(400, known + step)
+            with contextlib.suppress(witness.OldSizeMismatch):
+                w.add_checkpoint(
+                    notes[size],
+                    known,
+                    log.proof(known, size),
+                    # Runs inside the witness's transaction: the order of commits.
+                    check=lambda cp, old=known: chain.append((old, cp.size)),
+                )
+
+    threads = [threading.Thread(target=submit, args=(step,)) for step in (1, 2, 3, 5, 7, 11)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    assert chain[0][0] == 0
+    for (_, before), (old, _) in itertools.pairwise(chain):
+        assert old == before
+    assert chain[-1][1] == w.known_size(ORIGIN)
+    cosigned = [checkpoint.checkpoint_of(note.parse_note(n)) for n in w.cosigned(ORIGIN)]
+    for a, b in itertools.pairwise(cosigned):
+        proof = merkle.consistency_proof(log.leaves[: b.size], a.size)
+        assert merkle.verify_consistency(a.size, b.size, proof, a.root_hash, b.root_hash)
+    assert w.evidence() == []
+    conn.close()
