@@ -98,7 +98,12 @@ def _cmd_proof(args: argparse.Namespace) -> int:
     from gateway.edge import client
 
     return asyncio.run(
-        client.check_proof(client.ClientOptions.from_args(args), args.tx_id, args.public_key)
+        client.check_proof(
+            client.ClientOptions.from_args(args),
+            args.tx_id,
+            args.public_key,
+            client.LogTrust.from_args(args),
+        )
     )
 
 
@@ -213,6 +218,26 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("proof", help="fetch a transaction's proof and verify it offline")
     p.add_argument("tx_id")
     p.add_argument("--public-key", type=Path, required=True, help="the gateway's public key PEM")
+    p.add_argument(
+        "--origin",
+        help="the log's origin (default: the one the checkpoint names, checked "
+        "against the gateway's key)",
+    )
+    p.add_argument(
+        "--witness",
+        action="append",
+        metavar="VKEY",
+        help="a witness's cosignature vkey (repeat for each ledger node)",
+    )
+    p.add_argument(
+        "--witnesses-file", type=Path, help="a file of witness vkeys, one a line ('#' comments)"
+    )
+    p.add_argument(
+        "--witness-quorum",
+        type=int,
+        metavar="M",
+        help="witnesses that must have cosigned (default: a majority of those given)",
+    )
     _client_args(p)
     p.set_defaults(fn=_cmd_proof)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from gateway.edge import tlog
 from gateway.edge.spool import SCHEMA
@@ -338,4 +339,96 @@ def test_ledger_nodes_cosign_every_checkpoint_and_refuse_a_split_view(
         time.sleep(0.2)
     assert states[d.ledgers[1].node_id] == "forked", states
     assert states[d.ledgers[0].node_id] == states[d.ledgers[2].node_id] == "ok"
+    assert gw.proc.terminate(30) == 0
+
+
+@pytest.mark.integration
+def test_get_transaction_returns_a_tlog_proof_that_verifies_offline_with_the_witnesses(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    from gateway._pb.edgegateway.v1 import gateway_pb2, gateway_pb2_grpc
+    from gateway.formats import tlogproof
+    from gateway.lab import demo, logaudit
+    from tests.test_integration import publish_load
+
+    d = deployment
+    origin = checkpoint.gateway_origin("edge-gateway.invalid", d.gateway_id)
+    pem = d.public_key.read_bytes()
+    vkeys = [lg.witness_vkey for lg in d.ledgers]
+    gw = d.start_gateway()
+    res = publish_load(d, devices=10, count=30)
+    assert res.acknowledged == 300, res.line()
+    demo.wait_drained(gw, 300, timeout=120)
+    audit = logaudit.audit_spool(gw.spool, origin, pem)
+    last = checkpoint.parse_checkpoint(note.parse_note(audit.notes[-1]).text)
+    wait_cosigned(gw.spool, last.size, 3)
+    conn = sqlite3.connect(f"file:{gw.spool}?mode=ro", uri=True)
+    tx_ids = [bytes(r[0]).hex() for r in conn.execute("SELECT tx_id FROM tx ORDER BY rowid")]
+    conn.close()
+
+    policy = tlogproof.WitnessPolicy(
+        tuple(cosignature.parse_cosigner_vkey(v) for v in vkeys), threshold=3
+    )
+    log_key = logaudit.log_verifier(origin, pem)
+    with gw.channel() as ch:
+        stub = gateway_pb2_grpc.GatewayServiceStub(ch)
+        for index in (0, 1, 150, 299):
+            resp = stub.GetTransaction(
+                gateway_pb2.GetTransactionRequest(tx_id=tx_ids[index]), timeout=10
+            )
+            assert resp.log_index == index
+            verified = tlogproof.verify_tlog_proof(
+                resp.tlog_proof, merkle.leaf_hash(resp.transaction), [log_key], policy
+            )
+            # Against the latest committed checkpoint, cosigned by all three nodes.
+            assert verified.checkpoint.size == last.size
+            assert len(verified.cosigned_by) == 3
+            with pytest.raises(tlogproof.NotIncluded):
+                tlogproof.verify_tlog_proof(
+                    resp.tlog_proof, merkle.leaf_hash(resp.transaction + b"x"), [log_key], policy
+                )
+
+    witnesses = tmp_path / "witnesses"
+    witnesses.write_text("# the sandbox's ledger nodes\n" + "".join(v + "\n" for v in vkeys))
+
+    def proof_cli(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "gateway",
+                "proof",
+                tx_ids[42],
+                "--address",
+                gw.api_address,
+                *gw.cli_args("admin"),
+                "--public-key",
+                str(d.public_key),
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    out = proof_cli("--witnesses-file", str(witnesses), "--witness-quorum", "3", "--origin", origin)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "cosigned by 3 of 3 witness(es), 3 required" in out.stdout, out.stdout
+    # A witness that did not cosign cannot make the quorum; the failure is one line.
+    stranger = (
+        cosignature.Cosigner(
+            "ledger.sandbox.invalid/ledger-witness/stranger", ed25519.Ed25519PrivateKey.generate()
+        )
+        .verifier()
+        .vkey()
+    )
+    out = proof_cli("--witness", stranger, "--witness", vkeys[0], "--witness-quorum", "2")
+    assert out.returncode != 0
+    assert "1 of 2 witnesses cosigned, 2 required" in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    out = proof_cli("--origin", "other.example/edge-gateway/x")
+    assert out.returncode != 0 and "origin" in out.stderr, out.stderr
     assert gw.proc.terminate(30) == 0
