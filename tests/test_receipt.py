@@ -4,6 +4,7 @@ key inside SoftHSM2 signs and three ledger-node witnesses cosign."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sqlite3
@@ -361,3 +362,18 @@ def test_the_device_verifier_imports_nothing_from_the_gateway() -> None:
     # ...and cryptography only inside the one function a device port replaces.
     top = {n.module for n in tree.body if isinstance(n, ast.ImportFrom)}
     assert not any(m and m.startswith("cryptography") for m in top)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=700))
+def test_arbitrary_bytes_fail_only_as_invalid_receipts(data: bytes) -> None:
+    t = dv.Trust.of(
+        ORIGIN, [note.spki_der(ec.derive_private_key(7, ec.SECP256R1()).public_key())], VKEYS, 1
+    )
+    for raw in (data, b"\x01" + data):
+        with contextlib.suppress(ReceiptError):
+            receipt.decode(raw)
+        with contextlib.suppress(dv.ReceiptInvalid):
+            dv.verify_receipt(raw, t)
+        with contextlib.suppress(dv.ReceiptInvalid):
+            dv.parse_signed_checkpoint(raw)

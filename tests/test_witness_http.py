@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.formats import checkpoint, cosignature, merkle, note
 from gateway.formats.checkpoint import Checkpoint
@@ -304,3 +306,11 @@ def test_request_body_round_trips() -> None:
     proof = [hashlib.sha256(bytes([i])).digest() for i in range(63)]
     req = witness_http.parse_request(witness_http.request_body(7, proof, b"n\n\n- x\n"))
     assert req == witness_http.AddCheckpoint(7, tuple(proof), b"n\n\n- x\n")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600))
+def test_arbitrary_bodies_fail_only_as_malformed(data: bytes) -> None:
+    for body_ in (data, b"old 0\n" + data, b"old 3\n\n" + data):
+        with contextlib.suppress(witness_http.MalformedRequest):
+            witness_http.parse_request(body_)
