@@ -297,3 +297,37 @@ def test_a_forked_checkpoint_is_reported_as_inconsistent(export: Export, tmp_pat
         "consistency/64-100.txt: the tree of size 100 does not extend the tree of size 64"
     )
     assert any(f.startswith("consistency/100-150.txt") for f in report.failures)
+
+
+def test_a_key_rotation_verifies_with_both_keys_in_gateway_pem(
+    export: Export, tmp_path: Path
+) -> None:
+    d = tmp_path / "copy"
+    shutil.copytree(export.directory, d)
+    new = ecdsa_signer(ORIGIN, "rotated log key")
+    old = ecdsa_signer(ORIGIN, LOG_LABEL)
+    # 150 is signed by both keys (the overlap), 151 by the new key only.
+    for size, signers in ((150, [old, new]), (151, [new])):
+        signed = note.parse_note(
+            checkpoint.sign_checkpoint(
+                Checkpoint(ORIGIN, size, merkle.root(export.leaves[:size])), signers
+            )
+        )
+        for w in export.witness_keys:
+            signed = w.cosign(signed, 1_790_000_000)
+        (d / "checkpoints" / str(size)).write_bytes(signed.serialise())
+        if size == 151:
+            (d / "checkpoint").write_bytes(signed.serialise())
+    pems = [
+        p256_key(label)
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        for label in (LOG_LABEL, "rotated log key")
+    ]
+    (d / "gateway.pem").write_bytes(pems[0] + pems[1])
+    report = auditdir.audit(d, witness_quorum=3)
+    assert report.ok, report.failures
+    (d / "gateway.pem").write_bytes(pems[1])
+    report = auditdir.audit(d, witness_quorum=3)
+    assert report.first_failure is not None
+    assert report.first_failure.startswith("checkpoints/10: not signed by the log key")
