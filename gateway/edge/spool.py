@@ -393,6 +393,8 @@ class Spool:
             )
         if self.path.exists() and check_integrity:
             self._check_integrity()
+        if self.path.exists():
+            self._refuse_other_schema()
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
         self._lock_fd = os.open(f"{self.path}.lock", flags, 0o600)
         self._next_fd = os.open(f"{self.path}.lock-next", flags, 0o600)
@@ -405,7 +407,6 @@ class Spool:
             ) from None
         try:
             with self._write_lock():
-                self._refuse_other_schema(conn)
                 conn.executescript(SCHEMA)
                 self._check_meta(conn)
         except sqlite3.DatabaseError as e:
@@ -444,18 +445,28 @@ class Spool:
                 "untouched: keep it for analysis and move it aside to start with an empty spool"
             )
 
-    def _refuse_other_schema(self, conn: sqlite3.Connection) -> None:
+    def _refuse_other_schema(self) -> None:
         """A spool written by another schema (the per-batch trees before the log, or a
-        newer gateway) stops the start before anything is created in it: misreading it
-        would sign a history it does not hold."""
-        has_meta = conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
-        ).fetchone()
-        if has_meta is None:
-            return
-        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        newer gateway) stops the start through a read-only connection, before anything
+        is written to it: misreading it would sign a history it does not hold."""
+        try:
+            ro = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30.0)
+            try:
+                has_meta = ro.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+                ).fetchone()
+                row = (
+                    None
+                    if has_meta is None
+                    else ro.execute(
+                        "SELECT value FROM meta WHERE key = 'schema_version'"
+                    ).fetchone()
+                )
+            finally:
+                ro.close()
+        except sqlite3.DatabaseError:
+            return  # the open below reports what SQLite makes of it
         if row is not None and row[0] != str(SCHEMA_VERSION):
-            conn.close()
             raise SpoolIntegrityError(
                 f"spool {self.path} has schema {row[0]}, this gateway reads {SCHEMA_VERSION} "
                 "(one append-only log per gateway); it was left untouched: move it aside to "

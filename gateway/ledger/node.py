@@ -300,6 +300,8 @@ class LedgerStore:
             # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
             conn = sqlite3.connect(self.path, isolation_level=None)
             try:
+                # Before anything writes to the file (the journal mode included).
+                self._refuse_other_schema(conn)
                 mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
                 if str(mode).lower() != "wal":
                     raise LedgerStoreError(
@@ -309,7 +311,6 @@ class LedgerStore:
                 # FULL: the WAL is fsynced at every commit, so a receipt survives power loss.
                 conn.execute("PRAGMA synchronous=FULL")
                 conn.execute("PRAGMA busy_timeout=5000")
-                self._refuse_other_schema(conn)
                 conn.executescript(_SCHEMA)
                 conn.execute(
                     "INSERT OR IGNORE INTO ledger_meta (key, value) VALUES ('schema_version', ?)",
