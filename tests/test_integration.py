@@ -414,3 +414,8 @@ def test_demo_json_summary(tmp_path: Path) -> None:
     assert summary["duplicates_applied"] == 0 and summary["chains_verified"] == 3
     assert summary["committed"] == summary["acknowledged"] - summary["rejected_published"]
     assert summary["proofs_verified"] > 0
+    # The log: a checkpoint per batch, cosigned by every node, successive ones consistent.
+    assert summary["checkpoints"] == summary["batches"] and summary["log_errors"] == []
+    assert sorted(summary["cosigned_by_node"]) == ["ledger-1", "ledger-2", "ledger-3"]
+    assert all(n > 0 for n in summary["cosigned_by_node"].values())
+    assert summary["consistent_pairs"] > 0

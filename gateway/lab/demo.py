@@ -30,8 +30,9 @@ from gateway._pb.edgegateway.v1 import (
 from gateway.common import resources
 from gateway.common.errors import GatewayError
 from gateway.edge import client
+from gateway.edge.config import load_gateway_config
 from gateway.formats import batchformat
-from gateway.lab import simulate
+from gateway.lab import logaudit, simulate
 from gateway.lab.sandbox import GatewayProc, Ledger, Sandbox, free_port
 
 GATEWAY_ID = "edge-demo-01"
@@ -60,6 +61,12 @@ class Summary:
     p50_ms: float = 0.0
     p99_ms: float = 0.0
     signatures: int = 0
+    # The gateway's log: its checkpoints, each node's cosigned ones, successive cosigned
+    # pairs shown consistent, and whatever failed.
+    checkpoints: int = 0
+    cosigned_by_node: dict[str, int] = field(default_factory=dict)
+    consistent_pairs: int = 0
+    log_errors: list[str] = field(default_factory=list)
     committed_by_profile: dict[str, int] = field(default_factory=dict)
 
 
@@ -127,6 +134,26 @@ def check_ledger(
     return n, dups, set(seen)
 
 
+def check_log(s: Summary, gw: GatewayProc, ledgers: list[Ledger]) -> None:
+    """The gateway's log as an auditor sees it (logaudit): every checkpoint signed and
+    consistent with the one before; every checkpoint each node cosigned verifies, and
+    successive ones are consistent by a proof from the gateway's tiles."""
+    origin = load_gateway_config(gw.config).log_origin
+    pem = gw.public_key.read_bytes()
+    own = logaudit.audit_spool(gw.spool, origin, pem)
+    s.checkpoints = own.checkpoints
+    s.log_errors += own.errors
+    audits = [
+        logaudit.audit_witness(lg.node_id, lg.db, origin, pem, lg.witness_vkey, gw.spool)
+        for lg in ledgers
+    ]
+    for a in audits:
+        s.cosigned_by_node[a.node_id] = a.cosigned
+        s.consistent_pairs += a.consistent_pairs
+        s.log_errors += a.errors
+    s.log_errors += logaudit.same_roots(audits, gw.spool)
+
+
 def verify_proofs(gw: GatewayProc, tx_ids: list[str], sample: int) -> tuple[int, int]:
     key = batchformat.load_public_key(gw.public_key.read_bytes())
     ok = bad = 0
@@ -136,6 +163,7 @@ def verify_proofs(gw: GatewayProc, tx_ids: list[str], sample: int) -> tuple[int,
             resp = stub.GetTransaction(gateway_pb2.GetTransactionRequest(tx_id=tx_id), timeout=10)
             try:
                 client.verify_transaction(resp, key)
+                client.verify_log_proof(resp, key, client.LogTrust())
                 ok += 1
             except client.ProofInvalid:
                 bad += 1
@@ -294,6 +322,7 @@ def run_demo(
             s.duplicates_applied += dups
             s.missing_at_ledger = max(s.missing_at_ledger, committed - len(held))
         s.proofs_verified, s.proofs_failed = verify_proofs(gw, ids, 200)
+        check_log(s, gw, ledgers)
         s.committed_by_profile = committed_by_profile(gw.spool)
         code = gw.proc.terminate(30)
         if code != 0:
@@ -325,12 +354,23 @@ def main(seconds: float, as_json: bool, devices: int, rate: float, workdir: Path
         f"  ledger chains        {s.chains_verified} of {s.ledger_nodes} verified, "
         f"{s.duplicates_applied} duplicates applied"
     )
+    cosigned = ", ".join(f"{k} {v}" for k, v in s.cosigned_by_node.items())
+    print(
+        f"  log                  {s.checkpoints} signed checkpoints; cosigned: {cosigned}; "
+        f"{s.consistent_pairs} successive cosigned pairs consistent"
+    )
+    for err in s.log_errors[:5]:
+        print(f"  log error            {err}")
     ok = (
         len(s.committed_by_profile) >= 3
         and s.proofs_failed == 0
         and s.duplicates_applied == 0
         and s.chains_verified == s.ledger_nodes
         and s.committed >= s.acknowledged - s.rejected_published
+        and s.checkpoints == s.batches
+        and not s.log_errors
+        and len(s.cosigned_by_node) == s.ledger_nodes
+        and all(n > 0 for n in s.cosigned_by_node.values())
     )
     if as_json:
         print(json.dumps(asdict(s), sort_keys=True))

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.edge import tlog
 from gateway.edge.spool import Spool, StoredCheckpoint
-from gateway.formats import checkpoint, merkle, note
+from gateway.formats import checkpoint, cosignature, merkle, note
 
 
 @dataclass
@@ -45,8 +45,9 @@ def audit_spool(spool: Path, origin: str, public_pem: bytes, max_errors: int = 2
     """Check the whole log kept in a spool (read-only)."""
     verifier = log_verifier(origin, public_pem)
     out = LogAudit()
-    conn = sqlite3.connect(f"file:{spool}?mode=ro", uri=True)
+    conn = sqlite3.connect(f"file:{spool}?mode=ro", uri=True, isolation_level=None)
     try:
+        conn.execute("BEGIN")  # one snapshot of a spool the gateway may still be writing
         rows = conn.execute(
             "SELECT size, seq, first_index, first_rowid, last_rowid, root, note, created_ms,"
             " committed_ms FROM log_checkpoint ORDER BY size"
@@ -116,3 +117,100 @@ def _check_one(
     except (tlog.LogStateError, ValueError, IndexError) as e:
         return f"checkpoint {cp.size}: {e}"
     return None
+
+
+@dataclass
+class WitnessAudit:
+    """One ledger node's cosigned checkpoints of one log."""
+
+    node_id: str
+    cosigned: int = 0
+    consistent_pairs: int = 0
+    roots: dict[int, bytes] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def audit_witness(
+    node_id: str,
+    ledger_db: Path,
+    origin: str,
+    public_pem: bytes,
+    witness_vkey: str,
+    spool: Path,
+    max_errors: int = 20,
+) -> WitnessAudit:
+    """Every checkpoint the node cosigned carries the log key's signature and the node's
+    cosignature, and each is consistent with the one it cosigned before: an RFC 9162
+    consistency proof from the gateway's own tiles (not the node's) must join their
+    roots. Both databases are opened read-only."""
+    out = WitnessAudit(node_id)
+    log_key = log_verifier(origin, public_pem)
+    witness = cosignature.parse_cosigner_vkey(witness_vkey)
+    node = sqlite3.connect(f"file:{ledger_db}?mode=ro", uri=True, isolation_level=None)
+    gw = sqlite3.connect(f"file:{spool}?mode=ro", uri=True, isolation_level=None)
+    try:
+        # Snapshots, the node's first: the gateway stores a checkpoint before any node
+        # sees it, so its spool then holds every tile the node's checkpoints need.
+        node.execute("BEGIN")
+        gw.execute("BEGIN")
+        rows = node.execute(
+            "SELECT size, root_hash, note, cosignature FROM witness_cosigned"
+            " WHERE origin = ? ORDER BY size",
+            (origin,),
+        ).fetchall()
+        fetch = tlog.sqlite_fetch(gw)
+        prev: tuple[int, bytes] | None = None
+        for size, root, signed, line in rows:
+            size, root = int(size), bytes(root)
+            problem = None
+            try:
+                opened = checkpoint.open_checkpoint(
+                    bytes(signed) + bytes(line), [log_key, witness], origin
+                )
+                names = {s.name for s in opened.note.verified}
+                if names != {log_key.name, witness.name}:
+                    problem = f"checkpoint {size}: signed by {sorted(names)}"
+                elif opened.checkpoint.size != size or opened.checkpoint.root_hash != root:
+                    problem = f"checkpoint {size}: the stored note says otherwise"
+                elif prev is not None:
+                    reader = tlog.TileReader(size, fetch)
+                    proof = reader.consistency_proof(prev[0])
+                    if not merkle.verify_consistency(prev[0], size, proof, prev[1], root):
+                        problem = f"cosigned checkpoints {prev[0]} and {size} are not consistent"
+            except (note.NoteError, tlog.LogStateError, ValueError, IndexError) as e:
+                problem = f"checkpoint {size}: {e}"
+            if problem is not None:
+                out.errors.append(f"{node_id}: {problem}")
+                if len(out.errors) >= max_errors:
+                    break
+            elif prev is not None:
+                out.consistent_pairs += 1
+            out.cosigned += 1
+            out.roots[size] = root
+            prev = (size, root)
+    finally:
+        node.close()
+        gw.close()
+    return out
+
+
+def same_roots(audits: list[WitnessAudit], spool: Path) -> list[str]:
+    """Checkpoints of one size must have one root, at every node and in the spool."""
+    seen: dict[int, tuple[str, bytes]] = {}
+    conn = sqlite3.connect(f"file:{spool}?mode=ro", uri=True)
+    try:
+        for size, root in conn.execute("SELECT size, root FROM log_checkpoint"):
+            seen[int(size)] = ("the gateway", bytes(root))
+    finally:
+        conn.close()
+    errors = []
+    for a in audits:
+        for size, root in a.roots.items():
+            if size in seen and seen[size][1] != root:
+                errors.append(f"{a.node_id} and {seen[size][0]} hold two roots at size {size}")
+            seen.setdefault(size, (a.node_id, root))
+    return errors
