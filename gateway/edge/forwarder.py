@@ -2,7 +2,7 @@
 
 Each node has its own loop and position. On start (and after a gap answer) it
 asks the node for its head and resends from there; a batch counts committed
-once `quorum` nodes returned receipts. Transient failures back off
+once `quorum` nodes cosigned a checkpoint of the log that covers it. Transient failures back off
 exponentially with jitter; a fork answer stops forwarding to that node and is
 reported loudly, since the gateway never rewrites its own chain.
 """
@@ -27,7 +27,7 @@ from gateway.common.errors import LedgerError
 from gateway.common.grpcutil import aio_channel
 from gateway.edge import metrics, tlog
 from gateway.edge.config import ForwarderConfig, LedgerNodeRef
-from gateway.edge.spool import Spool, StoredBatch, StoredCheckpoint, now_ms
+from gateway.edge.spool import NewlyCommitted, Spool, StoredBatch, StoredCheckpoint, now_ms
 from gateway.formats import cosignature, note
 
 log = logging.getLogger("gateway.edge.forwarder")
@@ -82,7 +82,6 @@ class Forwarder:
             node_id: cosignature.parse_cosigner_vkey(vkey)
             for node_id, vkey in (witnesses or {}).items()
         }
-        self.last_committed_size = 0
         self.cfg = cfg
         self.spool = spool
         self.gateway_id = gateway_id
@@ -302,7 +301,7 @@ class Forwarder:
                 f"ledger {node.ref.node_id} needs batch {seq}, which the spool no longer keeps: "
                 "raise spool.retention_batches or restore the node from a peer"
             )
-        stored, leaves, received = loaded
+        stored, leaves, _received = loaded
         req = ledger_pb2.SubmitBatchRequest(
             batch=batch_pb2.SignedBatch(
                 header=stored.header, signature=stored.signature, transactions=leaves
@@ -322,11 +321,7 @@ class Forwarder:
         store = asyncio.wrap_future(
             self.spool.write(
                 lambda c: Spool.w_store_receipt(
-                    c,
-                    seq,
-                    node.ref.node_id,
-                    receipt.SerializeToString(deterministic=True),
-                    self.cfg.quorum,
+                    c, seq, node.ref.node_id, receipt.SerializeToString(deterministic=True)
                 )
             )
         )
@@ -336,7 +331,7 @@ class Forwarder:
         node.last_error = ""
         self.last_progress = time.monotonic()
         pending = self._receipts[node.ref.node_id]
-        pending.append(asyncio.ensure_future(self._receipt_stored(store, seq, received)))
+        pending.append(asyncio.ensure_future(store))
         while len(pending) >= RECEIPTS_IN_FLIGHT or (pending and pending[0].done()):
             await pending.popleft()
         await self._cosign(node, stub)
@@ -378,7 +373,7 @@ class Forwarder:
             raise
         metrics.forward_seconds.labels(node.ref.node_id).observe(time.perf_counter() - t0)
         line = self._checked_line(node, cp, answer)
-        committed = await asyncio.wrap_future(
+        new = await asyncio.wrap_future(
             self.spool.write(
                 lambda c: Spool.w_store_cosignature(
                     c, cp.size, node.ref.node_id, line, self.cfg.quorum
@@ -387,8 +382,8 @@ class Forwarder:
         )
         node.log_size = cp.size
         node.cosigned += 1
-        if committed and cp.size > self.last_committed_size:
-            self.last_committed_size = cp.size
+        self.last_progress = time.monotonic()
+        self._committed(new)
         return True
 
     def _checked_line(
@@ -413,18 +408,17 @@ class Forwarder:
             ) from None
         return answer.line
 
-    async def _receipt_stored(
-        self, store: asyncio.Future[bool], seq: int, received: list[int]
-    ) -> None:
-        committed = await store
-        if committed and seq > self.last_committed_seq:
-            # Only the first node to reach the quorum sees seq beyond last_committed.
-            now = now_ms()
-            for r in received:
-                metrics.commit_latency.observe(max(0, now - r) / 1000)
-            self.last_committed_seq = seq
-            metrics.batches_committed.inc()
-            metrics.last_committed_seq.set(seq)
+    def _committed(self, new: NewlyCommitted) -> None:
+        """Batches the quorum's cosignatures committed (only the node whose cosignature
+        completed the quorum sees them)."""
+        if not new.batches or new.last_seq <= self.last_committed_seq:
+            return
+        now = now_ms()
+        for r in new.received_ms:
+            metrics.commit_latency.observe(max(0, now - r) / 1000)
+        self.last_committed_seq = new.last_seq
+        metrics.batches_committed.inc(new.batches)
+        metrics.last_committed_seq.set(new.last_seq)
 
 
 # Leaves one AddCheckpoint carries at most when a node catches up (several checkpoints).

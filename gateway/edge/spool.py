@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -210,6 +210,16 @@ class TxRecord:
     device_id: str
     device_seq: int
     received_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class NewlyCommitted:
+    """Batches a cosignature committed: how many, the last seq, their transactions'
+    received times (for the commit latency)."""
+
+    batches: int = 0
+    last_seq: int = -1
+    received_ms: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1091,23 +1101,14 @@ class Spool:
         )
 
     @staticmethod
-    def w_store_receipt(
-        conn: sqlite3.Connection, seq: int, node_id: str, receipt: bytes, quorum: int
-    ) -> bool:
-        """Store a node's receipt; mark the batch committed at quorum. True if now committed."""
+    def w_store_receipt(conn: sqlite3.Connection, seq: int, node_id: str, receipt: bytes) -> None:
+        """Store a node's receipt for a batch: that it stored the batch. A batch is
+        committed by cosignatures of a checkpoint covering it (w_store_cosignature)."""
         conn.execute(
             "INSERT INTO receipt (seq, node_id, receipt, received_ms) VALUES (?, ?, ?, ?)"
             " ON CONFLICT (seq, node_id) DO NOTHING",
             (seq, node_id, receipt, now_ms()),
         )
-        n = conn.execute("SELECT count(*) FROM receipt WHERE seq = ?", (seq,)).fetchone()[0]
-        if n >= quorum:
-            conn.execute(
-                "UPDATE batch SET committed_ms = ? WHERE seq = ? AND committed_ms IS NULL",
-                (now_ms(), seq),
-            )
-            return True
-        return False
 
     @staticmethod
     def w_store_checkpoint(
@@ -1143,9 +1144,10 @@ class Spool:
     @staticmethod
     def w_store_cosignature(
         conn: sqlite3.Connection, size: int, node_id: str, line: str, quorum: int
-    ) -> bool:
-        """Store a witness's cosignature of checkpoint `size`; mark the checkpoint committed
-        at `quorum` distinct nodes. True if it is committed now."""
+    ) -> NewlyCommitted:
+        """Store a witness's cosignature of checkpoint `size`. At `quorum` distinct nodes
+        the checkpoint is committed, and with it every batch it covers (its tree holds
+        theirs): what that newly commits is returned."""
         conn.execute(
             "INSERT INTO log_cosignature (size, node_id, line, received_ms) VALUES (?, ?, ?, ?)"
             " ON CONFLICT (size, node_id) DO NOTHING",
@@ -1154,14 +1156,35 @@ class Spool:
         n = conn.execute("SELECT count(*) FROM log_cosignature WHERE size = ?", (size,)).fetchone()[
             0
         ]
-        if n >= quorum:
-            conn.execute(
-                "UPDATE log_checkpoint SET committed_ms = ?"
-                " WHERE size = ? AND committed_ms IS NULL",
-                (now_ms(), size),
+        if n < quorum:
+            return NewlyCommitted()
+        now = now_ms()
+        conn.execute(
+            "UPDATE log_checkpoint SET committed_ms = ? WHERE size = ? AND committed_ms IS NULL",
+            (now, size),
+        )
+        cp = conn.execute("SELECT seq FROM log_checkpoint WHERE size = ?", (size,)).fetchone()
+        if cp is None:
+            return NewlyCommitted()
+        rows = conn.execute(
+            "SELECT seq, first_rowid, last_rowid FROM batch WHERE seq <= ? AND committed_ms IS NULL"
+            " ORDER BY seq",
+            (cp[0],),
+        ).fetchall()
+        if not rows:
+            return NewlyCommitted()
+        conn.execute(
+            "UPDATE batch SET committed_ms = ? WHERE seq <= ? AND committed_ms IS NULL",
+            (now, cp[0]),
+        )
+        received = [
+            r[0]
+            for r in conn.execute(
+                "SELECT received_ms FROM tx WHERE rowid BETWEEN ? AND ?",
+                (rows[0][1], rows[-1][2]),
             )
-            return True
-        return False
+        ]
+        return NewlyCommitted(len(rows), int(rows[-1][0]), received)
 
     @staticmethod
     def w_mark_published(conn: sqlite3.Connection, ids: Iterable[int]) -> None:

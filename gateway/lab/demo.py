@@ -179,9 +179,10 @@ def gateway_status(gw: GatewayProc) -> gateway_pb2.GatewayStatus:
 
 
 def wait_drained(
-    gw: GatewayProc, stored_at_least: int, timeout: float
+    gw: GatewayProc, stored_at_least: int, timeout: float, all_nodes: bool = False
 ) -> gateway_pb2.GatewayStatus:
-    """Until everything acknowledged is batched and committed at the quorum."""
+    """Until everything acknowledged is batched and committed at the quorum (with
+    `all_nodes`, also held by every ledger node, not only the quorum)."""
     deadline = time.monotonic() + timeout
     st = gateway_status(gw)
     while time.monotonic() < deadline:
@@ -190,6 +191,9 @@ def wait_drained(
             st.transactions_stored >= stored_at_least
             and st.spool_depth == 0
             and st.last_committed_seq == st.last_signed_seq
+            and (
+                not all_nodes or all(n.next_seq == st.last_signed_seq + 1 for n in st.ledger_nodes)
+            )
         ):
             return st
         time.sleep(0.2)
