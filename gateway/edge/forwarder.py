@@ -334,18 +334,24 @@ class Forwarder:
         pending.append(asyncio.ensure_future(store))
         while len(pending) >= RECEIPTS_IN_FLIGHT or (pending and pending[0].done()):
             await pending.popleft()
-        await self._cosign(node, stub)
+        await self._cosign(node, stub, (seq, leaves))
 
-    async def _cosign(self, node: NodeState, stub: ledger_pb2_grpc.LedgerServiceStub) -> bool:
+    async def _cosign(
+        self,
+        node: NodeState,
+        stub: ledger_pb2_grpc.LedgerServiceStub,
+        sent: tuple[int, list[bytes]] | None = None,
+    ) -> bool:
         """Bring the node's cosigned view of the log up to the last batch it holds: one
         AddCheckpoint from the size it last cosigned, with the leaves since and a
-        consistency proof from the tiles. True if it sent one."""
+        consistency proof from the tiles. `sent`: a batch's seq and the leaves just read
+        for it, not read again when they are what the node needs. True if it sent one."""
         if node.log_size is None or node.next_seq is None or node.next_seq == 0:
             return False
         held = node.next_seq - 1
         old = node.log_size
         loaded = await asyncio.wrap_future(
-            self.spool.read(lambda c: _load_cosign(c, old, held, MAX_COSIGN_LEAVES))
+            self.spool.read(lambda c: _load_cosign(c, old, held, MAX_COSIGN_LEAVES, sent))
         )
         if loaded is None:
             return False
@@ -434,7 +440,11 @@ def _metadata(e: grpc.aio.AioRpcError, key: str) -> str | None:
 
 
 def _load_cosign(
-    conn: sqlite3.Connection, old_size: int, max_seq: int, max_leaves: int
+    conn: sqlite3.Connection,
+    old_size: int,
+    max_seq: int,
+    max_leaves: int,
+    sent: tuple[int, list[bytes]] | None = None,
 ) -> tuple[StoredCheckpoint | None, list[bytes], list[bytes]] | None:
     """What a node that cosigned `old_size` is sent next: the latest checkpoint of a batch
     it holds (seq <= max_seq) within `max_leaves` of it (at least the next one), the
@@ -458,10 +468,13 @@ def _load_cosign(
         return None
     cp = Spool.q_checkpoint(conn, int(row[0]))
     assert cp is not None
-    first = Spool.q_checkpoint_covering_index(conn, old_size)
-    if first is None:
-        return None
-    leaves = Spool.q_leaves(conn, first.first_rowid, cp.last_rowid)
+    if sent is not None and sent[0] == cp.seq and cp.first_index == old_size:
+        leaves = sent[1]  # the batch just forwarded: its leaves are this checkpoint's
+    else:
+        first = Spool.q_checkpoint_covering_index(conn, old_size)
+        if first is None:
+            return None
+        leaves = Spool.q_leaves(conn, first.first_rowid, cp.last_rowid)
     if len(leaves) != cp.size - old_size:
         return None  # pruned: the node cannot be brought up to date from this spool
     reader = tlog.TileReader(cp.size, tlog.sqlite_fetch(conn))
