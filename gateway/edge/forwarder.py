@@ -60,6 +60,8 @@ class NodeState:
     # GetHead); None until asked.
     log_size: int | None = None
     cosigned: int = 0
+    # The batch last forwarded and its leaves, for the checkpoint that follows it.
+    recent: tuple[int, list[bytes]] | None = None
 
 
 def backoff_delay(attempt: int, initial: float, maximum: float, rng: random.Random) -> float:
@@ -90,6 +92,8 @@ class Forwarder:
         self.last_committed_seq = -1
         self.last_progress = time.monotonic()
         self._wakes = [asyncio.Event() for _ in self.nodes]
+        # Each node's checkpoints go out from a loop of their own, beside its batches.
+        self._cosign_wakes = [asyncio.Event() for _ in self.nodes]
         self._beats = [time.monotonic() for _ in self.nodes]
         self._rng = random.Random()
         self._channels: list[grpc.aio.Channel] = []
@@ -179,10 +183,68 @@ class Forwarder:
     ) -> None:
         pending = self._receipts[node.ref.node_id]
         try:
-            await self._turns(i, node, stub, stop, pending)
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._turns(i, node, stub, stop, pending))
+                tg.create_task(self._cosign_turns(i, node, stub, stop))
         finally:
             while pending:
                 await pending.popleft()
+
+    async def _cosign_turns(
+        self,
+        i: int,
+        node: NodeState,
+        stub: ledger_pb2_grpc.LedgerServiceStub,
+        stop: asyncio.Event,
+    ) -> None:
+        """Checkpoints to one node, pipelined with its batches: whenever the node holds
+        batches beyond the log size it last cosigned, one AddCheckpoint up to the latest
+        (several batches at once when it is behind)."""
+        wake = self._cosign_wakes[i]
+        attempt = 0
+        while not stop.is_set():
+            if node.state == "forked":
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 10)
+                continue
+            try:
+                wake.clear()
+                if await self._cosign(node, stub):
+                    attempt = 0
+                    continue
+                attempt = 0
+                waits = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stop.wait())]
+                try:
+                    await asyncio.wait(waits, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for w in waits:
+                        w.cancel()
+                continue
+            except LedgerError as e:
+                node.last_error = str(e)
+                attempt += 1
+                if attempt == 1 or attempt % 10 == 0:
+                    log.error("%s", e)
+            except grpc.aio.AioRpcError as e:
+                code = e.code()
+                metrics.forward_errors.labels(node.ref.node_id, code.name).inc()
+                node.last_error = f"{code.name}: {e.details()}"
+                if code is grpc.StatusCode.ABORTED:  # a split view: the node cosigned another log
+                    self._forked(node, e.details() or "")
+                    continue
+                attempt += 1
+                if attempt == 1 or attempt % 10 == 0:
+                    log.warning(
+                        "ledger %s refused or missed checkpoint (%s, attempt %d)",
+                        node.ref.node_id,
+                        node.last_error,
+                        attempt,
+                    )
+            delay = backoff_delay(
+                attempt, self.cfg.backoff_initial_s, self.cfg.backoff_max_s, self._rng
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
 
     async def _turns(
         self,
@@ -204,8 +266,6 @@ class Forwarder:
                 if node.next_seq is None:
                     await self._sync_head(node, stub)
                 if node.next_seq is None or node.next_seq > self.last_signed_seq:
-                    if node.next_seq is not None and await self._cosign(node, stub):
-                        continue
                     if node.state not in ("forked",):
                         self._working(node)
                     await self._wait(i, stop, 1.0)
@@ -289,6 +349,7 @@ class Forwarder:
         node.next_seq = head.next_seq
         node.log_size = head.log_size
         self._set_state(node, "ok")
+        self._cosign_wakes[self.nodes.index(node)].set()
         log.info("ledger %s head: next seq %d", node.ref.node_id, head.next_seq)
 
     async def _send(
@@ -334,22 +395,19 @@ class Forwarder:
         pending.append(asyncio.ensure_future(store))
         while len(pending) >= RECEIPTS_IN_FLIGHT or (pending and pending[0].done()):
             await pending.popleft()
-        await self._cosign(node, stub, (seq, leaves))
+        node.recent = (seq, leaves)
+        self._cosign_wakes[self.nodes.index(node)].set()
 
-    async def _cosign(
-        self,
-        node: NodeState,
-        stub: ledger_pb2_grpc.LedgerServiceStub,
-        sent: tuple[int, list[bytes]] | None = None,
-    ) -> bool:
+    async def _cosign(self, node: NodeState, stub: ledger_pb2_grpc.LedgerServiceStub) -> bool:
         """Bring the node's cosigned view of the log up to the last batch it holds: one
         AddCheckpoint from the size it last cosigned, with the leaves since and a
-        consistency proof from the tiles. `sent`: a batch's seq and the leaves just read
-        for it, not read again when they are what the node needs. True if it sent one."""
+        consistency proof from the tiles (the leaves of the batch just forwarded are not
+        read again when they are what the node needs). True if it sent one."""
         if node.log_size is None or node.next_seq is None or node.next_seq == 0:
             return False
         held = node.next_seq - 1
         old = node.log_size
+        sent = node.recent
         loaded = await asyncio.wrap_future(
             self.spool.read(lambda c: _load_cosign(c, old, held, MAX_COSIGN_LEAVES, sent))
         )
