@@ -16,7 +16,7 @@ import logging
 import random
 import sqlite3
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,6 +100,7 @@ class Forwarder:
         self._receipts: dict[str, collections.deque[asyncio.Future[None]]] = {
             n.ref.node_id: collections.deque() for n in self.nodes
         }
+        self._commit_listeners: list[Callable[[], None]] = []
         metrics.forwarder_quorum.set(cfg.quorum)
         for n in self.nodes:
             self._publish_state(n)
@@ -134,6 +135,10 @@ class Forwarder:
         for s in metrics.LEDGER_NODE_STATES:
             metrics.ledger_node_state.labels(node.ref.node_id, s).set(1 if s == node.state else 0)
         metrics.ledger_nodes_ok.set(sum(1 for n in self.nodes if n.state == "ok"))
+
+    def on_committed(self, listener: Callable[[], None]) -> None:
+        """Call `listener` (on the event loop) whenever a checkpoint commits batches."""
+        self._commit_listeners.append(listener)
 
     def notify_signed(self, seq: int) -> None:
         self.last_signed_seq = max(self.last_signed_seq, seq)
@@ -483,6 +488,8 @@ class Forwarder:
         self.last_committed_seq = new.last_seq
         metrics.batches_committed.inc(new.batches)
         metrics.last_committed_seq.set(new.last_seq)
+        for listener in self._commit_listeners:
+            listener()
 
 
 # Leaves one AddCheckpoint carries at most when a node catches up (several checkpoints).
