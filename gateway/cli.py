@@ -107,6 +107,37 @@ def _cmd_proof(args: argparse.Namespace) -> int:
     )
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from gateway.edge import export
+
+    cfg = load_gateway_config(args.config)
+    export.check_out_dir(args.out, args.force)  # before the HSM is asked for anything
+    if args.public_key:
+        pems = [Path(p).read_bytes() for p in args.public_key]
+    else:
+        from gateway.edge import provision, signer
+
+        pin = provision.read_pin(cfg)
+        acct = provision.service_account(args.user)
+        pems = [provision.run_as(acct, lambda: signer.key_info(cfg.hsm, pin).public_pem)]
+    witnesses = dict(cfg.log.witnesses) if cfg.log is not None else {}
+    for vkey in args.witness or ():
+        witnesses[vkey.split("+", 1)[0].rsplit("/", 1)[-1]] = vkey
+    result = export.export(
+        cfg.spool.path,
+        args.out,
+        gateway_id=cfg.gateway_id,
+        origin=cfg.log_origin,
+        public_pems=pems,
+        witnesses=witnesses,
+        sample=args.sample,
+        since=args.since,
+        force=args.force,
+    )
+    print(result.line())
+    return 0
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from gateway.lab import simulate
 
@@ -140,6 +171,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         devices=args.devices,
         rate=args.rate,
         workdir=args.workdir,
+        export_dir=args.export,
     )
 
 
@@ -241,6 +273,44 @@ def parser() -> argparse.ArgumentParser:
     _client_args(p)
     p.set_defaults(fn=_cmd_proof)
 
+    p = sub.add_parser(
+        "export", help="write the log's export for auditors from the spool (read-only)"
+    )
+    p.add_argument("--config", type=Path, default=DEFAULT_PATH)
+    p.add_argument("--out", type=Path, required=True, help="the directory to write (empty)")
+    p.add_argument(
+        "--sample",
+        type=int,
+        default=100,
+        metavar="N",
+        help="transactions with an inclusion proof, spread over the log (default 100)",
+    )
+    p.add_argument(
+        "--since",
+        type=int,
+        default=0,
+        metavar="SIZE",
+        help="leave out committed checkpoints of trees smaller than SIZE",
+    )
+    p.add_argument("--force", action="store_true", help="replace an earlier export in --out")
+    p.add_argument(
+        "--public-key",
+        action="append",
+        type=Path,
+        metavar="PEM",
+        help="the log's public key (repeat during a key rotation; default: read from the HSM)",
+    )
+    p.add_argument(
+        "--witness",
+        action="append",
+        metavar="VKEY",
+        help="a witness vkey beside those of [log] witnesses (repeat for each)",
+    )
+    p.add_argument(
+        "--user", help="read the HSM as this user (default: edge-gateway when run as root)"
+    )
+    p.set_defaults(fn=_cmd_export)
+
     p = sub.add_parser("simulate", help="publish device traffic over MQTT")
     from gateway.lab.simulate import add_arguments
 
@@ -276,6 +346,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=1500.0, help="messages per second in all")
     p.add_argument("--json", action="store_true", help="end with one JSON line of figures")
     p.add_argument("--workdir", type=Path, help="keep the demo's files here")
+    p.add_argument(
+        "--export",
+        type=Path,
+        metavar="DIR",
+        help="after the run, write the export for auditors to DIR (empty) and verify it",
+    )
     p.set_defaults(fn=_cmd_demo)
     return ap
 

@@ -17,6 +17,7 @@ import sqlite3
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -29,9 +30,9 @@ from gateway._pb.edgegateway.v1 import (
 )
 from gateway.common import resources
 from gateway.common.errors import GatewayError
-from gateway.edge import client
+from gateway.edge import client, export
 from gateway.edge.config import load_gateway_config
-from gateway.formats import batchformat
+from gateway.formats import auditdir, batchformat
 from gateway.lab import logaudit, simulate
 from gateway.lab.sandbox import GatewayProc, Ledger, Sandbox, free_port
 
@@ -68,6 +69,9 @@ class Summary:
     consistent_pairs: int = 0
     log_errors: list[str] = field(default_factory=list)
     committed_by_profile: dict[str, int] = field(default_factory=dict)
+    # `--export DIR`: the export for auditors, and what gateway.formats.auditdir made of it.
+    export_line: str = ""
+    export_ok: bool = True
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -170,6 +174,24 @@ def verify_proofs(gw: GatewayProc, tx_ids: list[str], sample: int) -> tuple[int,
     return ok, bad
 
 
+def export_and_audit(
+    s: Summary, gw: GatewayProc, ledgers: list[Ledger], out: Path, say: Callable[[str], None]
+) -> None:
+    """Export the log for auditors while the gateway runs, then verify the directory as an
+    auditor would, with gateway.formats.auditdir and nothing but the directory."""
+    done = export.export(
+        gw.spool,
+        out,
+        gateway_id=gw.gateway_id,
+        origin=load_gateway_config(gw.config).log_origin,
+        public_pems=[gw.public_key.read_bytes()],
+        witnesses={lg.node_id: lg.witness_vkey for lg in ledgers},
+    )
+    say(done.line())
+    report = auditdir.audit(out, min_proofs=min(export.DEFAULT_SAMPLE, s.committed))
+    s.export_line, s.export_ok = report.summary(), report.ok
+
+
 def gateway_status(gw: GatewayProc) -> gateway_pb2.GatewayStatus:
     # Status needs no administrative rights: the read-only certificate is enough.
     with gw.channel("reader") as ch:
@@ -228,6 +250,7 @@ def run_demo(
     rate: float,
     quiet: bool = False,
     bad_ratio: float = 0.01,
+    export_dir: Path | None = None,
 ) -> Summary:
     sb = Sandbox(root)
 
@@ -293,6 +316,12 @@ def run_demo(
             sb.ledger(n, {GATEWAY_ID: pem}, port=p) for n, p in zip(names, ports, strict=True)
         ]
         say("ledger nodes: " + ", ".join(f"{lg.node_id}@{lg.address}" for lg in ledgers))
+        # The gateway checks each node's cosignature under its vkey, and an export names them.
+        with cfg.open("a") as f:
+            f.write(
+                "\n[log.witnesses]\n"
+                + "".join(f'"{lg.node_id}" = "{lg.witness_vkey}"\n' for lg in ledgers)
+            )
         gw = sb.gateway(GATEWAY_ID, cfg, pem)
         say(f"gateway {GATEWAY_ID} ready (sd_notify READY=1), API {gw.api_address}")
         say(
@@ -327,6 +356,8 @@ def run_demo(
             s.missing_at_ledger = max(s.missing_at_ledger, committed - len(held))
         s.proofs_verified, s.proofs_failed = verify_proofs(gw, ids, 200)
         check_log(s, gw, ledgers)
+        if export_dir is not None:
+            export_and_audit(s, gw, ledgers, export_dir, say)
         s.committed_by_profile = committed_by_profile(gw.spool)
         code = gw.proc.terminate(30)
         if code != 0:
@@ -336,10 +367,19 @@ def run_demo(
         sb.close()
 
 
-def main(seconds: float, as_json: bool, devices: int, rate: float, workdir: Path | None) -> int:
+def main(
+    seconds: float,
+    as_json: bool,
+    devices: int,
+    rate: float,
+    workdir: Path | None,
+    export_dir: Path | None = None,
+) -> int:
+    if export_dir is not None:
+        export.check_out_dir(export_dir, force=False)  # before the demo, not after it
     root = workdir or Path(tempfile.mkdtemp(prefix="edge-gateway-demo-"))
     try:
-        s = run_demo(root, seconds, devices, rate, quiet=False)
+        s = run_demo(root, seconds, devices, rate, quiet=False, export_dir=export_dir)
     finally:
         if workdir is None:
             shutil.rmtree(root, ignore_errors=True)
@@ -365,6 +405,8 @@ def main(seconds: float, as_json: bool, devices: int, rate: float, workdir: Path
     )
     for err in s.log_errors[:5]:
         print(f"  log error            {err}")
+    if export_dir is not None:
+        print(f"  export (auditdir)    {s.export_line}")
     ok = (
         len(s.committed_by_profile) >= 3
         and s.proofs_failed == 0
@@ -375,6 +417,7 @@ def main(seconds: float, as_json: bool, devices: int, rate: float, workdir: Path
         and not s.log_errors
         and len(s.cosigned_by_node) == s.ledger_nodes
         and all(n > 0 for n in s.cosigned_by_node.values())
+        and s.export_ok
     )
     if as_json:
         print(json.dumps(asdict(s), sort_keys=True))
