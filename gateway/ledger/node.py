@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import logging
 import signal
 import sqlite3
@@ -26,6 +27,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import grpc
 from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -41,10 +43,10 @@ from gateway.common.errors import (
     LedgerError,
 )
 from gateway.common.identity import Identity, peer_certificate
-from gateway.formats import batchformat, logtree, merkle
+from gateway.formats import batchformat, keyrotation, logtree, merkle
 from gateway.formats.batchformat import BatchInvalid
 from gateway.formats.checkpoint import Checkpoint, checkpoint_of
-from gateway.formats.note import EcdsaVerifier, NoteError, parse_note
+from gateway.formats.note import EcdsaVerifier, NoteError, parse_note, verifier_index
 from gateway.ledger import witness as witness_mod
 from gateway.ledger.config import LedgerNodeConfig
 from gateway.ledger.config import check_certificates as check_ledger_certificates
@@ -474,12 +476,78 @@ class LedgerStore:
                     "INSERT INTO log_leaf (gateway_id, idx, leaf) VALUES (?, ?, ?)",
                     [(gateway_id, old_size + i, leaf) for i, leaf in enumerate(leaves)],
                 )
+                self._take_rotations(witness, gateway_id, cp, old_size, leaves)
 
             line = witness.add_checkpoint(
                 req.checkpoint, old_size, list(req.consistency_proof), check
             )
             size = checkpoint_of(parse_note(req.checkpoint)).size
             return size, line.line().rstrip("\n")
+
+    @staticmethod
+    def _take_rotations(
+        witness: Witness, gateway_id: str, cp: Checkpoint, old_size: int, leaves: list[bytes]
+    ) -> None:
+        """Key rotation entries among the new leaves (gateway.formats.keyrotation): the new
+        key is trusted from here on. Runs inside the witness's check, so the checkpoint
+        covering the entry has verified under a key this node already trusted, and the
+        key is stored only if that checkpoint is. An entry that does not parse, names
+        another log or gateway, or rotates from a key this node does not trust refuses
+        the checkpoint."""
+        for i, leaf in enumerate(leaves):
+            if not keyrotation.is_rotation_leaf(leaf):
+                continue
+            where = f"leaf {old_size + i} of {gateway_id}'s log"
+            try:
+                entry = keyrotation.parse_entry(leaf)
+            except keyrotation.RotationEntryError as e:
+                raise LeavesRejected(f"{where} is not a valid key rotation entry: {e}") from None
+            if entry.origin != cp.origin or entry.gateway_id != gateway_id:
+                raise LeavesRejected(
+                    f"{where}: key rotation entry for {entry.origin!r} / {entry.gateway_id!r}"
+                )
+            trusted = witness.verifiers(cp.origin)
+            if not any(
+                isinstance(v, EcdsaVerifier)
+                and hashlib.sha256(v.public_key_der).digest() == entry.old_key_id
+                for v in trusted
+            ):
+                raise LeavesRejected(
+                    f"{where}: key rotation from key {entry.old_key_id.hex()[:16]}, "
+                    "which this node does not trust for that log"
+                )
+            new = entry.verifier()
+            if any(v.vkey() == new.vkey() for v in trusted):
+                continue  # already trusted (a node that replays its log)
+            try:
+                verifier_index((*trusted, new))
+            except NoteError as e:
+                raise LeavesRejected(f"{where}: new key: {e.detail}") from None
+            witness.add_log(LogKey(cp.origin, (new,)))
+            log.info(
+                "key rotation %d of %s at leaf %d: new log key %s trusted",
+                entry.rotation,
+                cp.origin,
+                old_size + i,
+                entry.new_key_id.hex()[:16],
+            )
+
+    def header_keys(self, gateway_id: str, origin: str | None) -> list[ec.EllipticCurvePublicKey]:
+        """Keys a gateway's batch headers may be signed with beyond its registered one:
+        those its log rotated to (trusted by the witness through a rotation entry)."""
+        if self.witness is None or origin is None:
+            return []
+        try:
+            verifiers = self.witness.verifiers(origin)
+        except witness_mod.UnknownLog:
+            return []
+        out: list[ec.EllipticCurvePublicKey] = []
+        for v in verifiers:
+            if isinstance(v, EcdsaVerifier):
+                key = serialization.load_der_public_key(v.public_key_der)
+                if isinstance(key, ec.EllipticCurvePublicKey):
+                    out.append(key)
+        return out
 
     @staticmethod
     def _cosigned_already(conn: sqlite3.Connection, signed: bytes) -> tuple[int, str] | None:
@@ -648,6 +716,12 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                 f"gateway {gateway_id!r} is not registered on ledger node {self._node_id}: "
                 "add its public key under [gateways]",
             )
+        if key is not None and header.key_id != batchformat.key_id_of(key):
+            # After a key rotation the header is signed by the key the log rotated to.
+            for rotated in self._store.header_keys(gateway_id, self._origins.get(gateway_id)):
+                if batchformat.key_id_of(rotated) == header.key_id:
+                    key = rotated
+                    break
         try:
             # Pure CPU work (ECDSA, hashing every leaf): off the event loop.
             loop = asyncio.get_running_loop()
