@@ -483,6 +483,8 @@ class Sandbox:
             ),
             files_dir=str(conf_d),
             lab_simulators=(ROLES_CN["device"],),
+            # Profiles a test opts in to receipts use the default receipt topic.
+            receipt_topics=(brokerconf.ReceiptTopic("receipts/{device}", "receipts"),),
         )
         brokerconf.write_files(brokerconf.render(plan), conf_d)
         self._write_main_conf(d, user)
