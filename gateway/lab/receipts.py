@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives import serialization
@@ -74,7 +75,7 @@ class ReceiptSubscriber:
             self._connected = not getattr(rc, "is_failure", False)
             self._cond.notify_all()
 
-    def _on_subscribe(self, _c: object, _u: object, _m: int, rcs: list[object], _p: object) -> None:
+    def _on_subscribe(self, _c: object, _u: object, _m: int, rcs: list[Any], _p: object) -> None:
         with self._cond:
             self.subacks.append([str(r) for r in rcs])
             self._cond.notify_all()
