@@ -232,11 +232,14 @@ def _read_only(path: Path) -> Iterator[sqlite3.Connection]:
     """A read-only connection holding one snapshot of the spool for the whole export. The
     spool (and its WAL, if there is one) must be readable by this user: a PermissionError
     names the file (the command line's exit 77)."""
-    if not path.exists():
-        raise SpoolError(f"spool.path {path} does not exist: is this the gateway's configuration?")
-    for p in (path, Path(f"{path}-wal")):
-        with contextlib.suppress(FileNotFoundError):
-            os.close(os.open(p, os.O_RDONLY | os.O_CLOEXEC))
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+    except FileNotFoundError:
+        raise SpoolError(
+            f"spool.path {path} does not exist: is this the gateway's configuration?"
+        ) from None
+    with contextlib.suppress(FileNotFoundError):
+        os.close(os.open(f"{path}-wal", os.O_RDONLY | os.O_CLOEXEC))
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=30)
     except sqlite3.Error as e:
