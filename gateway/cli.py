@@ -70,9 +70,22 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
     from gateway.ledger import node as ledger
     from gateway.ledger.config import load_ledger_config
 
+    if args.config is None:
+        print(
+            "edge-gateway ledger-node: --config F runs the node; "
+            "keygen --name N --out F writes its witness key",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     cfg = load_ledger_config(args.config)
     logs.configure("info")
     return ledger.run(cfg)
+
+
+def _cmd_ledger_keygen(args: argparse.Namespace) -> int:
+    from gateway.ledger import witness
+
+    return witness.cmd_keygen(args.name, args.out)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -85,8 +98,44 @@ def _cmd_proof(args: argparse.Namespace) -> int:
     from gateway.edge import client
 
     return asyncio.run(
-        client.check_proof(client.ClientOptions.from_args(args), args.tx_id, args.public_key)
+        client.check_proof(
+            client.ClientOptions.from_args(args),
+            args.tx_id,
+            args.public_key,
+            client.LogTrust.from_args(args),
+        )
     )
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from gateway.edge import export
+
+    cfg = load_gateway_config(args.config)
+    export.check_out_dir(args.out, args.force)  # before the HSM is asked for anything
+    if args.public_key:
+        pems = [Path(p).read_bytes() for p in args.public_key]
+    else:
+        from gateway.edge import provision, signer
+
+        pin = provision.read_pin(cfg)
+        acct = provision.service_account(args.user)
+        pems = [provision.run_as(acct, lambda: signer.key_info(cfg.hsm, pin).public_pem)]
+    witnesses = dict(cfg.log.witnesses) if cfg.log is not None else {}
+    for vkey in args.witness or ():
+        witnesses[vkey.split("+", 1)[0].rsplit("/", 1)[-1]] = vkey
+    result = export.export(
+        cfg.spool.path,
+        args.out,
+        gateway_id=cfg.gateway_id,
+        origin=cfg.log_origin,
+        public_pems=pems,
+        witnesses=witnesses,
+        sample=args.sample,
+        since=args.since,
+        force=args.force,
+    )
+    print(result.line())
+    return 0
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
@@ -128,6 +177,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         devices=args.devices,
         rate=args.rate,
         workdir=args.workdir,
+        export_dir=args.export,
     )
 
 
@@ -203,9 +253,18 @@ def parser() -> argparse.ArgumentParser:
 
     add_broker_arguments(p)
 
-    p = sub.add_parser("ledger-node", help="run the reference ledger node")
-    p.add_argument("--config", type=Path, required=True)
+    p = sub.add_parser("ledger-node", help="run the reference ledger node, or make its key")
+    p.add_argument("--config", type=Path, help="the node's configuration, to run it")
     p.set_defaults(fn=_cmd_ledger)
+    node_sub = p.add_subparsers(dest="ledger_cmd", required=False)
+    k = node_sub.add_parser(
+        "keygen", help="write a new Ed25519 witness key (mode 0600) and print its vkey"
+    )
+    k.add_argument(
+        "--name", required=True, help="the witness name, <domain>/ledger-witness/<node id>"
+    )
+    k.add_argument("--out", type=Path, required=True, help="the key file to create")
+    k.set_defaults(fn=_cmd_ledger_keygen)
 
     p = sub.add_parser("status", help="the gateway's status as a table")
     _client_args(p)
@@ -215,8 +274,66 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("proof", help="fetch a transaction's proof and verify it offline")
     p.add_argument("tx_id")
     p.add_argument("--public-key", type=Path, required=True, help="the gateway's public key PEM")
+    p.add_argument(
+        "--origin",
+        help="the log's origin (default: the one the checkpoint names, checked "
+        "against the gateway's key)",
+    )
+    p.add_argument(
+        "--witness",
+        action="append",
+        metavar="VKEY",
+        help="a witness's cosignature vkey (repeat for each ledger node)",
+    )
+    p.add_argument(
+        "--witnesses-file", type=Path, help="a file of witness vkeys, one a line ('#' comments)"
+    )
+    p.add_argument(
+        "--witness-quorum",
+        type=int,
+        metavar="M",
+        help="witnesses that must have cosigned (default: a majority of those given)",
+    )
     _client_args(p)
     p.set_defaults(fn=_cmd_proof)
+
+    p = sub.add_parser(
+        "export", help="write the log's export for auditors from the spool (read-only)"
+    )
+    p.add_argument("--config", type=Path, default=DEFAULT_PATH)
+    p.add_argument("--out", type=Path, required=True, help="the directory to write (empty)")
+    p.add_argument(
+        "--sample",
+        type=int,
+        default=100,
+        metavar="N",
+        help="transactions with an inclusion proof, spread over the log (default 100)",
+    )
+    p.add_argument(
+        "--since",
+        type=int,
+        default=0,
+        metavar="SIZE",
+        help="leave out committed checkpoints of trees smaller than SIZE",
+    )
+    p.add_argument("--force", action="store_true", help="replace an earlier export in --out")
+    p.add_argument(
+        "--public-key",
+        action="append",
+        type=Path,
+        metavar="PEM",
+        help="the log's public key (repeat during a key rotation; default: read from the HSM)",
+    )
+    p.add_argument(
+        "--witness",
+        action="append",
+        metavar="VKEY",
+        help="a witness vkey beside those of [log] witnesses (repeat for each)",
+    )
+    p.add_argument(
+        "--user", help="read the HSM as this user (default: edge-gateway when run as root)"
+    )
+    p.set_defaults(fn=_cmd_export)
 
     p = sub.add_parser(
         "simulate",
@@ -254,6 +371,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=1500.0, help="messages per second in all")
     p.add_argument("--json", action="store_true", help="end with one JSON line of figures")
     p.add_argument("--workdir", type=Path, help="keep the demo's files here")
+    p.add_argument(
+        "--export",
+        type=Path,
+        metavar="DIR",
+        help="after the run, write the export for auditors to DIR (empty) and verify it",
+    )
     p.set_defaults(fn=_cmd_demo)
     return ap
 

@@ -56,7 +56,7 @@ def test_ten_thousand_transactions_committed_exactly_once_with_verifying_proofs(
     res = publish_load(d, devices=100, count=100)
     assert res.acknowledged == 10_000 and res.failed == 0, res.line()
 
-    st = demo.wait_drained(gw, 10_000, timeout=120)
+    st = demo.wait_drained(gw, 10_000, timeout=120, all_nodes=True)
     assert st.transactions_stored == 10_000
     stored, committed, batches, _lat, ids = demo.spool_figures(gw.spool)
     assert stored == committed == 10_000
@@ -119,7 +119,7 @@ def test_unacknowledged_message_comes_back_after_kill(sandbox: Sandbox) -> None:
     )
     d.config.write_text(cfg)
     sandbox.start_gateway_again(gw)
-    st = demo.wait_drained(gw, 100, timeout=60)
+    st = demo.wait_drained(gw, 100, timeout=60, all_nodes=True)
     assert st.transactions_stored == 100
     stored, committed, _b, _l, _ids = demo.spool_figures(gw.spool)
     assert stored == committed == 100
@@ -143,7 +143,7 @@ def test_kill_during_load_loses_nothing_acknowledged(deployment: Deployment) -> 
     d.sandbox.start_gateway_again(gw)
     t.join(120)
     assert result["r"].acknowledged == 3000
-    st = demo.wait_drained(gw, 3000, timeout=90)
+    st = demo.wait_drained(gw, 3000, timeout=90, all_nodes=True)
     assert st.transactions_stored == 3000
     stored, committed, _b, _l, _ids = demo.spool_figures(gw.spool)
     assert stored == committed == 3000
@@ -391,3 +391,8 @@ def test_demo_json_summary(tmp_path: Path) -> None:
     assert summary["duplicates_applied"] == 0 and summary["chains_verified"] == 3
     assert summary["committed"] == summary["acknowledged"] - summary["rejected_published"]
     assert summary["proofs_verified"] > 0
+    # The log: a checkpoint per batch, cosigned by every node, successive ones consistent.
+    assert summary["checkpoints"] == summary["batches"] and summary["log_errors"] == []
+    assert sorted(summary["cosigned_by_node"]) == ["ledger-1", "ledger-2", "ledger-3"]
+    assert all(n > 0 for n in summary["cosigned_by_node"].values())
+    assert summary["consistent_pairs"] > 0

@@ -419,3 +419,46 @@ def test_the_readme_example_is_a_valid_profile() -> None:
 def test_parse_profile_text_is_pure() -> None:
     p = parse_profile_text(MINIMAL, Path("<memory>"))
     assert p.source == Path("<memory>")
+
+
+def test_receipts_are_off_unless_a_profile_opts_in(tmp_path: Path) -> None:
+    assert parse_profile(write(tmp_path, MINIMAL)).receipts is None
+    off = parse_profile(write(tmp_path, MINIMAL + "\n[receipts]\ntopic = 'r/{device}'\n"))
+    assert off.receipts is None
+    on = parse_profile(write(tmp_path, MINIMAL + "\n[receipts]\nenabled = true\n"))
+    assert on.receipts is not None
+    assert on.receipts.topic_for("m-1") == "receipts/m-1"
+    assert on.receipts.topic_filter == "receipts/+"
+    own = parse_profile(
+        write(tmp_path, MINIMAL + "\n[receipts]\nenabled = true\ntopic = 'acme/{device}/rx'\n")
+    )
+    assert own.receipts is not None and own.receipts.topic_for("m-1") == "acme/m-1/rx"
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ("enabled = 1", r"receipts\.enabled = 1: expected true or false"),
+        ("enabled = true\ntopic = 'receipts/+'", r"receipts\.topic = .*\{device\} as one whole"),
+        ("enabled = true\ntopic = 'r/x{device}'", r"receipts\.topic = .*\{device\} as one whole"),
+        ("enabled = true\ntopic = 'r/{device}/#'", r"receipts\.topic = .*no '\+', '#'"),
+        ("enabled = true\ntopic = '$SYS/{device}'", r"receipts\.topic = .*leading '\$'"),
+        ("enabled = true\ntopic = 'acme/{device}/up'", r"receipts\.topic = .*devices publish"),
+        ("enable = true", r"receipts\.enable = True: unknown key; did you mean enabled\?"),
+    ],
+)
+def test_receipt_key_mistakes_are_one_line(tmp_path: Path, table: str, message: str) -> None:
+    path = write(tmp_path, MINIMAL + "\n[receipts]\n" + table + "\n")
+    with pytest.raises(ProfileError) as e:
+        parse_profile(path)
+    text = str(e.value)
+    assert "\n" not in text and text.startswith(f"profile {path}:")
+    assert re.search(message, text), text
+
+
+def test_a_receipt_topic_another_profile_claims_is_refused(tmp_path: Path) -> None:
+    write(tmp_path, MINIMAL + "\n[receipts]\nenabled = true\ntopic = 'other/{device}/up'\n")
+    other = MINIMAL.replace("acme-meter", "other-meter").replace("acme/+/up", "other/+/up")
+    write(tmp_path, other, "other.toml")
+    with pytest.raises(ProfileError, match=r"receipts\.topic 'other/\{device\}/up' is a topic"):
+        read_profiles(tmp_path)

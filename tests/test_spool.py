@@ -13,7 +13,17 @@ import pytest
 from gateway.common.errors import SpoolError, SpoolIntegrityError
 from gateway.edge.batcher import decide_cut
 from gateway.edge.config import BatchConfig, SpoolConfig
-from gateway.edge.spool import Incoming, Outcome, PendingTx, RejectRecord, Spool, StoredBatch, prune
+from gateway.edge.spool import (
+    Incoming,
+    NewlyCommitted,
+    Outcome,
+    PendingTx,
+    RejectRecord,
+    Spool,
+    StoredBatch,
+    StoredCheckpoint,
+    prune,
+)
 
 
 def cfg(path: Path) -> SpoolConfig:
@@ -99,11 +109,31 @@ def test_batches_must_come_in_order_and_not_overlap(spool: Spool) -> None:
     assert spool.read(lambda c: Spool.q_batch_of_rowid(c, 6)).result().seq == 1  # type: ignore[union-attr]
     assert spool.read(lambda c: Spool.q_pending(c, 10, 100)).result() == []
 
-    # Quorum of 2: committed at the second receipt, not the first.
-    assert spool.write(lambda c: Spool.w_store_receipt(c, 0, "n1", b"r1", 2)).result() is False
-    assert spool.write(lambda c: Spool.w_store_receipt(c, 0, "n1", b"r1", 2)).result() is False
-    assert spool.write(lambda c: Spool.w_store_receipt(c, 0, "n2", b"r2", 2)).result() is True
-    assert spool.read(Spool.q_last_committed_seq).result() == 0
+    # A receipt says a node stored the batch; it commits nothing.
+    spool.write(lambda c: Spool.w_store_receipt(c, 0, "n1", b"r1")).result()
+    spool.write(lambda c: Spool.w_store_receipt(c, 0, "n2", b"r2")).result()
+    assert spool.read(Spool.q_last_committed_seq).result() == -1
+
+    # Checkpoints of both batches; quorum of 2 distinct nodes cosigning one commits it
+    # and every batch it covers, at the second cosignature, not the first.
+    def checkpoint(seq: int, first: int, size: int, rowids: tuple[int, int]) -> None:
+        cp = StoredCheckpoint(size, seq, first, *rowids, bytes(32), b"note", 0, None)
+        spool.write(lambda c: Spool.w_store_checkpoint(c, cp, [])).result()
+
+    checkpoint(0, 0, 5, (1, 5))
+    checkpoint(1, 5, 10, (6, 10))
+    assert spool.write(lambda c: Spool.w_store_cosignature(c, 10, "n1", "l1", 2)).result() == (
+        NewlyCommitted()
+    )
+    again = spool.write(lambda c: Spool.w_store_cosignature(c, 10, "n1", "l1", 2)).result()
+    assert again.batches == 0
+    new = spool.write(lambda c: Spool.w_store_cosignature(c, 10, "n2", "l2", 2)).result()
+    assert (new.batches, new.last_seq, len(new.received_ms)) == (2, 1, 10)
+    assert spool.read(Spool.q_last_committed_seq).result() == 1
+    last = spool.read(Spool.q_last_committed_checkpoint).result()
+    assert last is not None and last.size == 10
+    lines = spool.read(lambda c: Spool.q_cosignatures(c, 10)).result()
+    assert lines == [("n1", "l1"), ("n2", "l2")]
 
 
 def test_spool_of_another_gateway_is_refused(tmp_path: Path) -> None:

@@ -20,10 +20,11 @@ import grpc
 from gateway._pb.edgegateway.v1 import batch_pb2, gateway_pb2, gateway_pb2_grpc
 from gateway.common import grpcutil
 from gateway.common.errors import Rejected
+from gateway.edge import tlog
 from gateway.edge.config import GatewayConfig
 from gateway.edge.ingest import INVALID_DEVICE, Intake, valid_device
-from gateway.edge.spool import AppendResult, Outcome, Spool
-from gateway.formats import merkle
+from gateway.edge.spool import AppendResult, Outcome, Spool, StoredCheckpoint
+from gateway.formats import merkle, tlogproof
 
 MAX_PAYLOADS_PER_CALL = 10_000
 # What a DevicePayload adds around its payload: device id, topic, profile and framing.
@@ -70,12 +71,29 @@ def _proof_view(
     resp.signature = batch.signature
     for _node, raw in Spool.q_receipts(conn, batch.seq):
         resp.receipts.add().ParseFromString(raw)
+    in_log = Spool.q_leaf_index(conn, tx.rowid)
+    if in_log is not None:
+        resp.log_index, own = in_log
+        resp.tlog_proof = log_proof(conn, resp.log_index, own)
     resp.state = (
         gateway_pb2.GetTransactionResponse.COMMITTED
         if batch.committed_ms is not None
         else gateway_pb2.GetTransactionResponse.BATCHED
     )
     return resp
+
+
+def log_proof(conn: sqlite3.Connection, index: int, own: StoredCheckpoint) -> bytes:
+    """A tlog-proof bundle for leaf `index`: against the latest committed checkpoint (a
+    verifier keeps fewer checkpoints that way), or the leaf's own batch checkpoint before
+    one covering it is committed; cosignature lines appended to the signed note."""
+    target = Spool.q_last_committed_checkpoint(conn)
+    if target is None or target.size <= index:
+        target = own
+    lines = "".join(line + "\n" for _node, line in Spool.q_cosignatures(conn, target.size))
+    signed = target.note + lines.encode()
+    reader = tlog.TileReader(target.size, tlog.sqlite_fetch(conn))
+    return tlogproof.make_tlog_proof(index, reader, signed).serialise()
 
 
 def _batch_view(

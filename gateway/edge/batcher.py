@@ -13,16 +13,17 @@ import asyncio
 import collections
 import contextlib
 import logging
+import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from gateway.common.errors import HsmError
-from gateway.edge import metrics
+from gateway.edge import metrics, tlog
 from gateway.edge.config import BatchConfig
 from gateway.edge.signer import Signer
-from gateway.edge.spool import PendingTx, Spool, StoredBatch, now_ms
-from gateway.formats import batchformat, merkle
+from gateway.edge.spool import PendingTx, Spool, StoredBatch, StoredCheckpoint, now_ms
+from gateway.formats import batchformat, checkpoint, merkle
 
 log = logging.getLogger("gateway.edge.batcher")
 HSM_RETRY_MAX_S = 15.0
@@ -33,6 +34,12 @@ MIN_QUERY_INTERVAL_S = 0.02
 # Signed batches on their way into the spool while the next is cut. Storing waits for
 # the spool writers' turn; cutting need not wait for it.
 MAX_STORES_IN_FLIGHT = 4
+
+
+def _load_log(conn: sqlite3.Connection) -> tlog.LogEdge:
+    """The log's right edge after the spool's last checkpoint."""
+    last = Spool.q_last_checkpoint(conn)
+    return tlog.load_edge(0 if last is None else last.size, tlog.sqlite_fetch(conn))
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +79,10 @@ class Batcher:
         gateway_id: str,
         key_id: bytes,
         on_signed: Callable[[int], None],
+        origin: str | None = None,
     ) -> None:
+        """`origin`: the log's origin line (config [log] origin); every batch also gets a
+        checkpoint of the gateway's log, signed in the HSM under that name."""
         self.cfg = cfg
         self.spool = spool
         self.signer = signer
@@ -91,6 +101,8 @@ class Batcher:
         self._cut_listeners: list[Callable[[], None]] = []
         self.hsm_error: str | None = None
         self._stores: collections.deque[asyncio.Future[None]] = collections.deque()
+        self.origin = origin or checkpoint.gateway_origin("edge-gateway.invalid", gateway_id)
+        self.log = tlog.LogEdge(0)  # the log as the next batch extends it
 
     async def resume(self) -> None:
         """Continue the chain from the spool's last batch."""
@@ -100,6 +112,7 @@ class Batcher:
             self.next_seq = last.seq + 1
             self.prev_hash = last.header_hash
             self.cursor = last.last_rowid
+        self.log = await asyncio.wrap_future(self.spool.read(_load_log))
         # Right after a restart, not only from the next signing on.
         metrics.last_signed_seq.set(self.next_seq - 1)
         self.spool.on_commit(self._committed)
@@ -206,6 +219,8 @@ class Batcher:
         while self._stores and self._stores[0].done():
             await self._stores.popleft()  # raises a store's spool error here
         root = merkle.root_from_hashes([r.tx_id for r in rows])
+        log_after, tile_writes = self.log.append([r.tx_id for r in rows])
+        cp = checkpoint.Checkpoint(self.origin, log_after.size, log_after.root())
         created = now_ms()
         header = batchformat.encode_header(
             batchformat.HeaderFields(
@@ -222,8 +237,15 @@ class Batcher:
             )
         )
         t0 = time.perf_counter()
-        signature = await asyncio.wrap_future(self.signer.sign_header(header))
+        # Two signatures per batch while the header chain and the log run side by side:
+        # the header's (what ledger nodes verify today) and the checkpoint's. Both are
+        # queued at once on the HSM worker.
+        header_sig = self.signer.sign_header(header)
+        cp_note = self.signer.sign_checkpoint(cp)
+        signature = await asyncio.wrap_future(header_sig)
         metrics.sign_seconds.observe(time.perf_counter() - t0)
+        signed_cp = await asyncio.wrap_future(cp_note)
+        metrics.sign_seconds.observe(time.perf_counter() - t0)  # one observation a signature
         hh = batchformat.header_hash(header)
         stored = StoredBatch(
             seq=self.next_seq,
@@ -237,12 +259,29 @@ class Batcher:
             committed_ms=None,
         )
         seq = self.next_seq
+        stored_cp = StoredCheckpoint(
+            size=cp.size,
+            seq=seq,
+            first_index=self.log.size,
+            first_rowid=rows[0].rowid,
+            last_rowid=rows[-1].rowid,
+            root=cp.root_hash,
+            note=signed_cp,
+            created_ms=created,
+            committed_ms=None,
+        )
+
+        def store_op(c: sqlite3.Connection) -> None:
+            Spool.w_store_batch(c, stored)
+            Spool.w_store_checkpoint(c, stored_cp, tile_writes)
+
         # Header, signature and the tx-to-batch assignment are stored in one spool
         # transaction; the next batch is cut meanwhile. Stores run in seq order on the
         # spool's writer, and one that fails makes every later one fail (w_store_batch
         # refuses a gap), so nothing is forwarded that is not durable behind it.
-        store = asyncio.wrap_future(self.spool.write(lambda c: Spool.w_store_batch(c, stored)))
+        store = asyncio.wrap_future(self.spool.write(store_op))
         self.next_seq += 1
+        self.log = log_after
         self.prev_hash = hh
         self.cursor = rows[-1].rowid
         self.last_progress = time.monotonic()

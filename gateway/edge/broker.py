@@ -11,10 +11,10 @@ listeners, both requiring a client certificate:
   under a mount point, so it cannot join the gateway's shared subscription nor reach
   anything outside the devices' namespace; and an ACL lets each device publish on its
   own topics only (the topic level the gateway reads the device id from is its common
-  name) and read its own dead letters.
+  name) and read its own dead letters and its own receipts (profiles with [receipts]).
 - gateways: a password as well (one user per gateway, in a password file only the
   gateways' listener reads), with an ACL to read the device topics and write the dead
-  letters. A gateway chooses its own client ids there (one per intake process).
+  letters and receipts. A gateway chooses its own client ids there (one per intake process).
 
 Pure rendering (plan in, file texts out) is kept apart from reading gateway
 configurations and writing files, so tests check the text and the real broker alike.
@@ -40,6 +40,7 @@ from gateway.common.errors import (
     OutputFileError,
 )
 from gateway.edge.config import DEFAULT_PATH, GatewayConfig, load_gateway_config
+from gateway.edge.profiles.spec import DEVICE_PLACEHOLDER
 
 CONF_NAME = "edge-gateway.conf"
 DEVICES_ACL = "devices.acl"
@@ -90,6 +91,20 @@ class DeviceTopic:
 
 
 @dataclass(frozen=True, slots=True)
+class ReceiptTopic:
+    """A profile's receipt topic, `{device}` standing for the device id."""
+
+    template: str
+    source: str
+
+    def device_pattern(self) -> str:
+        return self.template.replace(DEVICE_PLACEHOLDER, "%u")
+
+    def topic_filter(self) -> str:
+        return self.template.replace(DEVICE_PLACEHOLDER, "+")
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayLogin:
     username: str
     password_hash: str
@@ -120,6 +135,7 @@ class BrokerPlan:
     files_dir: str  # where the ACL and password files are on the broker host
     # LAB ONLY: certificates that stand for many devices (a simulator).
     lab_simulators: tuple[str, ...] = ()
+    receipt_topics: tuple[ReceiptTopic, ...] = ()
 
 
 def password_hash(secret: str, salt: bytes | None = None) -> str:
@@ -246,7 +262,7 @@ def _devices_acl(plan: BrokerPlan) -> str:
     lines = [
         "# Devices (edge-gateway broker config). The user name is the certificate's common",
         "# name (%u), which must be the device id: each device publishes on its own topics",
-        "# only, and reads only its own dead letters. Topics are below the listener's",
+        "# only, and reads only its own dead letters and receipts. Topics are below the listener's",
         f"# mount point {m!r}; devices name them without it.",
     ]
     seen: set[str] = set()
@@ -257,6 +273,11 @@ def _devices_acl(plan: BrokerPlan) -> str:
             lines += [f"# {t.topic_filter} ({t.source})", pattern]
     for prefix in dict.fromkeys(plan.reject_prefixes):
         lines += [f"# dead letters: {prefix}/<device>", f"pattern read {m}{prefix}/%u"]
+    for r in dict.fromkeys(plan.receipt_topics):
+        pattern = f"pattern read {m}{r.device_pattern()}"
+        if pattern not in seen:
+            seen.add(pattern)
+            lines += [f"# receipts: {r.template} ({r.source})", pattern]
     for cn in plan.lab_simulators:
         lines += [
             "",
@@ -322,17 +343,31 @@ def _profile_topics(cfg: GatewayConfig) -> list[DeviceTopic]:
     return out
 
 
+def _receipt_topics(cfg: GatewayConfig) -> list[ReceiptTopic]:
+    if cfg.profiles is None:
+        return []
+    from gateway.edge.profiles.profileset import read_profiles
+
+    return [
+        ReceiptTopic(p.receipts.topic, f"profile {p.id}")
+        for p in read_profiles(cfg.profiles.dir)
+        if p.receipts is not None
+    ]
+
+
 def login_for(cfg: GatewayConfig, secret: str) -> GatewayLogin:
     """The gateway's user on the gateways' listener: reads its subscriptions' topics and
-    its profiles', writes its dead letters."""
+    its profiles', writes its dead letters and its profiles' receipts."""
     assert cfg.mqtt.username is not None
     read = [unshared(t) for t in cfg.mqtt.topics]
     read += [t.topic_filter for t in _profile_topics(cfg)]
+    write = [f"{cfg.mqtt.reject_topic_prefix}/#"]
+    write += [r.topic_filter() for r in _receipt_topics(cfg)]
     return GatewayLogin(
         username=cfg.mqtt.username,
         password_hash=password_hash(secret),
         read=tuple(read),
-        write=(f"{cfg.mqtt.reject_topic_prefix}/#",),
+        write=tuple(write),
         source=f"gateway {cfg.gateway_id} ({cfg.source})",
     )
 
@@ -410,7 +445,9 @@ def plan_from_configs(
             )
     topics: list[DeviceTopic] = []
     logins: list[GatewayLogin] = []
+    receipts: list[ReceiptTopic] = []
     for cfg in configs:
+        receipts += _receipt_topics(cfg)
         topics += [
             DeviceTopic(unshared(t), cfg.mqtt.device_id_level, f"mqtt.topics of {cfg.gateway_id}")
             for t in cfg.mqtt.topics
@@ -427,6 +464,7 @@ def plan_from_configs(
         logins=tuple(logins),
         files_dir=files_dir,
         lab_simulators=tuple(lab_simulators),
+        receipt_topics=tuple(receipts),
     )
 
 

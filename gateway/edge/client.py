@@ -26,7 +26,7 @@ from gateway._pb.edgegateway.v1 import (
 from gateway.common.errors import EXIT_DEGRADED, EXIT_OK, GatewayError, Unreachable
 from gateway.common.grpcutil import aio_channel
 from gateway.common.tomlconfig import TlsClient
-from gateway.formats import batchformat, merkle
+from gateway.formats import batchformat, checkpoint, cosignature, merkle, note, tlogproof
 
 
 @dataclass(frozen=True)
@@ -192,11 +192,70 @@ def _print_table(st: gateway_pb2.GatewayStatus) -> None:
         print(f"{k:<{width}}  {v}")
 
 
-async def check_proof(opts: ClientOptions, tx_id: str, public_key: Path) -> int:
+@dataclass(frozen=True, slots=True)
+class LogTrust:
+    """What an offline verifier of the log trusts: the log's origin (None: the one the
+    checkpoint names, signed by the gateway's key), the witnesses' cosignature vkeys, and
+    how many of them must have cosigned."""
+
+    origin: str | None = None
+    witnesses: tuple[str, ...] = ()
+    quorum: int | None = None  # None: a majority of the witnesses
+
+    @classmethod
+    def from_args(cls, a: argparse.Namespace) -> LogTrust:
+        vkeys = list(a.witness or ())
+        if a.witnesses_file is not None:
+            try:
+                text = Path(a.witnesses_file).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise GatewayError(f"--witnesses-file {a.witnesses_file}: {e}") from None
+            vkeys += [ln.strip() for ln in text.splitlines() if ln.strip() and ln[0] != "#"]
+        return cls(a.origin, tuple(vkeys), a.witness_quorum)
+
+    def policy(self) -> tlogproof.WitnessPolicy:
+        try:
+            verifiers = tuple(cosignature.parse_cosigner_vkey(v) for v in self.witnesses)
+            quorum = len(verifiers) // 2 + 1 if self.quorum is None else self.quorum
+            if not verifiers:
+                quorum = 0
+            return tlogproof.WitnessPolicy(verifiers, quorum)
+        except note.NoteError as e:
+            raise GatewayError(f"witnesses: {e}") from None
+
+
+def verify_log_proof(
+    resp: gateway_pb2.GetTransactionResponse, key: ec.EllipticCurvePublicKey, trust: LogTrust
+) -> tlogproof.VerifiedProof:
+    """The c2sp.org/tlog-proof bundle: the checkpoint signed by the gateway's key under its
+    origin, cosigned by the quorum of witnesses, and the leaf included in it."""
+    if not resp.tlog_proof:
+        raise ProofInvalid(f"transaction {resp.tx_id} has no log proof yet")
+    try:
+        bundle = tlogproof.parse_tlog_proof(resp.tlog_proof)
+        origin = trust.origin
+        if origin is None:
+            origin = checkpoint.checkpoint_of(note.parse_note(bundle.checkpoint)).origin
+        verifier = note.EcdsaVerifier.from_public_key(origin, key)
+        verified = tlogproof.verify_tlog_proof(
+            bundle, merkle.leaf_hash(resp.transaction), [verifier], trust.policy(), origin
+        )
+    except note.NoteError as e:
+        raise ProofInvalid(f"log proof: {e}") from None
+    if verified.index != resp.log_index:
+        raise ProofInvalid(f"log proof is for index {verified.index}, not {resp.log_index}")
+    return verified
+
+
+async def check_proof(
+    opts: ClientOptions, tx_id: str, public_key: Path, trust: LogTrust | None = None
+) -> int:
+    trust = trust or LogTrust()
     try:
         key = batchformat.load_public_key(public_key.read_bytes())
     except (OSError, ValueError) as e:
         raise GatewayError(f"--public-key {public_key}: {e}") from None
+    policy = trust.policy()  # a bad vkey fails before the call
     async with aio_channel(opts.address, opts.tls) as ch:
         stub = gateway_pb2_grpc.GatewayServiceStub(ch)
         try:
@@ -206,6 +265,7 @@ async def check_proof(opts: ClientOptions, tx_id: str, public_key: Path) -> int:
         except grpc.aio.AioRpcError as e:
             raise _rpc_error(f"GetTransaction {tx_id}", e) from None
     header = verify_transaction(resp, key)
+    logged = verify_log_proof(resp, key, trust)
     tx = transaction_pb2.Transaction.FromString(resp.transaction)
     state = gateway_pb2.GetTransactionResponse.State.Name(resp.state)
     print(f"tx {tx_id}: {state}, device {tx.device_id} seq {tx.device_seq}")
@@ -216,6 +276,13 @@ async def check_proof(opts: ClientOptions, tx_id: str, public_key: Path) -> int:
     print(
         f"signature verified with key_id {header.key_id.hex()}; inclusion proof verified; "
         f"{len(resp.receipts)} ledger receipt(s)"
+    )
+    cp = logged.checkpoint
+    cosigners = ", ".join(name for name, _t in logged.cosigned_by) or "none"
+    print(
+        f"log {cp.origin}: leaf {logged.index} of checkpoint {cp.size}, signed by the "
+        f"gateway's key; cosigned by {len(logged.cosigned_by)} of "
+        f"{len(policy.witnesses)} witness(es), {policy.threshold} required ({cosigners})"
     )
     sys.stdout.flush()
     return 0

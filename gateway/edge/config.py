@@ -29,6 +29,7 @@ from gateway.common.tomlconfig import (
     tls_client,
     tls_server,
 )
+from gateway.formats import checkpoint, cosignature, note
 
 DEFAULT_PATH = Path("/etc/edge-gateway/gateway.toml")
 DEFAULT_HSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
@@ -193,6 +194,56 @@ class ProfilesConfig:
     share_group: str | None  # subscribe to the profiles' filters as $share/<group>/...
 
 
+# ---- [log]: the gateway's transparency log (issue 13) ------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    """[log]: `origin` is the first line of every checkpoint and the name of the log's key;
+    by default `edge-gateway.invalid/edge-gateway/<gateway id>` (set a domain you own)."""
+
+    origin: str
+    # Ledger node id -> its witness cosignature vkey: a node's cosignature counts only if
+    # it verifies under its vkey. A node without one here is trusted on its word.
+    witnesses: Mapping[str, str] = field(default_factory=dict)
+
+
+DEFAULT_LOG_DOMAIN = "edge-gateway.invalid"
+
+
+def _log(root: Reader, gateway_id: str, node_ids: list[str]) -> LogConfig:
+    lg = root.table("log")
+    try:
+        default = checkpoint.gateway_origin(DEFAULT_LOG_DOMAIN, gateway_id)
+    except note.NoteError:
+        default = REQUIRED
+    origin = lg.string("origin", default)
+    if not note.valid_key_name(origin) or len(origin.encode()) > 256:
+        raise lg.fail(
+            "origin",
+            origin,
+            "expected a log origin of at most 256 bytes without spaces or '+', "
+            'e.g. "ledger.carrier.example/edge-gateway/gw-01"',
+        )
+    given = lg._get("witnesses", {})
+    if not isinstance(given, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in given.items()
+    ):
+        raise lg.fail("witnesses", given, 'expected a table of ledger node id = "vkey"')
+    for node_id, vkey in given.items():
+        if node_id not in node_ids:
+            raise lg.fail(f"witnesses.{node_id}", vkey, "not a node of forwarder.nodes")
+        try:
+            cosignature.parse_cosigner_vkey(vkey)
+        except note.NoteError as e:
+            raise lg.fail(f"witnesses.{node_id}", vkey, e.detail) from None
+    lg.finish()
+    return LogConfig(origin=origin, witnesses=dict(given))
+
+
+# ---- end of [log] ----------------------------------------------------------------------
+
+
 @dataclass(frozen=True, slots=True)
 class GatewayConfig:
     gateway_id: str
@@ -207,6 +258,14 @@ class GatewayConfig:
     source: Path = field(default=Path("<memory>"))
     profiles: ProfilesConfig | None = None
     rejects: RejectsConfig = field(default_factory=RejectsConfig)
+    log: LogConfig | None = None  # [log]; parse_gateway_config always sets it
+
+    @property
+    def log_origin(self) -> str:
+        """The origin of this gateway's log ([log] origin, or its default)."""
+        if self.log is not None:
+            return self.log.origin
+        return checkpoint.gateway_origin(DEFAULT_LOG_DOMAIN, self.gateway_id)
 
 
 def parse_gateway_config(data: Mapping[str, Any], source: Path) -> GatewayConfig:
@@ -356,6 +415,7 @@ def parse_gateway_config(data: Mapping[str, Any], source: Path) -> GatewayConfig
     metrics_listen = metrics_address if metrics_enabled else None
     mt.finish()
     profiles = _profiles(root) if root.has("profiles") else None
+    log_cfg = _log(root, gateway_id, [n.node_id for n in forwarder.nodes])  # [log] (issue 13)
     root.finish()
     return GatewayConfig(
         gateway_id=gateway_id,
@@ -376,6 +436,7 @@ def parse_gateway_config(data: Mapping[str, Any], source: Path) -> GatewayConfig
         source=source,
         profiles=profiles,
         rejects=rejects,
+        log=log_cfg,
     )
 
 

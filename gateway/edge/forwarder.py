@@ -2,7 +2,7 @@
 
 Each node has its own loop and position. On start (and after a gap answer) it
 asks the node for its head and resends from there; a batch counts committed
-once `quorum` nodes returned receipts. Transient failures back off
+once `quorum` nodes cosigned a checkpoint of the log that covers it. Transient failures back off
 exponentially with jitter; a fork answer stops forwarding to that node and is
 reported loudly, since the gateway never rewrites its own chain.
 """
@@ -14,17 +14,21 @@ import collections
 import contextlib
 import logging
 import random
+import sqlite3
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
 from gateway._pb.edgegateway.v1 import batch_pb2, ledger_pb2, ledger_pb2_grpc
 from gateway.common.errors import LedgerError
 from gateway.common.grpcutil import aio_channel
-from gateway.edge import metrics
+from gateway.edge import metrics, tlog
 from gateway.edge.config import ForwarderConfig, LedgerNodeRef
-from gateway.edge.spool import Spool, StoredBatch, now_ms
+from gateway.edge.spool import NewlyCommitted, Spool, StoredBatch, StoredCheckpoint, now_ms
+from gateway.formats import cosignature, note
 
 log = logging.getLogger("gateway.edge.forwarder")
 
@@ -52,6 +56,12 @@ class NodeState:
     # unreachable or refusing; None while it answers.
     down_since: float | None = None
     down_attempts: int = 0
+    # The size of the last checkpoint of this gateway's log the node cosigned (its
+    # GetHead); None until asked.
+    log_size: int | None = None
+    cosigned: int = 0
+    # The batch last forwarded and its leaves, for the checkpoint that follows it.
+    recent: tuple[int, list[bytes]] | None = None
 
 
 def backoff_delay(attempt: int, initial: float, maximum: float, rng: random.Random) -> float:
@@ -61,7 +71,19 @@ def backoff_delay(attempt: int, initial: float, maximum: float, rng: random.Rand
 
 
 class Forwarder:
-    def __init__(self, cfg: ForwarderConfig, spool: Spool, gateway_id: str) -> None:
+    def __init__(
+        self,
+        cfg: ForwarderConfig,
+        spool: Spool,
+        gateway_id: str,
+        witnesses: Mapping[str, str] | None = None,
+    ) -> None:
+        """`witnesses`: node id -> witness cosignature vkey ([log] witnesses); a node's
+        cosignature is stored only if it verifies under its vkey, when it has one."""
+        self._witnesses = {
+            node_id: cosignature.parse_cosigner_vkey(vkey)
+            for node_id, vkey in (witnesses or {}).items()
+        }
         self.cfg = cfg
         self.spool = spool
         self.gateway_id = gateway_id
@@ -70,12 +92,15 @@ class Forwarder:
         self.last_committed_seq = -1
         self.last_progress = time.monotonic()
         self._wakes = [asyncio.Event() for _ in self.nodes]
+        # Each node's checkpoints go out from a loop of their own, beside its batches.
+        self._cosign_wakes = [asyncio.Event() for _ in self.nodes]
         self._beats = [time.monotonic() for _ in self.nodes]
         self._rng = random.Random()
         self._channels: list[grpc.aio.Channel] = []
         self._receipts: dict[str, collections.deque[asyncio.Future[None]]] = {
             n.ref.node_id: collections.deque() for n in self.nodes
         }
+        self._commit_listeners: list[Callable[[], None]] = []
         metrics.forwarder_quorum.set(cfg.quorum)
         for n in self.nodes:
             self._publish_state(n)
@@ -110,6 +135,10 @@ class Forwarder:
         for s in metrics.LEDGER_NODE_STATES:
             metrics.ledger_node_state.labels(node.ref.node_id, s).set(1 if s == node.state else 0)
         metrics.ledger_nodes_ok.set(sum(1 for n in self.nodes if n.state == "ok"))
+
+    def on_committed(self, listener: Callable[[], None]) -> None:
+        """Call `listener` (on the event loop) whenever a checkpoint commits batches."""
+        self._commit_listeners.append(listener)
 
     def notify_signed(self, seq: int) -> None:
         self.last_signed_seq = max(self.last_signed_seq, seq)
@@ -159,10 +188,68 @@ class Forwarder:
     ) -> None:
         pending = self._receipts[node.ref.node_id]
         try:
-            await self._turns(i, node, stub, stop, pending)
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._turns(i, node, stub, stop, pending))
+                tg.create_task(self._cosign_turns(i, node, stub, stop))
         finally:
             while pending:
                 await pending.popleft()
+
+    async def _cosign_turns(
+        self,
+        i: int,
+        node: NodeState,
+        stub: ledger_pb2_grpc.LedgerServiceStub,
+        stop: asyncio.Event,
+    ) -> None:
+        """Checkpoints to one node, pipelined with its batches: whenever the node holds
+        batches beyond the log size it last cosigned, one AddCheckpoint up to the latest
+        (several batches at once when it is behind)."""
+        wake = self._cosign_wakes[i]
+        attempt = 0
+        while not stop.is_set():
+            if node.state == "forked":
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 10)
+                continue
+            try:
+                wake.clear()
+                if await self._cosign(node, stub):
+                    attempt = 0
+                    continue
+                attempt = 0
+                waits = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stop.wait())]
+                try:
+                    await asyncio.wait(waits, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for w in waits:
+                        w.cancel()
+                continue
+            except LedgerError as e:
+                node.last_error = str(e)
+                attempt += 1
+                if attempt == 1 or attempt % 10 == 0:
+                    log.error("%s", e)
+            except grpc.aio.AioRpcError as e:
+                code = e.code()
+                metrics.forward_errors.labels(node.ref.node_id, code.name).inc()
+                node.last_error = f"{code.name}: {e.details()}"
+                if code is grpc.StatusCode.ABORTED:  # a split view: the node cosigned another log
+                    self._forked(node, e.details() or "")
+                    continue
+                attempt += 1
+                if attempt == 1 or attempt % 10 == 0:
+                    log.warning(
+                        "ledger %s refused or missed checkpoint (%s, attempt %d)",
+                        node.ref.node_id,
+                        node.last_error,
+                        attempt,
+                    )
+            delay = backoff_delay(
+                attempt, self.cfg.backoff_initial_s, self.cfg.backoff_max_s, self._rng
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
 
     async def _turns(
         self,
@@ -266,18 +353,28 @@ class Forwarder:
                 return
         # A batch the node already holds may still lack its receipt here (the gateway
         # was killed between the node's answer and the receipt's store): send it again,
-        # the node answers a re-sent batch with its receipt, or the batch never reaches
-        # the quorum when no other node is left to send it to.
+        # the node answers a re-sent batch with its receipt.
         unreceipted = await asyncio.wrap_future(
             self.spool.read(lambda c: _first_unreceipted(c, node.ref.node_id, head.next_seq))
         )
         node.next_seq = head.next_seq if unreceipted is None else unreceipted
+        # Likewise a checkpoint the node cosigned may lack its cosignature here: start the
+        # node's cosigning from before the first such checkpoint, so the node answers it (or
+        # a later one covering it) again and the quorum can still be reached when no new
+        # batch follows.
+        uncosigned = await asyncio.wrap_future(
+            self.spool.read(lambda c: _before_uncosigned(c, node.ref.node_id, head.log_size))
+        )
+        node.log_size = head.log_size if uncosigned is None else uncosigned
         self._set_state(node, "ok")
+        self._cosign_wakes[self.nodes.index(node)].set()
         log.info(
-            "ledger %s head: next seq %d; sending from seq %d",
+            "ledger %s head: next seq %d, log size %d; sending from seq %d, cosigning from %d",
             node.ref.node_id,
             head.next_seq,
+            head.log_size,
             node.next_seq,
+            node.log_size,
         )
 
     async def _send(
@@ -290,7 +387,7 @@ class Forwarder:
                 f"ledger {node.ref.node_id} needs batch {seq}, which the spool no longer keeps: "
                 "raise spool.retention_batches or restore the node from a peer"
             )
-        stored, leaves, received = loaded
+        stored, leaves, _received = loaded
         req = ledger_pb2.SubmitBatchRequest(
             batch=batch_pb2.SignedBatch(
                 header=stored.header, signature=stored.signature, transactions=leaves
@@ -310,11 +407,7 @@ class Forwarder:
         store = asyncio.wrap_future(
             self.spool.write(
                 lambda c: Spool.w_store_receipt(
-                    c,
-                    seq,
-                    node.ref.node_id,
-                    receipt.SerializeToString(deterministic=True),
-                    self.cfg.quorum,
+                    c, seq, node.ref.node_id, receipt.SerializeToString(deterministic=True)
                 )
             )
         )
@@ -324,22 +417,154 @@ class Forwarder:
         node.last_error = ""
         self.last_progress = time.monotonic()
         pending = self._receipts[node.ref.node_id]
-        pending.append(asyncio.ensure_future(self._receipt_stored(store, seq, received)))
+        pending.append(asyncio.ensure_future(store))
         while len(pending) >= RECEIPTS_IN_FLIGHT or (pending and pending[0].done()):
             await pending.popleft()
+        node.recent = (seq, leaves)
+        self._cosign_wakes[self.nodes.index(node)].set()
 
-    async def _receipt_stored(
-        self, store: asyncio.Future[bool], seq: int, received: list[int]
-    ) -> None:
-        committed = await store
-        if committed and seq > self.last_committed_seq:
-            # Only the first node to reach the quorum sees seq beyond last_committed.
-            now = now_ms()
-            for r in received:
-                metrics.commit_latency.observe(max(0, now - r) / 1000)
-            self.last_committed_seq = seq
-            metrics.batches_committed.inc()
-            metrics.last_committed_seq.set(seq)
+    async def _cosign(self, node: NodeState, stub: ledger_pb2_grpc.LedgerServiceStub) -> bool:
+        """Bring the node's cosigned view of the log up to the last batch it holds: one
+        AddCheckpoint from the size it last cosigned, with the leaves since and a
+        consistency proof from the tiles (the leaves of the batch just forwarded are not
+        read again when they are what the node needs). True if it sent one."""
+        if node.log_size is None or node.next_seq is None or node.next_seq == 0:
+            return False
+        held = node.next_seq - 1
+        old = node.log_size
+        sent = node.recent
+        loaded = await asyncio.wrap_future(
+            self.spool.read(lambda c: _load_cosign(c, old, held, MAX_COSIGN_LEAVES, sent))
+        )
+        if loaded is None:
+            return False
+        cp, leaves, proof = loaded
+        if cp is None:
+            self._forked(node, f"node cosigned a log of {old} leaves, beyond this gateway's")
+            return False
+        req = ledger_pb2.AddCheckpointRequest(
+            gateway_id=self.gateway_id,
+            old_size=old,
+            consistency_proof=proof,
+            checkpoint=cp.note,
+            leaves=leaves,
+        )
+        t0 = time.perf_counter()
+        try:
+            answer: ledger_pb2.Cosignature = await stub.AddCheckpoint(
+                req, timeout=self.cfg.call_timeout_s
+            )
+        except grpc.aio.AioRpcError as e:
+            if e.code() is grpc.StatusCode.FAILED_PRECONDITION:
+                known = _metadata(e, "known-size")
+                if known is not None and known.isdigit():
+                    node.log_size = int(known)
+            raise
+        metrics.forward_seconds.labels(node.ref.node_id).observe(time.perf_counter() - t0)
+        line = self._checked_line(node, cp, answer)
+        new = await asyncio.wrap_future(
+            self.spool.write(
+                lambda c: Spool.w_store_cosignature(
+                    c, cp.size, node.ref.node_id, line, self.cfg.quorum
+                )
+            )
+        )
+        node.log_size = cp.size
+        node.cosigned += 1
+        self.last_progress = time.monotonic()
+        self._committed(new)
+        return True
+
+    def _checked_line(
+        self, node: NodeState, cp: StoredCheckpoint, answer: ledger_pb2.Cosignature
+    ) -> str:
+        """The node's cosignature line, verified under its vkey when one is configured."""
+        if answer.size != cp.size or not answer.line or "\n" in answer.line:
+            raise LedgerError(
+                f"ledger {node.ref.node_id} answered a cosignature of size {answer.size} "
+                f"for checkpoint {cp.size}"
+            )
+        try:
+            body = note.parse_note(cp.note).text
+            cosigned = note.parse_note((body + "\n" + answer.line + "\n").encode())
+            verifier = self._witnesses.get(node.ref.node_id)
+            if verifier is not None:
+                note.verify_note(cosigned, [verifier])
+        except note.NoteError as e:
+            raise LedgerError(
+                f"ledger {node.ref.node_id}: its cosignature of checkpoint {cp.size} "
+                f"does not verify ({e})"
+            ) from None
+        return answer.line
+
+    def _committed(self, new: NewlyCommitted) -> None:
+        """Batches the quorum's cosignatures committed (only the node whose cosignature
+        completed the quorum sees them)."""
+        if not new.batches or new.last_seq <= self.last_committed_seq:
+            return
+        now = now_ms()
+        for r in new.received_ms:
+            metrics.commit_latency.observe(max(0, now - r) / 1000)
+        self.last_committed_seq = new.last_seq
+        metrics.batches_committed.inc(new.batches)
+        metrics.last_committed_seq.set(new.last_seq)
+        for listener in self._commit_listeners:
+            listener()
+
+
+# Leaves one AddCheckpoint carries at most when a node catches up (several checkpoints).
+MAX_COSIGN_LEAVES = 20_000
+
+
+def _metadata(e: grpc.aio.AioRpcError, key: str) -> str | None:
+    items: Any = e.trailing_metadata() or ()
+    for k, v in items:
+        if k == key:
+            return v if isinstance(v, str) else bytes(v).decode("ascii", "replace")
+    return None
+
+
+def _load_cosign(
+    conn: sqlite3.Connection,
+    old_size: int,
+    max_seq: int,
+    max_leaves: int,
+    sent: tuple[int, list[bytes]] | None = None,
+) -> tuple[StoredCheckpoint | None, list[bytes], list[bytes]] | None:
+    """What a node that cosigned `old_size` is sent next: the latest checkpoint of a batch
+    it holds (seq <= max_seq) within `max_leaves` of it (at least the next one), the
+    leaves since `old_size` and the consistency proof. None when it is up to date;
+    (None, [], []) when old_size is no checkpoint of this log."""
+    if old_size:
+        known = Spool.q_checkpoint(conn, old_size)
+        if known is None:
+            return None, [], []
+    row = conn.execute(
+        "SELECT size FROM log_checkpoint WHERE size > ? AND seq <= ? AND size <= ?"
+        " ORDER BY size DESC LIMIT 1",
+        (old_size, max_seq, old_size + max_leaves),
+    ).fetchone()
+    if row is None:
+        row = conn.execute(
+            "SELECT size FROM log_checkpoint WHERE size > ? AND seq <= ? ORDER BY size LIMIT 1",
+            (old_size, max_seq),
+        ).fetchone()
+    if row is None:
+        return None
+    cp = Spool.q_checkpoint(conn, int(row[0]))
+    assert cp is not None
+    if sent is not None and sent[0] == cp.seq and cp.first_index == old_size:
+        leaves = sent[1]  # the batch just forwarded: its leaves are this checkpoint's
+    else:
+        first = Spool.q_checkpoint_covering_index(conn, old_size)
+        if first is None:
+            return None
+        leaves = Spool.q_leaves(conn, first.first_rowid, cp.last_rowid)
+    if len(leaves) != cp.size - old_size:
+        return None  # pruned: the node cannot be brought up to date from this spool
+    reader = tlog.TileReader(cp.size, tlog.sqlite_fetch(conn))
+    proof = reader.consistency_proof(old_size) if old_size else []
+    return cp, leaves, proof
 
 
 def _first_unreceipted(conn: object, node_id: str, below_seq: int) -> int | None:
@@ -353,6 +578,27 @@ def _first_unreceipted(conn: object, node_id: str, below_seq: int) -> int | None
         (below_seq, node_id),
     ).fetchone()
     return None if row is None or row[0] is None else int(row[0])
+
+
+def _before_uncosigned(conn: object, node_id: str, up_to: int) -> int | None:
+    """The size of the checkpoint before the smallest uncommitted one of at most `up_to`
+    leaves that holds no cosignature of `node_id` (0 if none is before it); None if there
+    is no such checkpoint."""
+    import sqlite3
+
+    assert isinstance(conn, sqlite3.Connection)
+    row = conn.execute(
+        "SELECT min(size) FROM log_checkpoint WHERE size <= ? AND committed_ms IS NULL"
+        " AND NOT EXISTS (SELECT 1 FROM log_cosignature AS s"
+        " WHERE s.size = log_checkpoint.size AND s.node_id = ?)",
+        (up_to, node_id),
+    ).fetchone()
+    if row is None or row[0] is None:
+        return None
+    before = conn.execute(
+        "SELECT max(size) FROM log_checkpoint WHERE size < ?", (int(row[0]),)
+    ).fetchone()
+    return 0 if before is None or before[0] is None else int(before[0])
 
 
 def _load(conn: object, seq: int) -> tuple[StoredBatch, list[bytes], list[int]] | None:

@@ -129,6 +129,24 @@ build_info = Gauge(
     ["version", "python"],
     registry=REGISTRY,
 )
+receipts_published = Counter(
+    "edge_gateway_receipts_published_total",
+    "Device receipts the broker acknowledged (QoS 1) on devices' receipt topics",
+    registry=REGISTRY,
+)
+receipts_pending = Gauge(
+    "edge_gateway_receipts_pending",
+    "Committed log entries the receipt publisher has not reached yet (receipts go out for "
+    "those of profiles with [receipts] enabled)",
+    registry=REGISTRY,
+)
+receipts_skipped = Counter(
+    "edge_gateway_receipts_skipped_total",
+    "Receipts not published, by reason (pruned: retention removed the transaction first; "
+    "refused: the broker refused the publish; device_id: not usable in a topic)",
+    ["reason"],
+    registry=REGISTRY,
+)
 start_time = Gauge(
     "edge_gateway_start_time_seconds",
     "Unix time the gateway service started",

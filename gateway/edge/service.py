@@ -39,6 +39,7 @@ from gateway.edge.ingest import Intake, make_client
 from gateway.edge.intakeproc import IntakePool, crash_record, fault_hook
 from gateway.edge.poison import Guard, exit_after
 from gateway.edge.profiles import ProfileSet
+from gateway.edge.receipts import ReceiptPublisher, receipt_specs
 from gateway.edge.signer import Signer
 from gateway.edge.spool import Spool, claim_instance, now_ms, prune, prune_rejects
 
@@ -80,6 +81,7 @@ class Gateway:
         self.api_intake: Intake | None = None
         self.guard: Guard | None = None
         self.profiles: ProfileSet | None = None
+        self.receipts: ReceiptPublisher | None = None
         self.ready = False
         self.exit_code = EXIT_OK
         self._instance_fd: int | None = None
@@ -313,7 +315,12 @@ class Gateway:
         log.info(
             "hsm token %s key %s key_id %s", info.token_label, info.key_label, info.key_id.hex()
         )
-        self.forwarder = Forwarder(cfg.forwarder, self.spool, cfg.gateway_id)
+        self.forwarder = Forwarder(
+            cfg.forwarder,
+            self.spool,
+            cfg.gateway_id,
+            witnesses=cfg.log.witnesses if cfg.log is not None else None,
+        )
         await self.forwarder.resume()
         self.batcher = Batcher(
             cfg.batch,
@@ -322,10 +329,17 @@ class Gateway:
             cfg.gateway_id,
             info.key_id,
             self.forwarder.notify_signed,
+            origin=cfg.log_origin,
         )
         await self.batcher.resume()
         self.profiles = await asyncio.to_thread(ProfileSet.from_config, cfg)
         log.info("profiles: %s", ", ".join(self.profiles.names()))
+        # Receipts to devices: a publish-only connection of this process, for profiles that
+        # opt in ([receipts]); it connects only while one does.
+        self.receipts = ReceiptPublisher(
+            cfg.mqtt, self.spool, lambda: receipt_specs(self.profiles), make_client
+        )
+        self.forwarder.on_committed(self.receipts.wake)
         batcher = self.batcher
         make_client(cfg.mqtt)  # TLS and password files: fail here, with the config's words
         # MQTT intake runs in a process of its own (gateway.edge.intakeproc), sharing the spool.
@@ -404,12 +418,14 @@ class Gateway:
         loop.add_signal_handler(signal.SIGHUP, self._reload)
         try:
             await self.start()
-            assert self.batcher and self.forwarder and self.mqtt
+            assert self.batcher and self.forwarder and self.mqtt and self.receipts
             batch_stop = asyncio.Event()
             fwd_stop = asyncio.Event()
             async with asyncio.TaskGroup() as tg:
                 batching = tg.create_task(self.batcher.run(batch_stop), name="batcher")
                 tg.create_task(self.forwarder.run(fwd_stop), name="forwarder")
+                # Stops with the forwarder: what it leaves pending goes after the next start.
+                tg.create_task(self.receipts.run(fwd_stop), name="receipts")
                 tg.create_task(self._monitor(), name="monitor")
                 tg.create_task(self._announce_ready(), name="ready")
                 await self.stop_event.wait()

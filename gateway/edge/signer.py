@@ -28,7 +28,7 @@ from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 
 from gateway.common.errors import HsmError, HsmPinError
 from gateway.edge.config import HsmConfig
-from gateway.formats import batchformat
+from gateway.formats import batchformat, checkpoint, note
 
 log = logging.getLogger("gateway.edge.signer")
 T = TypeVar("T")
@@ -292,6 +292,29 @@ class Signer:
     def sign_header(self, header: bytes) -> Future[bytes]:
         """DER low-S ECDSA over DOMAIN_TAG || header."""
         return self.sign_digest(batchformat.signing_digest(header))
+
+    def note_signer(self, name: str) -> note.EcdsaDigestSigner:
+        """A signed-note signer (type 0x02, ECDSA) named `name` over the HSM key. Its
+        sign() signs on the calling thread: call it through sign_checkpoint, which runs
+        it on the HSM worker."""
+        if self.info is None:
+            raise HsmError("hsm signer not started")
+        spki = serialization.load_pem_public_key(self.info.public_pem).public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        return note.EcdsaDigestSigner(name, spki, self._sign_now)
+
+    def sign_checkpoint(self, cp: checkpoint.Checkpoint) -> Future[bytes]:
+        """The signed note of a checkpoint, signed by the HSM key under the checkpoint's
+        origin as key name (c2sp.org/tlog-checkpoint), on the HSM worker."""
+
+        def sign() -> bytes:
+            try:
+                return checkpoint.sign_checkpoint(cp, [self.note_signer(cp.origin)])
+            except note.SignerFailed as e:
+                raise HsmError(f"HSM signature of checkpoint {cp.size} unusable: {e}") from None
+
+        return self._call(sign)
 
     def _call(self, fn: Callable[[], T]) -> Future[T]:
         fut: Future[T] = Future()

@@ -22,18 +22,18 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway.common.errors import SpoolError, SpoolIntegrityError, SpoolInUse
-from gateway.edge import metrics
+from gateway.edge import metrics, tlog
 from gateway.edge.config import SpoolConfig
 
 log = logging.getLogger("gateway.edge.spool")
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 -- AUTOINCREMENT keeps rowids monotonic, so "pending" is simply rowid > the last batch's last_rowid.
@@ -93,6 +93,35 @@ CREATE INDEX IF NOT EXISTS reject_unpublished ON reject (published) WHERE publis
 CREATE TRIGGER IF NOT EXISTS tx_beyond_retention BEFORE INSERT ON tx
 WHEN NEW.device_seq <= (SELECT seq FROM pruned WHERE device_id = NEW.device_id)
 BEGIN SELECT RAISE(IGNORE); END;
+-- The gateway's log (gateway.edge.tlog), written by the main process when a batch is cut.
+-- Tiles of the RFC 9162 tree over every transaction in spool order (c2sp.org/tlog-tiles).
+CREATE TABLE IF NOT EXISTS log_tile (
+    level INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (level, idx)
+) WITHOUT ROWID;
+-- One signed checkpoint per batch: the tree after the batch's leaves [first_index, size).
+CREATE TABLE IF NOT EXISTS log_checkpoint (
+    size INTEGER PRIMARY KEY,
+    seq INTEGER NOT NULL UNIQUE,
+    first_index INTEGER NOT NULL,
+    first_rowid INTEGER NOT NULL,
+    last_rowid INTEGER NOT NULL,
+    root BLOB NOT NULL,
+    note BLOB NOT NULL,
+    created_ms INTEGER NOT NULL,
+    committed_ms INTEGER
+);
+CREATE INDEX IF NOT EXISTS log_checkpoint_by_last_rowid ON log_checkpoint (last_rowid);
+-- Witness cosignatures of a checkpoint: the signature line a ledger node returned.
+CREATE TABLE IF NOT EXISTS log_cosignature (
+    size INTEGER NOT NULL,
+    node_id TEXT NOT NULL,
+    line TEXT NOT NULL,
+    received_ms INTEGER NOT NULL,
+    PRIMARY KEY (size, node_id)
+) WITHOUT ROWID;
 """
 
 
@@ -181,6 +210,37 @@ class TxRecord:
     device_id: str
     device_seq: int
     received_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class NewlyCommitted:
+    """Batches a cosignature committed: how many, the last seq, their transactions'
+    received times (for the commit latency)."""
+
+    batches: int = 0
+    last_seq: int = -1
+    received_ms: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredCheckpoint:
+    """The log after batch `seq`: leaves [first_index, size) are its transactions
+    (spool rowids first_rowid..last_rowid), `note` the signed checkpoint."""
+
+    size: int
+    seq: int
+    first_index: int
+    first_rowid: int
+    last_rowid: int
+    root: bytes
+    note: bytes
+    created_ms: int
+    committed_ms: int | None
+
+
+_CHECKPOINT_COLS = (
+    "size, seq, first_index, first_rowid, last_rowid, root, note, created_ms, committed_ms"
+)
 
 
 _BATCH_COLS = (
@@ -343,6 +403,8 @@ class Spool:
             )
         if self.path.exists() and check_integrity:
             self._check_integrity()
+        if self.path.exists():
+            self._refuse_other_schema()
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
         self._lock_fd = os.open(f"{self.path}.lock", flags, 0o600)
         self._next_fd = os.open(f"{self.path}.lock-next", flags, 0o600)
@@ -391,6 +453,34 @@ class Spool:
             raise SpoolIntegrityError(
                 f"spool {self.path} failed SQLite's integrity check ({problem}); it was left "
                 "untouched: keep it for analysis and move it aside to start with an empty spool"
+            )
+
+    def _refuse_other_schema(self) -> None:
+        """A spool written by another schema (the per-batch trees before the log, or a
+        newer gateway) stops the start through a read-only connection, before anything
+        is written to it: misreading it would sign a history it does not hold."""
+        try:
+            ro = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30.0)
+            try:
+                has_meta = ro.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+                ).fetchone()
+                row = (
+                    None
+                    if has_meta is None
+                    else ro.execute(
+                        "SELECT value FROM meta WHERE key = 'schema_version'"
+                    ).fetchone()
+                )
+            finally:
+                ro.close()
+        except sqlite3.DatabaseError:
+            return  # the open below reports what SQLite makes of it
+        if row is not None and row[0] != str(SCHEMA_VERSION):
+            raise SpoolIntegrityError(
+                f"spool {self.path} has schema {row[0]}, this gateway reads {SCHEMA_VERSION} "
+                "(one append-only log per gateway); it was left untouched: move it aside to "
+                "start with an empty spool"
             )
 
     def _check_meta(self, conn: sqlite3.Connection) -> None:
@@ -908,6 +998,83 @@ class Spool:
         row = conn.execute("SELECT max(seq) FROM batch WHERE committed_ms IS NOT NULL").fetchone()
         return -1 if row is None or row[0] is None else int(row[0])
 
+    # ---- the log (gateway.edge.tlog) --------------------------------------
+
+    @staticmethod
+    def q_last_checkpoint(conn: sqlite3.Connection) -> StoredCheckpoint | None:
+        row = conn.execute(
+            f"SELECT {_CHECKPOINT_COLS} FROM log_checkpoint ORDER BY size DESC LIMIT 1"
+        ).fetchone()
+        return StoredCheckpoint(*row) if row else None
+
+    @staticmethod
+    def q_checkpoint_of_seq(conn: sqlite3.Connection, seq: int) -> StoredCheckpoint | None:
+        row = conn.execute(
+            f"SELECT {_CHECKPOINT_COLS} FROM log_checkpoint WHERE seq = ?", (seq,)
+        ).fetchone()
+        return StoredCheckpoint(*row) if row else None
+
+    @staticmethod
+    def q_checkpoint(conn: sqlite3.Connection, size: int) -> StoredCheckpoint | None:
+        row = conn.execute(
+            f"SELECT {_CHECKPOINT_COLS} FROM log_checkpoint WHERE size = ?", (size,)
+        ).fetchone()
+        return StoredCheckpoint(*row) if row else None
+
+    @staticmethod
+    def q_last_committed_checkpoint(conn: sqlite3.Connection) -> StoredCheckpoint | None:
+        row = conn.execute(
+            f"SELECT {_CHECKPOINT_COLS} FROM log_checkpoint WHERE committed_ms IS NOT NULL"
+            " ORDER BY size DESC LIMIT 1"
+        ).fetchone()
+        return StoredCheckpoint(*row) if row else None
+
+    @staticmethod
+    def q_checkpoint_covering_index(
+        conn: sqlite3.Connection, index: int
+    ) -> StoredCheckpoint | None:
+        """The checkpoint whose batch holds leaf `index`."""
+        row = conn.execute(
+            f"SELECT {_CHECKPOINT_COLS} FROM log_checkpoint WHERE size > ? ORDER BY size LIMIT 1",
+            (index,),
+        ).fetchone()
+        if row is None:
+            return None
+        cp = StoredCheckpoint(*row)
+        return cp if cp.first_index <= index else None
+
+    @staticmethod
+    def q_leaf_index(conn: sqlite3.Connection, rowid: int) -> tuple[int, StoredCheckpoint] | None:
+        """The log index of the transaction at `rowid` and the checkpoint of its batch;
+        None while it is in no batch yet."""
+        row = conn.execute(
+            f"SELECT {_CHECKPOINT_COLS} FROM log_checkpoint WHERE last_rowid >= ?"
+            " ORDER BY last_rowid LIMIT 1",
+            (rowid,),
+        ).fetchone()
+        if row is None:
+            return None
+        cp = StoredCheckpoint(*row)
+        if rowid < cp.first_rowid:
+            return None
+        if cp.last_rowid - cp.first_rowid + 1 == cp.size - cp.first_index:
+            return cp.first_index + rowid - cp.first_rowid, cp  # rowids without gaps
+        before = conn.execute(
+            "SELECT count(*) FROM tx WHERE rowid >= ? AND rowid < ?", (cp.first_rowid, rowid)
+        ).fetchone()[0]
+        return cp.first_index + int(before), cp
+
+    @staticmethod
+    def q_cosignatures(conn: sqlite3.Connection, size: int) -> list[tuple[str, str]]:
+        """(node id, cosignature line) of a checkpoint, by node id."""
+        return [
+            (r[0], r[1])
+            for r in conn.execute(
+                "SELECT node_id, line FROM log_cosignature WHERE size = ? ORDER BY node_id",
+                (size,),
+            )
+        ]
+
     @staticmethod
     def q_unpublished_rejects(conn: sqlite3.Connection, limit: int) -> list[tuple[int, str, bytes]]:
         return [
@@ -945,23 +1112,90 @@ class Spool:
         )
 
     @staticmethod
-    def w_store_receipt(
-        conn: sqlite3.Connection, seq: int, node_id: str, receipt: bytes, quorum: int
-    ) -> bool:
-        """Store a node's receipt; mark the batch committed at quorum. True if now committed."""
+    def w_store_receipt(conn: sqlite3.Connection, seq: int, node_id: str, receipt: bytes) -> None:
+        """Store a node's receipt for a batch: that it stored the batch. A batch is
+        committed by cosignatures of a checkpoint covering it (w_store_cosignature)."""
         conn.execute(
             "INSERT INTO receipt (seq, node_id, receipt, received_ms) VALUES (?, ?, ?, ?)"
             " ON CONFLICT (seq, node_id) DO NOTHING",
             (seq, node_id, receipt, now_ms()),
         )
-        n = conn.execute("SELECT count(*) FROM receipt WHERE seq = ?", (seq,)).fetchone()[0]
-        if n >= quorum:
-            conn.execute(
-                "UPDATE batch SET committed_ms = ? WHERE seq = ? AND committed_ms IS NULL",
-                (now_ms(), seq),
+
+    @staticmethod
+    def w_store_checkpoint(
+        conn: sqlite3.Connection, cp: StoredCheckpoint, tiles: Sequence[Any]
+    ) -> None:
+        """A batch's checkpoint and the log tiles it adds (gateway.edge.tlog.TileWrite),
+        in the batch's spool transaction; the log only grows by whole batches."""
+        prev = conn.execute("SELECT max(size), max(seq) FROM log_checkpoint").fetchone()
+        size = 0 if prev[0] is None else int(prev[0])
+        if cp.first_index != size or cp.size <= size:
+            raise SpoolError(
+                f"checkpoint of batch {cp.seq} starts the log at {cp.first_index}, "
+                f"the spool's log has {size} leaves"
             )
-            return True
-        return False
+        if prev[1] is not None and cp.seq != prev[1] + 1:
+            raise SpoolError(f"checkpoint of batch {cp.seq} out of order after batch {prev[1]}")
+        tlog.write_tiles(conn, tiles)
+        conn.execute(
+            f"INSERT INTO log_checkpoint ({_CHECKPOINT_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                cp.size,
+                cp.seq,
+                cp.first_index,
+                cp.first_rowid,
+                cp.last_rowid,
+                cp.root,
+                cp.note,
+                cp.created_ms,
+                cp.committed_ms,
+            ),
+        )
+
+    @staticmethod
+    def w_store_cosignature(
+        conn: sqlite3.Connection, size: int, node_id: str, line: str, quorum: int
+    ) -> NewlyCommitted:
+        """Store a witness's cosignature of checkpoint `size`. At `quorum` distinct nodes
+        the checkpoint is committed, and with it every batch it covers (its tree holds
+        theirs): what that newly commits is returned."""
+        conn.execute(
+            "INSERT INTO log_cosignature (size, node_id, line, received_ms) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (size, node_id) DO NOTHING",
+            (size, node_id, line, now_ms()),
+        )
+        n = conn.execute("SELECT count(*) FROM log_cosignature WHERE size = ?", (size,)).fetchone()[
+            0
+        ]
+        if n < quorum:
+            return NewlyCommitted()
+        now = now_ms()
+        conn.execute(
+            "UPDATE log_checkpoint SET committed_ms = ? WHERE size = ? AND committed_ms IS NULL",
+            (now, size),
+        )
+        cp = conn.execute("SELECT seq FROM log_checkpoint WHERE size = ?", (size,)).fetchone()
+        if cp is None:
+            return NewlyCommitted()
+        rows = conn.execute(
+            "SELECT seq, first_rowid, last_rowid FROM batch WHERE seq <= ? AND committed_ms IS NULL"
+            " ORDER BY seq",
+            (cp[0],),
+        ).fetchall()
+        if not rows:
+            return NewlyCommitted()
+        conn.execute(
+            "UPDATE batch SET committed_ms = ? WHERE seq <= ? AND committed_ms IS NULL",
+            (now, cp[0]),
+        )
+        received = [
+            r[0]
+            for r in conn.execute(
+                "SELECT received_ms FROM tx WHERE rowid BETWEEN ? AND ?",
+                (rows[0][1], rows[-1][2]),
+            )
+        ]
+        return NewlyCommitted(len(rows), int(rows[-1][0]), received)
 
     @staticmethod
     def w_mark_published(conn: sqlite3.Connection, ids: Iterable[int]) -> None:

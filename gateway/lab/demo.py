@@ -17,6 +17,7 @@ import sqlite3
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -29,9 +30,10 @@ from gateway._pb.edgegateway.v1 import (
 )
 from gateway.common import resources
 from gateway.common.errors import GatewayError
-from gateway.edge import client
-from gateway.formats import batchformat
-from gateway.lab import simulate
+from gateway.edge import client, export
+from gateway.edge.config import load_gateway_config
+from gateway.formats import auditdir, batchformat
+from gateway.lab import logaudit, simulate
 from gateway.lab.sandbox import GatewayProc, Ledger, Sandbox, free_port
 
 GATEWAY_ID = "edge-demo-01"
@@ -60,7 +62,16 @@ class Summary:
     p50_ms: float = 0.0
     p99_ms: float = 0.0
     signatures: int = 0
+    # The gateway's log: its checkpoints, each node's cosigned ones, successive cosigned
+    # pairs shown consistent, and whatever failed.
+    checkpoints: int = 0
+    cosigned_by_node: dict[str, int] = field(default_factory=dict)
+    consistent_pairs: int = 0
+    log_errors: list[str] = field(default_factory=list)
     committed_by_profile: dict[str, int] = field(default_factory=dict)
+    # `--export DIR`: the export for auditors, and what gateway.formats.auditdir made of it.
+    export_line: str = ""
+    export_ok: bool = True
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -127,6 +138,26 @@ def check_ledger(
     return n, dups, set(seen)
 
 
+def check_log(s: Summary, gw: GatewayProc, ledgers: list[Ledger]) -> None:
+    """The gateway's log as an auditor sees it (logaudit): every checkpoint signed and
+    consistent with the one before; every checkpoint each node cosigned verifies, and
+    successive ones are consistent by a proof from the gateway's tiles."""
+    origin = load_gateway_config(gw.config).log_origin
+    pem = gw.public_key.read_bytes()
+    own = logaudit.audit_spool(gw.spool, origin, pem)
+    s.checkpoints = own.checkpoints
+    s.log_errors += own.errors
+    audits = [
+        logaudit.audit_witness(lg.node_id, lg.db, origin, pem, lg.witness_vkey, gw.spool)
+        for lg in ledgers
+    ]
+    for a in audits:
+        s.cosigned_by_node[a.node_id] = a.cosigned
+        s.consistent_pairs += a.consistent_pairs
+        s.log_errors += a.errors
+    s.log_errors += logaudit.same_roots(audits, gw.spool)
+
+
 def verify_proofs(gw: GatewayProc, tx_ids: list[str], sample: int) -> tuple[int, int]:
     key = batchformat.load_public_key(gw.public_key.read_bytes())
     ok = bad = 0
@@ -136,10 +167,29 @@ def verify_proofs(gw: GatewayProc, tx_ids: list[str], sample: int) -> tuple[int,
             resp = stub.GetTransaction(gateway_pb2.GetTransactionRequest(tx_id=tx_id), timeout=10)
             try:
                 client.verify_transaction(resp, key)
+                client.verify_log_proof(resp, key, client.LogTrust())
                 ok += 1
             except client.ProofInvalid:
                 bad += 1
     return ok, bad
+
+
+def export_and_audit(
+    s: Summary, gw: GatewayProc, ledgers: list[Ledger], out: Path, say: Callable[[str], None]
+) -> None:
+    """Export the log for auditors while the gateway runs, then verify the directory as an
+    auditor would, with gateway.formats.auditdir and nothing but the directory."""
+    done = export.export(
+        gw.spool,
+        out,
+        gateway_id=gw.gateway_id,
+        origin=load_gateway_config(gw.config).log_origin,
+        public_pems=[gw.public_key.read_bytes()],
+        witnesses={lg.node_id: lg.witness_vkey for lg in ledgers},
+    )
+    say(done.line())
+    report = auditdir.audit(out, min_proofs=min(export.DEFAULT_SAMPLE, s.committed))
+    s.export_line, s.export_ok = report.summary(), report.ok
 
 
 def gateway_status(gw: GatewayProc) -> gateway_pb2.GatewayStatus:
@@ -151,9 +201,10 @@ def gateway_status(gw: GatewayProc) -> gateway_pb2.GatewayStatus:
 
 
 def wait_drained(
-    gw: GatewayProc, stored_at_least: int, timeout: float
+    gw: GatewayProc, stored_at_least: int, timeout: float, all_nodes: bool = False
 ) -> gateway_pb2.GatewayStatus:
-    """Until everything acknowledged is batched and committed at the quorum."""
+    """Until everything acknowledged is batched and committed at the quorum (with
+    `all_nodes`, also held by every ledger node, not only the quorum)."""
     deadline = time.monotonic() + timeout
     st = gateway_status(gw)
     while time.monotonic() < deadline:
@@ -162,6 +213,9 @@ def wait_drained(
             st.transactions_stored >= stored_at_least
             and st.spool_depth == 0
             and st.last_committed_seq == st.last_signed_seq
+            and (
+                not all_nodes or all(n.next_seq == st.last_signed_seq + 1 for n in st.ledger_nodes)
+            )
         ):
             return st
         time.sleep(0.2)
@@ -196,6 +250,7 @@ def run_demo(
     rate: float,
     quiet: bool = False,
     bad_ratio: float = 0.01,
+    export_dir: Path | None = None,
 ) -> Summary:
     sb = Sandbox(root)
 
@@ -261,6 +316,12 @@ def run_demo(
             sb.ledger(n, {GATEWAY_ID: pem}, port=p) for n, p in zip(names, ports, strict=True)
         ]
         say("ledger nodes: " + ", ".join(f"{lg.node_id}@{lg.address}" for lg in ledgers))
+        # The gateway checks each node's cosignature under its vkey, and an export names them.
+        with cfg.open("a") as f:
+            f.write(
+                "\n[log.witnesses]\n"
+                + "".join(f'"{lg.node_id}" = "{lg.witness_vkey}"\n' for lg in ledgers)
+            )
         gw = sb.gateway(GATEWAY_ID, cfg, pem)
         say(f"gateway {GATEWAY_ID} ready (sd_notify READY=1), API {gw.api_address}")
         say(
@@ -294,6 +355,9 @@ def run_demo(
             s.duplicates_applied += dups
             s.missing_at_ledger = max(s.missing_at_ledger, committed - len(held))
         s.proofs_verified, s.proofs_failed = verify_proofs(gw, ids, 200)
+        check_log(s, gw, ledgers)
+        if export_dir is not None:
+            export_and_audit(s, gw, ledgers, export_dir, say)
         s.committed_by_profile = committed_by_profile(gw.spool)
         code = gw.proc.terminate(30)
         if code != 0:
@@ -303,10 +367,19 @@ def run_demo(
         sb.close()
 
 
-def main(seconds: float, as_json: bool, devices: int, rate: float, workdir: Path | None) -> int:
+def main(
+    seconds: float,
+    as_json: bool,
+    devices: int,
+    rate: float,
+    workdir: Path | None,
+    export_dir: Path | None = None,
+) -> int:
+    if export_dir is not None:
+        export.check_out_dir(export_dir, force=False)  # before the demo, not after it
     root = workdir or Path(tempfile.mkdtemp(prefix="edge-gateway-demo-"))
     try:
-        s = run_demo(root, seconds, devices, rate, quiet=False)
+        s = run_demo(root, seconds, devices, rate, quiet=False, export_dir=export_dir)
     finally:
         if workdir is None:
             shutil.rmtree(root, ignore_errors=True)
@@ -325,12 +398,26 @@ def main(seconds: float, as_json: bool, devices: int, rate: float, workdir: Path
         f"  ledger chains        {s.chains_verified} of {s.ledger_nodes} verified, "
         f"{s.duplicates_applied} duplicates applied"
     )
+    cosigned = ", ".join(f"{k} {v}" for k, v in s.cosigned_by_node.items())
+    print(
+        f"  log                  {s.checkpoints} signed checkpoints; cosigned: {cosigned}; "
+        f"{s.consistent_pairs} successive cosigned pairs consistent"
+    )
+    for err in s.log_errors[:5]:
+        print(f"  log error            {err}")
+    if export_dir is not None:
+        print(f"  export (auditdir)    {s.export_line}")
     ok = (
         len(s.committed_by_profile) >= 3
         and s.proofs_failed == 0
         and s.duplicates_applied == 0
         and s.chains_verified == s.ledger_nodes
         and s.committed >= s.acknowledged - s.rejected_published
+        and s.checkpoints == s.batches
+        and not s.log_errors
+        and len(s.cosigned_by_node) == s.ledger_nodes
+        and all(n > 0 for n in s.cosigned_by_node.values())
+        and s.export_ok
     )
     if as_json:
         print(json.dumps(asdict(s), sort_keys=True))

@@ -42,7 +42,9 @@ from gateway.common import resources
 from gateway.common.errors import GatewayError
 from gateway.common.tomlconfig import TlsClient
 from gateway.edge import broker as brokerconf
+from gateway.formats import checkpoint
 from gateway.lab import pki as devpki
+from gateway.ledger import witness
 
 if TYPE_CHECKING:
     import paho.mqtt.client as mqtt
@@ -52,6 +54,8 @@ if TYPE_CHECKING:
 SOFTHSM_MODULE = Path("/usr/lib/softhsm/libsofthsm2.so")
 TEST_PIN = "314159"
 TEST_SO_PIN = "271828"
+# The domain of the sandbox's witness names (<domain>/ledger-witness/<node id>).
+WITNESS_DOMAIN = "ledger.sandbox.invalid"
 
 
 def _die_with_parent() -> None:
@@ -235,6 +239,8 @@ class Ledger:
     db: Path
     proc: Proc
     pki: devpki.DevPki | None = None
+    # The node's witness cosignature vkey (its key file is beside its config).
+    witness_vkey: str = ""
 
     @property
     def address(self) -> str:
@@ -477,6 +483,8 @@ class Sandbox:
             ),
             files_dir=str(conf_d),
             lab_simulators=(ROLES_CN["device"],),
+            # Profiles a test opts in to receipts use the default receipt topic.
+            receipt_topics=(brokerconf.ReceiptTopic("receipts/{device}", "receipts"),),
         )
         brokerconf.write_files(brokerconf.render(plan), conf_d)
         self._write_main_conf(d, user)
@@ -590,9 +598,17 @@ class Sandbox:
                 f'"{bound[g]}" }}'
                 for g, k in gateway_keys.items()
             )
+        # The node witnesses its gateways' logs with a key of its own (kept across restarts).
+        key_file = d / "witness.key"
+        vkey_file = d / "witness.vkey"
+        if not key_file.exists():
+            vkey_file.write_text(
+                witness.keygen(checkpoint.witness_name(WITNESS_DOMAIN, node_id), key_file) + "\n"
+            )
         cfg.write_text(
             f'[node]\nid = "{node_id}"\nlisten = "127.0.0.1:{port}"\n'
             f'db_path = "{db}"\n{node_extra}{tls}\n[gateways]\n{keys}\n'
+            f'\n[witness]\nkey_file = "{key_file}"\n'
         )
         p = Proc(
             name=node_id,
@@ -604,7 +620,14 @@ class Sandbox:
         p.start()
         wait_port(port, 30, p.proc, f"ledger node {node_id}")
         self.procs.append(p)
-        return Ledger(node_id=node_id, config=cfg, db=db, proc=p, pki=self.pki)
+        return Ledger(
+            node_id=node_id,
+            config=cfg,
+            db=db,
+            proc=p,
+            pki=self.pki,
+            witness_vkey=vkey_file.read_text().strip(),
+        )
 
     # ---- gateway ------------------------------------------------------------
 

@@ -21,9 +21,58 @@ from gateway.common.tomlconfig import (
     mutual_tls_only,
     tls_server,
 )
+from gateway.formats import checkpoint
+from gateway.formats.note import NoteError
 
 DEFAULT_NODE_MAX_CONCURRENT_RPCS = 128
 DEFAULT_NODE_MAX_BATCH_BYTES = 16 * 1024 * 1024
+
+
+# ---- [witness]: the node as a witness of the gateways' logs (issue 13) -------------------
+
+DEFAULT_LOG_DOMAIN = "edge-gateway.invalid"
+
+
+@dataclass(frozen=True, slots=True)
+class WitnessConfig:
+    """[witness]: `key_file` holds the node's Ed25519 note key (`edge-gateway ledger-node
+    keygen`), whose name is the witness name; `origins` the log origin of each gateway in
+    [gateways] (default `<log_domain>/edge-gateway/<gateway id>`)."""
+
+    key_file: Path
+    origins: Mapping[str, str]
+
+
+def _witness(root: Reader, gateway_ids: list[str]) -> WitnessConfig | None:
+    if not root.has("witness"):
+        return None
+    w = root.table("witness")
+    key_file = w.path("key_file", REQUIRED)
+    domain = w.string("log_domain", DEFAULT_LOG_DOMAIN)
+    given = w._get("origins", {})
+    if not isinstance(given, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in given.items()
+    ):
+        raise w.fail("origins", given, 'expected a table of gateway id = "origin"')
+    origins: dict[str, str] = {}
+    for gid in gateway_ids:
+        if gid in given:
+            origins[gid] = given[gid]
+            continue
+        try:
+            origins[gid] = checkpoint.gateway_origin(domain, gid)
+        except NoteError as e:
+            raise w.fail("log_domain", domain, e.detail) from None
+    unknown = sorted(set(given) - set(gateway_ids))
+    if unknown:
+        raise w.fail("origins", unknown, "origins of gateways not listed under [gateways]")
+    if len(set(origins.values())) != len(origins):
+        raise w.fail("origins", origins, "two gateways cannot share one log origin")
+    w.finish()
+    return WitnessConfig(key_file=key_file, origins=origins)
+
+
+# ---- end of [witness] --------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +90,7 @@ class LedgerNodeConfig:
     max_concurrent_rpcs: int = DEFAULT_NODE_MAX_CONCURRENT_RPCS
     # The largest batch (its transactions' bytes) a gateway may send; sizes the receive limit.
     max_batch_bytes: int = DEFAULT_NODE_MAX_BATCH_BYTES
+    witness: WitnessConfig | None = None  # [witness] (issue 13)
 
 
 def parse_ledger_config(data: Mapping[str, Any], source: Path) -> LedgerNodeConfig:
@@ -89,6 +139,7 @@ def parse_ledger_config(data: Mapping[str, Any], source: Path) -> LedgerNodeConf
                 key_name, str(keys[gid]), "expected the gateway's public key PEM file"
             )
     gk.finish()
+    witness = _witness(root, list(keys))  # [witness] (issue 13)
     root.finish()
     return LedgerNodeConfig(
         node_id=node_id,
@@ -101,6 +152,7 @@ def parse_ledger_config(data: Mapping[str, Any], source: Path) -> LedgerNodeConf
         readers=readers,
         max_concurrent_rpcs=max_concurrent_rpcs,
         max_batch_bytes=max_batch_bytes,
+        witness=witness,
     )
 
 

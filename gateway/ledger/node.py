@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import logging
 import signal
 import sqlite3
@@ -26,18 +27,30 @@ from typing import Any, ParamSpec, TypeVar
 
 import grpc
 from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gateway._pb.edgegateway.v1 import batch_pb2, ledger_pb2, ledger_pb2_grpc
 from gateway.common import grpcutil
-from gateway.common.errors import EXIT_IOERR, EXIT_OK, ConfigError, GatewayError, LedgerError
+from gateway.common.errors import (
+    EXIT_DATAERR,
+    EXIT_IOERR,
+    EXIT_OK,
+    ConfigError,
+    GatewayError,
+    LedgerError,
+)
 from gateway.common.identity import Identity, peer_certificate
-from gateway.formats import batchformat
+from gateway.formats import batchformat, keyrotation, logtree, merkle
 from gateway.formats.batchformat import BatchInvalid
+from gateway.formats.checkpoint import Checkpoint, checkpoint_of
+from gateway.formats.note import EcdsaVerifier, NoteError, parse_note, verifier_index
+from gateway.ledger import witness as witness_mod
 from gateway.ledger.config import LedgerNodeConfig
 from gateway.ledger.config import check_certificates as check_ledger_certificates
+from gateway.ledger.witness import LogKey, Witness
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +75,25 @@ def max_receive_bytes(max_batch_bytes: int) -> int:
     return max_batch_bytes + max_batch_bytes // 4 + BATCH_FIXED_OVERHEAD
 
 
+# The database's layout; a file of another one is refused before anything is written to it.
+SCHEMA_VERSION = 2
 _SCHEMA = """
+CREATE TABLE IF NOT EXISTS ledger_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+-- Each gateway's log as this node holds it: the leaves and the tree's tiles
+-- (gateway.formats.logtree), extended only by a checkpoint this node cosigned.
+CREATE TABLE IF NOT EXISTS log_leaf (
+    gateway_id TEXT    NOT NULL,
+    idx        INTEGER NOT NULL,
+    leaf       BLOB    NOT NULL,
+    PRIMARY KEY (gateway_id, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS log_tile (
+    gateway_id TEXT    NOT NULL,
+    level      INTEGER NOT NULL,
+    idx        INTEGER NOT NULL,
+    data       BLOB    NOT NULL,
+    PRIMARY KEY (gateway_id, level, idx)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS batches (
     gateway_id   TEXT    NOT NULL,
     seq          INTEGER NOT NULL,
@@ -77,6 +108,23 @@ CREATE TABLE IF NOT EXISTS batches (
 """
 
 
+# Builds the node's witness over the store's connection, on the store thread.
+WitnessFactory = Callable[[sqlite3.Connection], Witness]
+# Leaves one AddCheckpoint may carry (the receive limit bounds their bytes).
+MAX_CHECKPOINT_LEAVES = 1_000_000
+
+
+def _tile_fetch(conn: sqlite3.Connection, gateway_id: str) -> logtree.TileFetch:
+    def fetch(level: int, index: int) -> bytes | None:
+        row = conn.execute(
+            "SELECT data FROM log_tile WHERE gateway_id = ? AND level = ? AND idx = ?",
+            (gateway_id, level, index),
+        ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    return fetch
+
+
 # --- errors -------------------------------------------------------------------------------
 
 
@@ -84,6 +132,16 @@ class LedgerStoreError(GatewayError):
     """The ledger's SQLite store cannot be opened or written."""
 
     exit_code = EXIT_IOERR
+
+
+class LedgerStoreFormat(LedgerStoreError):
+    """The database was written by another version of the node: left untouched."""
+
+    exit_code = EXIT_DATAERR
+
+
+class LeavesRejected(LedgerError):
+    """The leaves sent with a checkpoint do not extend the node's log to its root."""
 
 
 class ChainRejected(LedgerError):
@@ -157,14 +215,18 @@ def _sqlite_errors(what: str, path: Path) -> Iterator[None]:
 class LedgerStore:
     """Batches per gateway in one SQLite file, touched only by one dedicated thread."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, make_witness: WitnessFactory | None = None) -> None:
         self.path = path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-store")
         self._conn: sqlite3.Connection | None = None
+        self._make_witness = make_witness
+        self.witness: Witness | None = None
 
     @classmethod
-    async def open(cls, path: Path) -> LedgerStore:
-        store = cls(path)
+    async def open(cls, path: Path, make_witness: WitnessFactory | None = None) -> LedgerStore:
+        """`make_witness(conn)`: the node's witness over the store's connection, built on
+        the store thread (every use of the connection stays on that thread)."""
+        store = cls(path, make_witness)
         try:
             await store._run(store._open_sync)
         except LedgerStoreError:
@@ -200,6 +262,16 @@ class LedgerStore:
         )
         return await self._run(self._append_sync, node_id, new)
 
+    async def log_size(self, origin: str) -> int:
+        """The size of the last checkpoint of `origin` this node cosigned."""
+        return await self._run(self._log_size_sync, origin)
+
+    async def add_checkpoint(
+        self, gateway_id: str, req: ledger_pb2.AddCheckpointRequest
+    ) -> tuple[int, str]:
+        """Witness a checkpoint (see LedgerService.AddCheckpoint): (size, cosignature line)."""
+        return await self._run(self._add_checkpoint_sync, gateway_id, req)
+
     async def batches(self, gateway_id: str, from_seq: int, limit: int) -> list[bytes]:
         """Serialised SignedBatches of `gateway_id` from `from_seq` on, at most `limit`."""
         if from_seq > _SQLITE_MAX_INT or limit <= 0:
@@ -230,6 +302,8 @@ class LedgerStore:
             # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
             conn = sqlite3.connect(self.path, isolation_level=None)
             try:
+                # Before anything writes to the file (the journal mode included).
+                self._refuse_other_schema(conn)
                 mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
                 if str(mode).lower() != "wal":
                     raise LedgerStoreError(
@@ -240,10 +314,34 @@ class LedgerStore:
                 conn.execute("PRAGMA synchronous=FULL")
                 conn.execute("PRAGMA busy_timeout=5000")
                 conn.executescript(_SCHEMA)
+                conn.execute(
+                    "INSERT OR IGNORE INTO ledger_meta (key, value) VALUES ('schema_version', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
+                if self._make_witness is not None:
+                    self.witness = self._make_witness(conn)
             except BaseException:
                 conn.close()
                 raise
             self._conn = conn
+
+    def _refuse_other_schema(self, conn: sqlite3.Connection) -> None:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not tables:
+            return
+        version = None
+        if "ledger_meta" in tables:
+            row = conn.execute(
+                "SELECT value FROM ledger_meta WHERE key = 'schema_version'"
+            ).fetchone()
+            version = None if row is None else row[0]
+        if version != str(SCHEMA_VERSION):
+            found = "the per-batch chain format" if version is None else f"schema {version}"
+            raise LedgerStoreFormat(
+                f"ledger store {self.path} holds {found}, this node reads schema "
+                f"{SCHEMA_VERSION} (a log per gateway, cosigned): it was left untouched; "
+                "move it aside to start with an empty store"
+            )
 
     def _close_sync(self) -> None:
         if self._conn is not None:
@@ -328,6 +426,151 @@ class LedgerStore:
         )
         return Appended(receipt=receipt, duplicate=False)
 
+    def _log_size_sync(self, origin: str) -> int:
+        if self.witness is None:
+            return 0
+        with _sqlite_errors("log size query", self.path):
+            return self.witness.known_size(origin)
+
+    def _add_checkpoint_sync(
+        self, gateway_id: str, req: ledger_pb2.AddCheckpointRequest
+    ) -> tuple[int, str]:
+        witness = self.witness
+        if witness is None:
+            raise LedgerError("this node has no witness key ([witness] key_file)")
+        conn = self._db()
+        with _sqlite_errors("checkpoint", self.path):
+            again = self._cosigned_already(conn, req.checkpoint)
+            if again is not None:
+                return again
+            leaves = list(req.leaves)
+            old_size = req.old_size
+
+            def check(cp: Checkpoint) -> None:
+                # Inside the witness's transaction: the node's copy of the log grows by
+                # exactly these leaves to exactly this root, or nothing is stored.
+                if cp.size - old_size != len(leaves):
+                    raise LeavesRejected(
+                        f"checkpoint {cp.size} after {old_size} needs "
+                        f"{cp.size - old_size} leaves, {len(leaves)} were sent"
+                    )
+                fetch = _tile_fetch(conn, gateway_id)
+                try:
+                    edge = logtree.load_edge(old_size, fetch)
+                except logtree.LogStateError as e:
+                    raise LedgerStoreError(
+                        f"ledger store {self.path}: log of {gateway_id} at {old_size}: {e}"
+                    ) from None
+                grown, writes = edge.append([merkle.leaf_hash(leaf) for leaf in leaves])
+                if grown.root() != cp.root_hash:
+                    raise LeavesRejected(
+                        f"the {len(leaves)} leaves sent do not give the root of checkpoint "
+                        f"{cp.size}"
+                    )
+                conn.executemany(
+                    "INSERT INTO log_tile (gateway_id, level, idx, data) VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT (gateway_id, level, idx) DO UPDATE SET data = excluded.data",
+                    [(gateway_id, w.level, w.index, w.data) for w in writes],
+                )
+                conn.executemany(
+                    "INSERT INTO log_leaf (gateway_id, idx, leaf) VALUES (?, ?, ?)",
+                    [(gateway_id, old_size + i, leaf) for i, leaf in enumerate(leaves)],
+                )
+                self._take_rotations(witness, gateway_id, cp, old_size, leaves)
+
+            line = witness.add_checkpoint(
+                req.checkpoint, old_size, list(req.consistency_proof), check
+            )
+            size = checkpoint_of(parse_note(req.checkpoint)).size
+            return size, line.line().rstrip("\n")
+
+    @staticmethod
+    def _take_rotations(
+        witness: Witness, gateway_id: str, cp: Checkpoint, old_size: int, leaves: list[bytes]
+    ) -> None:
+        """Key rotation entries among the new leaves (gateway.formats.keyrotation): the new
+        key is trusted from here on. Runs inside the witness's check, so the checkpoint
+        covering the entry has verified under a key this node already trusted, and the
+        key is stored only if that checkpoint is. An entry that does not parse, names
+        another log or gateway, or rotates from a key this node does not trust refuses
+        the checkpoint."""
+        for i, leaf in enumerate(leaves):
+            if not keyrotation.is_rotation_leaf(leaf):
+                continue
+            where = f"leaf {old_size + i} of {gateway_id}'s log"
+            try:
+                entry = keyrotation.parse_entry(leaf)
+            except keyrotation.RotationEntryError as e:
+                raise LeavesRejected(f"{where} is not a valid key rotation entry: {e}") from None
+            if entry.origin != cp.origin or entry.gateway_id != gateway_id:
+                raise LeavesRejected(
+                    f"{where}: key rotation entry for {entry.origin!r} / {entry.gateway_id!r}"
+                )
+            trusted = witness.verifiers(cp.origin)
+            if not any(
+                isinstance(v, EcdsaVerifier)
+                and hashlib.sha256(v.public_key_der).digest() == entry.old_key_id
+                for v in trusted
+            ):
+                raise LeavesRejected(
+                    f"{where}: key rotation from key {entry.old_key_id.hex()[:16]}, "
+                    "which this node does not trust for that log"
+                )
+            new = entry.verifier()
+            if any(v.vkey() == new.vkey() for v in trusted):
+                continue  # already trusted (a node that replays its log)
+            try:
+                verifier_index((*trusted, new))
+            except NoteError as e:
+                raise LeavesRejected(f"{where}: new key: {e.detail}") from None
+            witness.add_log(LogKey(cp.origin, (new,)))
+            log.info(
+                "key rotation %d of %s at leaf %d: new log key %s trusted",
+                entry.rotation,
+                cp.origin,
+                old_size + i,
+                entry.new_key_id.hex()[:16],
+            )
+
+    def header_keys(self, gateway_id: str, origin: str | None) -> list[ec.EllipticCurvePublicKey]:
+        """Keys a gateway's batch headers may be signed with beyond its registered one:
+        those its log rotated to (trusted by the witness through a rotation entry)."""
+        if self.witness is None or origin is None:
+            return []
+        try:
+            verifiers = self.witness.verifiers(origin)
+        except witness_mod.UnknownLog:
+            return []
+        out: list[ec.EllipticCurvePublicKey] = []
+        for v in verifiers:
+            if isinstance(v, EcdsaVerifier):
+                key = serialization.load_der_public_key(v.public_key_der)
+                if isinstance(key, ec.EllipticCurvePublicKey):
+                    out.append(key)
+        return out
+
+    @staticmethod
+    def _cosigned_already(conn: sqlite3.Connection, signed: bytes) -> tuple[int, str] | None:
+        """A checkpoint this node already cosigned (a re-send after a lost answer): the
+        cosignature it gave then. Reads the witness's own table (gateway.ledger.witness)."""
+        try:
+            cp = checkpoint_of(parse_note(signed))
+        except NoteError:
+            return None  # the witness reports it
+        if cp.size > _SQLITE_MAX_INT:
+            return None
+        row = conn.execute(
+            "SELECT root_hash, note, cosignature FROM witness_cosigned"
+            " WHERE origin = ? AND size = ?",
+            (cp.origin, cp.size),
+        ).fetchone()
+        if row is None or bytes(row[0]) != cp.root_hash:
+            return None
+        # Same size, root and body: the same checkpoint, cosigned then after its checks.
+        if parse_note(bytes(row[1])).text != cp.body():
+            return None
+        return cp.size, bytes(row[2]).decode().rstrip("\n")
+
     def _batches_sync(self, gateway_id: str, from_seq: int, limit: int) -> list[bytes]:
         with _sqlite_errors("batch listing", self.path):
             rows = (
@@ -398,7 +641,10 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         store: LedgerStore,
         verify_executor: ThreadPoolExecutor | None = None,
         access: ClientAccess | None = None,
+        origins: Mapping[str, str] | None = None,
     ) -> None:
+        """`origins`: each gateway's log origin, for the witness ([witness] origins)."""
+        self._origins = dict(origins or {})
         self._node_id = node_id
         self._keys = dict(keys)
         self._store = store
@@ -470,6 +716,12 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                 f"gateway {gateway_id!r} is not registered on ledger node {self._node_id}: "
                 "add its public key under [gateways]",
             )
+        if key is not None and header.key_id != batchformat.key_id_of(key):
+            # After a key rotation the header is signed by the key the log rotated to.
+            for rotated in self._store.header_keys(gateway_id, self._origins.get(gateway_id)):
+                if batchformat.key_id_of(rotated) == header.key_id:
+                    key = rotated
+                    break
         try:
             # Pure CPU work (ECDSA, hashing every leaf): off the event loop.
             loop = asyncio.get_running_loop()
@@ -524,12 +776,80 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             head = await self._store.head(request.gateway_id)
         except LedgerStoreError as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        origin = self._origins.get(request.gateway_id)
+        log_size = 0
+        if origin is not None:
+            try:
+                log_size = await self._store.log_size(origin)
+            except LedgerStoreError as e:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         return ledger_pb2.Head(
             gateway_id=request.gateway_id,
             next_seq=head.next_seq,
             header_hash=head.header_hash,
             node_id=self._node_id,
+            log_size=log_size,
         )
+
+    async def AddCheckpoint(
+        self,
+        request: ledger_pb2.AddCheckpointRequest,
+        context: grpc.aio.ServicerContext[ledger_pb2.AddCheckpointRequest, ledger_pb2.Cosignature],
+    ) -> ledger_pb2.Cosignature:
+        gateway_id = request.gateway_id
+        await self._authorize("AddCheckpoint", gateway_id, context, read=False)
+        await self._require_registered(gateway_id, context)
+        origin = self._origins.get(gateway_id)
+        if origin is None or self._store.witness is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"ledger node {self._node_id} witnesses no log of gateway {gateway_id!r}: "
+                "set [witness] key_file",
+            )
+            raise AssertionError("unreachable")
+        if len(request.leaves) > MAX_CHECKPOINT_LEAVES or request.old_size > _SQLITE_MAX_INT:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"at most {MAX_CHECKPOINT_LEAVES} leaves and an old size below 2^63 per call",
+            )
+        try:
+            cp = checkpoint_of(parse_note(request.checkpoint))
+        except NoteError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"not a checkpoint: {e}")
+            raise AssertionError("unreachable") from None
+        if cp.origin != origin:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"checkpoint origin {cp.origin[:200]!r} is not the log of gateway "
+                f"{gateway_id!r} ({origin})",
+            )
+        async with self._locks[gateway_id]:
+            try:
+                size, line = await self._store.add_checkpoint(gateway_id, request)
+            except witness_mod.OldSizeMismatch as e:
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    str(e),
+                    trailing_metadata=(("known-size", str(e.known_size)),),
+                )
+            except (witness_mod.SplitView, witness_mod.BadConsistencyProof) as e:
+                log.error(
+                    "SPLIT VIEW of gateway %s's log (%s): refused, evidence kept", gateway_id, e
+                )
+                await context.abort(grpc.StatusCode.ABORTED, str(e))
+            except witness_mod.BadSignature as e:
+                log.warning("refused checkpoint of %s: %s", gateway_id, e)
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
+            except witness_mod.UnknownLog as e:
+                await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+            except (witness_mod.WitnessError, LeavesRejected) as e:
+                log.warning("refused checkpoint of %s: %s", gateway_id, e)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            except LedgerStoreError as e:
+                log.error("%s", e)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        log.info("cosigned checkpoint %s/%d", gateway_id, size)
+        return ledger_pb2.Cosignature(node_id=self._node_id, size=size, line=line)
 
     async def ListBatches(
         self,
@@ -589,7 +909,8 @@ async def serve(
             "chains; give each gateway a certificate of its own",
             ", ".join(group),
         )
-    store = await LedgerStore.open(cfg.db_path)
+    make_witness = _witness_factory(cfg, keys)
+    store = await LedgerStore.open(cfg.db_path, make_witness)
     verify_executor = ThreadPoolExecutor(thread_name_prefix="ledger-verify")
     try:
         # Past max_concurrent_rpcs grpc answers RESOURCE_EXHAUSTED and the forwarder backs
@@ -599,7 +920,8 @@ async def serve(
             options=grpcutil.server_options(max_receive_bytes(cfg.max_batch_bytes)),
             maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
         )
-        servicer = LedgerServicer(cfg.node_id, keys, store, verify_executor, access)
+        origins = cfg.witness.origins if cfg.witness is not None else {}
+        servicer = LedgerServicer(cfg.node_id, keys, store, verify_executor, access, origins)
         # The generated registration helper carries no annotations.
         ledger_pb2_grpc.add_LedgerServiceServicer_to_server(servicer, server)
         # grpc-stubs predates the asyncio health servicer; it exists since grpcio-health 1.30.
@@ -632,6 +954,25 @@ async def serve(
         verify_executor.shutdown(wait=False, cancel_futures=True)
         # The store thread runs jobs in order: a commit still in flight finishes before close.
         await store.close()
+
+
+def _witness_factory(
+    cfg: LedgerNodeConfig, keys: Mapping[str, ec.EllipticCurvePublicKey]
+) -> WitnessFactory | None:
+    """The node's witness: its key from [witness] key_file, and each registered gateway's
+    log under its origin, verified with the gateway's public key (type 0x02 notes)."""
+    if cfg.witness is None:
+        return None
+    name, key = witness_mod.load_key(cfg.witness.key_file)
+    logs = [
+        LogKey(origin, (EcdsaVerifier.from_public_key(origin, keys[gid]),))
+        for gid, origin in cfg.witness.origins.items()
+    ]
+
+    def make(conn: sqlite3.Connection) -> Witness:
+        return Witness(conn, name, key, logs)
+
+    return make
 
 
 def _bound_address(listen: str, port: int) -> str:

@@ -1,8 +1,9 @@
 """A ledger node under mutual TLS binds each gateway id to that gateway's certificate: only
 it may write the gateway's chain or read its head, and only it and the node's readers may
-read its batches. Any other certificate from the same CA (a device, another gateway, one
-whose common name spells the gateway's subject) is refused PERMISSION_DENIED, and the
-chain is left as it was."""
+read its batches, and only it may add checkpoints of its log for the node to cosign. Any
+other certificate from the same CA (a device, another gateway, one whose common name spells
+the gateway's subject) is refused PERMISSION_DENIED, and the chain and the log are left as
+they were."""
 
 from __future__ import annotations
 
@@ -15,12 +16,16 @@ from typing import Any
 import grpc
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.x509.oid import NameOID
 
 from gateway._pb.edgegateway.v1 import batch_pb2, ledger_pb2, ledger_pb2_grpc
 from gateway.common.errors import ConfigError
 from gateway.common.identity import parse_identity
-from gateway.formats import batchformat
+from gateway.formats import batchformat, merkle, note
+from gateway.formats.checkpoint import Checkpoint, gateway_origin, sign_checkpoint
 from gateway.lab import pki
 from gateway.lab.sandbox import ClientFiles, Sandbox, grpc_channel
 from gateway.ledger import node as ledger
@@ -217,3 +222,64 @@ def test_gateways_bound_to_one_certificate_are_found_for_the_start_warning() -> 
         }
     )
     assert access.shared() == [["edge-01", "edge-02"]]
+
+
+def signed_checkpoint(signer: SoftSigner, origin: str, leaves: list[bytes]) -> bytes:
+    """A checkpoint of a log of `leaves`, signed as the gateway's HSM would (type 0x02)."""
+
+    def sign_digest(digest: bytes) -> bytes:
+        return signer.key.sign(digest, ec.ECDSA(Prehashed(hashes.SHA256())))
+
+    spki = note.spki_der(signer.key.public_key())
+    body = Checkpoint(origin, len(leaves), merkle.root(leaves))
+    return sign_checkpoint(body, [note.EcdsaDigestSigner(origin, spki, sign_digest)])
+
+
+@pytest.mark.integration
+def test_only_a_gateways_own_certificate_adds_checkpoints_of_its_own_log(
+    hostile: Hostile,
+) -> None:
+    sb = hostile.sandbox
+    assert sb.pki is not None
+    edge01, edge02 = SoftSigner.new("edge-01"), SoftSigner.new("edge-02")
+    keys = {
+        "edge-01": edge01.write_public_pem(sb.root / "cp-edge-01.pem"),
+        "edge-02": edge02.write_public_pem(sb.root / "cp-edge-02.pem"),
+    }
+    node = sb.ledger("ledger-cp", keys, clients={"edge-02": f"uri:{EDGE_02_URI}"})
+    files = {role: sb.client_files(role) for role in ("gateway", "admin", "device")}
+    gateway, operator, device = (Client(node.address, f) for f in files.values() if f)
+    other_gateway = Client(node.address, issue(sb, "cp-edge-02", uri=EDGE_02_URI))
+    origin01 = gateway_origin("edge-gateway.invalid", "edge-01")
+    origin02 = gateway_origin("edge-gateway.invalid", "edge-02")
+    leaves = [f"tx {i}".encode() for i in range(5)]
+    cp01 = signed_checkpoint(edge01, origin01, leaves)
+
+    def add(client: Client, gateway_id: str, signed: bytes, sent: list[bytes]) -> Any:
+        request = ledger_pb2.AddCheckpointRequest(
+            gateway_id=gateway_id, old_size=0, checkpoint=signed, leaves=sent
+        )
+        return client._call(lambda s: s.AddCheckpoint(request, timeout=10))
+
+    # Other certificates cannot add edge-01's checkpoints, genuine as they are.
+    for client in (other_gateway, operator, device):
+        assert add(client, "edge-01", cp01, leaves) == DENIED
+    # edge-01's certificate cannot pass another log's checkpoint off as its own, nor a
+    # checkpoint of its origin signed by another key.
+    assert add(gateway, "edge-01", signed_checkpoint(edge02, origin02, leaves), leaves) == DENIED
+    assert add(gateway, "edge-01", signed_checkpoint(edge02, origin01, leaves), leaves) == DENIED
+    # Leaves that do not give the checkpoint's root are refused; nothing is stored.
+    wrong = [*leaves[:4], b"not tx 4"]
+    assert add(gateway, "edge-01", cp01, wrong) == grpc.StatusCode.INVALID_ARGUMENT
+    assert add(gateway, "edge-01", cp01, leaves[:4]) == grpc.StatusCode.INVALID_ARGUMENT
+    assert gateway.head("edge-01").log_size == 0
+
+    # The gateway's own certificate adds its own: cosigned, and the node's log grows.
+    cosig = add(gateway, "edge-01", cp01, leaves)
+    assert isinstance(cosig, ledger_pb2.Cosignature) and cosig.size == 5, cosig
+    assert cosig.line.startswith("\u2014 ledger.sandbox.invalid/ledger-witness/ledger-cp ")
+    assert gateway.head("edge-01").log_size == 5
+    # Sent again, the same cosignature; an old size that is no longer the node's is refused.
+    assert add(gateway, "edge-01", cp01, leaves) == cosig
+    more = signed_checkpoint(edge01, origin01, [*leaves, b"tx 5"])
+    assert add(gateway, "edge-01", more, [b"tx 5"]) == grpc.StatusCode.FAILED_PRECONDITION

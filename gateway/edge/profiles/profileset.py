@@ -108,6 +108,17 @@ def check_set(profiles: Sequence[Profile]) -> None:
                     f"{f!r} is also claimed by {other.id} ({other.source})"
                 )
             claimed[f] = p
+    for p in profiles:
+        if p.receipts is None:
+            continue
+        sample = p.receipts.topic_for("x").split("/")
+        for f, other in claimed.items():
+            if matches(tuple(f.split("/")), sample):
+                raise ProfileError(
+                    f"profile {p.source}:{_line(p, ('receipts', 'topic'))}: receipts.topic "
+                    f"{p.receipts.topic!r} is a topic devices publish on (topics.filters "
+                    f"{f!r} of {other.id}): choose a topic no profile claims"
+                )
 
 
 def bind(

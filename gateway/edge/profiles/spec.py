@@ -25,6 +25,7 @@ from gateway.common.errors import ConfigError
 from gateway.edge.profiles import strictjson
 from gateway.edge.profiles.tomlpos import Path as KeyPath
 from gateway.edge.profiles.tomlpos import key_lines, line_of
+from gateway.edge.profiles.topics import matches
 
 
 class ProfileError(ConfigError):
@@ -93,6 +94,7 @@ TOP_KEYS = (
     "device_time",
     "rate_limit",
     "auth",
+    "receipts",
     "fields",
 )
 
@@ -153,6 +155,27 @@ class AuthSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class ReceiptSpec:
+    """[receipts]: once a transaction of this profile is committed, the gateway publishes
+    its receipt (gateway.formats.receipt) on `topic` with `{device}` replaced by the
+    device id, QoS 1, below mqtt.mount_point."""
+
+    topic: str
+
+    def topic_for(self, device_id: str) -> str:
+        return self.topic.replace(DEVICE_PLACEHOLDER, device_id)
+
+    @property
+    def topic_filter(self) -> str:
+        """Every device's receipt topic, as an MQTT filter."""
+        return self.topic.replace(DEVICE_PLACEHOLDER, "+")
+
+
+DEVICE_PLACEHOLDER = "{device}"
+DEFAULT_RECEIPT_TOPIC = "receipts/{device}"
+
+
+@dataclass(frozen=True, slots=True)
 class Profile:
     name: str
     version: str
@@ -171,6 +194,7 @@ class Profile:
     record_length: int | None  # binary: bytes, without an auth trailer
     fields: tuple[FieldSpec, ...]
     source: Path
+    receipts: ReceiptSpec | None = None
 
     @property
     def id(self) -> str:
@@ -380,6 +404,43 @@ def _topics(t: _Table | None, ctx: _Ctx) -> tuple[tuple[str, ...], int | None]:
             )
     t.finish()
     return tuple(filters), level
+
+
+def receipt_topic_problem(topic: str) -> str | None:
+    """Why `topic` is no receipt topic template, or None: an MQTT topic name (no
+    wildcard, no leading '$' or '/') with `{device}` as one whole level, once."""
+    levels = topic.split("/")
+    if (
+        levels.count(DEVICE_PLACEHOLDER) != 1
+        or topic.count("{") != 1
+        or "}" in topic.replace(DEVICE_PLACEHOLDER, "")
+    ):
+        return "expected a topic with {device} as one whole level, once, e.g. receipts/{device}"
+    if any(c in topic for c in "+#\x00") or topic.startswith(("$", "/")) or "" in levels:
+        return "expected a topic name: no '+', '#', empty level or leading '$'"
+    return None
+
+
+def _receipts(t: _Table | None, filters: tuple[str, ...]) -> ReceiptSpec | None:
+    if t is None:
+        return None
+    t.expect("enabled", "topic")
+    enabled = t.boolean("enabled", False)
+    topic = t.string("topic", DEFAULT_RECEIPT_TOPIC, max_len=256)
+    assert topic is not None
+    problem = receipt_topic_problem(topic)
+    if problem is not None:
+        raise t.fail("topic", topic, problem)
+    sample = topic.replace(DEVICE_PLACEHOLDER, "x").split("/")
+    for f in filters:
+        if matches(tuple(f.split("/")), sample):
+            raise t.fail(
+                "topic",
+                topic,
+                f"devices publish there (topics.filters {f!r}): devices read receipts",
+            )
+    t.finish()
+    return ReceiptSpec(topic) if enabled else None
 
 
 def _enum(ft: _Table, kind: str) -> tuple[str | int, ...] | None:
@@ -761,6 +822,8 @@ def parse_profile_text(text: str, source: Path) -> Profile:
         )
         at.finish()
 
+    receipts = _receipts(root.table("receipts"), filters)
+
     if encoding == "binary":
         assert record_length is not None
         need = record_length + (auth.trailer_bytes if auth and auth.location == "trailer" else 0)
@@ -787,6 +850,7 @@ def parse_profile_text(text: str, source: Path) -> Profile:
         record_length=record_length,
         fields=tuple(fields),
         source=source,
+        receipts=receipts,
     )
 
 

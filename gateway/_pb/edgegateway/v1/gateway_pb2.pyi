@@ -61,7 +61,7 @@ class GetTransactionRequest(_message.Message):
     def __init__(self, tx_id: _Optional[str] = ...) -> None: ...
 
 class GetTransactionResponse(_message.Message):
-    __slots__ = ("state", "tx_id", "transaction", "batch_seq", "leaf_index", "tree_size", "inclusion_proof", "header", "signature", "receipts")
+    __slots__ = ("state", "tx_id", "transaction", "batch_seq", "leaf_index", "tree_size", "inclusion_proof", "header", "signature", "receipts", "log_index", "tlog_proof")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[GetTransactionResponse.State]
@@ -82,6 +82,8 @@ class GetTransactionResponse(_message.Message):
     HEADER_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     RECEIPTS_FIELD_NUMBER: _ClassVar[int]
+    LOG_INDEX_FIELD_NUMBER: _ClassVar[int]
+    TLOG_PROOF_FIELD_NUMBER: _ClassVar[int]
     state: GetTransactionResponse.State
     tx_id: str
     transaction: bytes
@@ -92,7 +94,9 @@ class GetTransactionResponse(_message.Message):
     header: bytes
     signature: bytes
     receipts: _containers.RepeatedCompositeFieldContainer[_batch_pb2.Receipt]
-    def __init__(self, state: _Optional[_Union[GetTransactionResponse.State, str]] = ..., tx_id: _Optional[str] = ..., transaction: _Optional[bytes] = ..., batch_seq: _Optional[int] = ..., leaf_index: _Optional[int] = ..., tree_size: _Optional[int] = ..., inclusion_proof: _Optional[_Iterable[bytes]] = ..., header: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., receipts: _Optional[_Iterable[_Union[_batch_pb2.Receipt, _Mapping]]] = ...) -> None: ...
+    log_index: int
+    tlog_proof: bytes
+    def __init__(self, state: _Optional[_Union[GetTransactionResponse.State, str]] = ..., tx_id: _Optional[str] = ..., transaction: _Optional[bytes] = ..., batch_seq: _Optional[int] = ..., leaf_index: _Optional[int] = ..., tree_size: _Optional[int] = ..., inclusion_proof: _Optional[_Iterable[bytes]] = ..., header: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., receipts: _Optional[_Iterable[_Union[_batch_pb2.Receipt, _Mapping]]] = ..., log_index: _Optional[int] = ..., tlog_proof: _Optional[bytes] = ...) -> None: ...
 
 class GetBatchRequest(_message.Message):
     __slots__ = ("seq", "include_transactions")

@@ -1,10 +1,35 @@
 from gateway._pb.edgegateway.v1 import batch_pb2 as _batch_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class AddCheckpointRequest(_message.Message):
+    __slots__ = ("gateway_id", "old_size", "consistency_proof", "checkpoint", "leaves")
+    GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
+    OLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CONSISTENCY_PROOF_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    LEAVES_FIELD_NUMBER: _ClassVar[int]
+    gateway_id: str
+    old_size: int
+    consistency_proof: _containers.RepeatedScalarFieldContainer[bytes]
+    checkpoint: bytes
+    leaves: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, gateway_id: _Optional[str] = ..., old_size: _Optional[int] = ..., consistency_proof: _Optional[_Iterable[bytes]] = ..., checkpoint: _Optional[bytes] = ..., leaves: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class Cosignature(_message.Message):
+    __slots__ = ("node_id", "size", "line")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    LINE_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    size: int
+    line: str
+    def __init__(self, node_id: _Optional[str] = ..., size: _Optional[int] = ..., line: _Optional[str] = ...) -> None: ...
 
 class SubmitBatchRequest(_message.Message):
     __slots__ = ("batch",)
@@ -19,16 +44,18 @@ class GetHeadRequest(_message.Message):
     def __init__(self, gateway_id: _Optional[str] = ...) -> None: ...
 
 class Head(_message.Message):
-    __slots__ = ("gateway_id", "next_seq", "header_hash", "node_id")
+    __slots__ = ("gateway_id", "next_seq", "header_hash", "node_id", "log_size")
     GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
     NEXT_SEQ_FIELD_NUMBER: _ClassVar[int]
     HEADER_HASH_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    LOG_SIZE_FIELD_NUMBER: _ClassVar[int]
     gateway_id: str
     next_seq: int
     header_hash: bytes
     node_id: str
-    def __init__(self, gateway_id: _Optional[str] = ..., next_seq: _Optional[int] = ..., header_hash: _Optional[bytes] = ..., node_id: _Optional[str] = ...) -> None: ...
+    log_size: int
+    def __init__(self, gateway_id: _Optional[str] = ..., next_seq: _Optional[int] = ..., header_hash: _Optional[bytes] = ..., node_id: _Optional[str] = ..., log_size: _Optional[int] = ...) -> None: ...
 
 class ListBatchesRequest(_message.Message):
     __slots__ = ("gateway_id", "from_seq", "limit")

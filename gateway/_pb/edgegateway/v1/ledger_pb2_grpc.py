@@ -50,6 +50,11 @@ class LedgerServiceStub:
                 request_serializer=edgegateway_dot_v1_dot_ledger__pb2.ListBatchesRequest.SerializeToString,
                 response_deserializer=edgegateway_dot_v1_dot_batch__pb2.SignedBatch.FromString,
                 _registered_method=True)
+        self.AddCheckpoint = channel.unary_unary(
+                '/edgegateway.v1.LedgerService/AddCheckpoint',
+                request_serializer=edgegateway_dot_v1_dot_ledger__pb2.AddCheckpointRequest.SerializeToString,
+                response_deserializer=edgegateway_dot_v1_dot_ledger__pb2.Cosignature.FromString,
+                _registered_method=True)
 
 
 class LedgerServiceServicer:
@@ -81,6 +86,23 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddCheckpoint(self, request, context):
+        """Witness a checkpoint of the gateway's log (c2sp.org/tlog-witness add-checkpoint, over
+        gRPC, with the new leaves): the node verifies the log key's signature, old_size
+        against the size it last cosigned, the consistency proof from that checkpoint, and
+        that the leaves extend its copy of the log to the checkpoint's root; it stores them
+        and answers its timestamped cosignature. A checkpoint it already cosigned is
+        answered with the same cosignature.
+        FAILED_PRECONDITION  old_size is not the size last cosigned; metadata "known-size".
+        ABORTED              the checkpoint contradicts one cosigned (a split view) or the
+        consistency proof does not verify: both are kept as evidence.
+        PERMISSION_DENIED    the log key did not sign it; NOT_FOUND: unknown gateway or log.
+        INVALID_ARGUMENT     malformed, or the leaves do not give the checkpoint's root.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LedgerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -98,6 +120,11 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.ListBatches,
                     request_deserializer=edgegateway_dot_v1_dot_ledger__pb2.ListBatchesRequest.FromString,
                     response_serializer=edgegateway_dot_v1_dot_batch__pb2.SignedBatch.SerializeToString,
+            ),
+            'AddCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddCheckpoint,
+                    request_deserializer=edgegateway_dot_v1_dot_ledger__pb2.AddCheckpointRequest.FromString,
+                    response_serializer=edgegateway_dot_v1_dot_ledger__pb2.Cosignature.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -181,6 +208,33 @@ class LedgerService:
             '/edgegateway.v1.LedgerService/ListBatches',
             edgegateway_dot_v1_dot_ledger__pb2.ListBatchesRequest.SerializeToString,
             edgegateway_dot_v1_dot_batch__pb2.SignedBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgegateway.v1.LedgerService/AddCheckpoint',
+            edgegateway_dot_v1_dot_ledger__pb2.AddCheckpointRequest.SerializeToString,
+            edgegateway_dot_v1_dot_ledger__pb2.Cosignature.FromString,
             options,
             channel_credentials,
             insecure,

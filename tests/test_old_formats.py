@@ -1,0 +1,112 @@
+"""Spools and ledger databases of the format before the log (one Merkle tree per batch,
+chained by header hashes) are refused at start with one line and exit 65, and left
+byte for byte as they were: nothing misreads them, nothing upgrades them."""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+from gateway.lab.sandbox import Sandbox, free_port
+from gateway.ledger import witness
+from tests.test_one_line_errors import gateway_with_key, one_line
+
+# The tables of schema 1 that matter here, as that version created them.
+OLD_SPOOL = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE tx (
+    rowid INTEGER PRIMARY KEY AUTOINCREMENT, device_id TEXT NOT NULL,
+    device_seq INTEGER NOT NULL, payload_sha256 BLOB NOT NULL, tx_id BLOB NOT NULL,
+    leaf BLOB NOT NULL, size INTEGER NOT NULL, received_ms INTEGER NOT NULL,
+    UNIQUE (device_id, device_seq)
+);
+CREATE TABLE batch (
+    seq INTEGER PRIMARY KEY, header BLOB NOT NULL, signature BLOB NOT NULL,
+    header_hash BLOB NOT NULL, first_rowid INTEGER NOT NULL, last_rowid INTEGER NOT NULL,
+    tx_count INTEGER NOT NULL, created_ms INTEGER NOT NULL, committed_ms INTEGER
+);
+"""
+
+OLD_LEDGER = """
+CREATE TABLE batches (
+    gateway_id TEXT NOT NULL, seq INTEGER NOT NULL, header BLOB NOT NULL,
+    header_hash BLOB NOT NULL, signature BLOB NOT NULL, batch BLOB NOT NULL,
+    receipt BLOB NOT NULL, committed_ms INTEGER NOT NULL, PRIMARY KEY (gateway_id, seq)
+) WITHOUT ROWID;
+INSERT INTO batches VALUES ('edge-01', 0, x'00', x'00', x'00', x'00', x'00', 0);
+"""
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def tables(path: Path) -> set[str]:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    finally:
+        conn.close()
+
+
+def test_a_spool_of_the_per_batch_format_is_refused_with_exit_65(sandbox: Sandbox) -> None:
+    cfg = gateway_with_key(sandbox)
+    import tomllib
+
+    spool = Path(tomllib.loads(cfg.read_text())["spool"]["path"])
+    spool.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(spool)
+    conn.executescript(OLD_SPOOL)
+    conn.executemany(
+        "INSERT INTO meta VALUES (?, ?)", [("schema_version", "1"), ("gateway_id", "edge-once")]
+    )
+    conn.commit()
+    conn.close()
+    before = digest(spool)
+    out = sandbox.run_gateway_once(cfg)
+    assert out.returncode == 65, out.stdout[-2000:] + out.stderr[-2000:]
+    line = one_line(out)
+    assert "schema 1" in line and "reads 2" in line and "left untouched" in line, line
+    assert digest(spool) == before
+    assert "log_tile" not in tables(spool)
+
+
+def test_a_ledger_database_of_the_per_batch_format_is_refused_with_exit_65(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "ledger.db"
+    conn = sqlite3.connect(db)
+    conn.executescript(OLD_LEDGER)
+    conn.commit()
+    conn.close()
+    before = digest(db)
+    pem = tmp_path / "edge-01.pem"
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    pem.write_bytes(
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    key = tmp_path / "witness.key"
+    witness.keygen("ledger.test.invalid/ledger-witness/n1", key)
+    cfg = tmp_path / "ledger-node.toml"
+    cfg.write_text(
+        f'[node]\nid = "n1"\nlisten = "127.0.0.1:{free_port()}"\ndb_path = "{db}"\n'
+        f'plaintext = true\n\n[gateways]\n"edge-01" = "{pem}"\n\n[witness]\nkey_file = "{key}"\n'
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "ledger-node", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 65, out.stdout[-2000:] + out.stderr[-2000:]
+    line = one_line(out)
+    assert "per-batch chain format" in line and "left untouched" in line, line
+    assert digest(db) == before
+    assert tables(db) == {"batches"}
