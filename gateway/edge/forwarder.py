@@ -580,24 +580,24 @@ def _first_unreceipted(conn: object, node_id: str, below_seq: int) -> int | None
     return None if row is None or row[0] is None else int(row[0])
 
 
-def _before_uncosigned(conn: object, node_id: str, up_to: int) -> int | None:
-    """The size of the checkpoint before the smallest uncommitted one of at most `up_to`
-    leaves that holds no cosignature of `node_id` (0 if none is before it); None if there
-    is no such checkpoint."""
+def _before_uncosigned(conn: object, node_id: str, size: int) -> int | None:
+    """Where the cosigning of a node that last cosigned checkpoint `size` (its head) starts
+    when the spool lacks that cosignature and no checkpoint from `size` on is committed: the
+    size of the checkpoint before it (0 if none), so the node is sent it again. None
+    otherwise. Only its last cosignature can be missing (each is stored before the node is
+    sent the next checkpoint); the checkpoints it skipped lack its cosignature for good."""
     import sqlite3
 
     assert isinstance(conn, sqlite3.Connection)
     row = conn.execute(
-        "SELECT min(size) FROM log_checkpoint WHERE size <= ? AND committed_ms IS NULL"
-        " AND NOT EXISTS (SELECT 1 FROM log_cosignature AS s"
-        " WHERE s.size = log_checkpoint.size AND s.node_id = ?)",
-        (up_to, node_id),
+        "SELECT 1 FROM log_checkpoint WHERE size = ? AND size > (SELECT coalesce(max(size), 0)"
+        " FROM log_checkpoint WHERE committed_ms IS NOT NULL) AND NOT EXISTS"
+        " (SELECT 1 FROM log_cosignature AS s WHERE s.size = ? AND s.node_id = ?)",
+        (size, size, node_id),
     ).fetchone()
-    if row is None or row[0] is None:
+    if row is None:
         return None
-    before = conn.execute(
-        "SELECT max(size) FROM log_checkpoint WHERE size < ?", (int(row[0]),)
-    ).fetchone()
+    before = conn.execute("SELECT max(size) FROM log_checkpoint WHERE size < ?", (size,)).fetchone()
     return 0 if before is None or before[0] is None else int(before[0])
 
 
