@@ -22,11 +22,11 @@ sys.path.insert(0, str(ROOT))
 
 from gateway.common.errors import Rejected  # noqa: E402
 from gateway.edge.profiles import ProfileSet, read_profiles  # noqa: E402
-from gateway.lab import synth  # noqa: E402
 from gateway.edge.profiles.cbor import _head  # noqa: E402
 from gateway.edge.profiles.cbor import encode as cbor_encode  # noqa: E402
 from gateway.edge.profiles.spec import Profile  # noqa: E402
 from gateway.edge.profiles.tool import transaction_json  # noqa: E402
+from gateway.lab import synth  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 PROFILES = HERE.parent
