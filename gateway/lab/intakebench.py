@@ -35,7 +35,7 @@ from gateway.edge.profiles.builtin import JsonDecoder
 from gateway.lab.loadgen import sample_payload
 
 DEVICES = 1000
-SHIPPED = "as shipped (tx_key per batch)"
+SHIPPED = "as shipped (tx_key)"
 VARIANTS = (
     SHIPPED,
     "before: index on tx (tx_id)",
