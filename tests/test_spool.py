@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from gateway.common.errors import SpoolError, SpoolIntegrityError
+from gateway.edge import spool as spoolmod
 from gateway.edge.batcher import decide_cut
 from gateway.edge.config import BatchConfig, SpoolConfig
 from gateway.edge.spool import (
@@ -239,3 +240,81 @@ def test_a_second_writer_refuses_seqs_another_process_pruned(tmp_path: Path) -> 
     assert s.read(lambda c: c.execute(q).fetchone()[0]).result() == 0
     other.close(checkpoint=False)
     s.close()
+
+
+def _with_tx_id(item: Incoming, tx_id: bytes) -> Incoming:
+    return Incoming(
+        item.device_id, item.device_seq, item.payload_sha256, tx_id, item.leaf, item.received_ms
+    )
+
+
+def test_a_transaction_is_found_by_tx_id_before_and_after_its_batch(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows not keyed yet through the tail scan, keyed ones through tx_key (keyed when a
+    batch brings TX_KEY_CHUNK_ROWS of them); two tx_ids sharing their first 8 bytes (one
+    key) are told apart by the full tx_id."""
+    monkeypatch.setattr(spoolmod, "TX_KEY_CHUNK_ROWS", 6)
+    items = [tx("d", i) for i in range(1, 9)]
+    twin = _with_tx_id(tx("e", 1), items[2].tx_id[:8] + bytes(24))
+    for item in [*items, twin]:
+        assert spool.append(item).result().outcome is Outcome.STORED
+    count_keys = "SELECT count(*) FROM tx_key"
+
+    def find(tx_id: bytes) -> int | None:
+        rec = spool.read(lambda c: Spool.q_tx(c, tx_id)).result()
+        return None if rec is None else rec.rowid
+
+    assert [find(i.tx_id) for i in items] == list(range(1, 9))
+    assert find(twin.tx_id) == 9
+    b0 = StoredBatch(0, b"h", b"s", bytes(32), 1, 4, 4, 0, None)
+    spool.write(lambda c: Spool.w_store_batch(c, b0)).result()
+    assert spool.read(lambda c: c.execute(count_keys).fetchone()[0]).result() == 0
+    b1 = StoredBatch(1, b"h", b"s", bytes(32), 5, 9, 5, 0, None)
+    spool.write(lambda c: Spool.w_store_batch(c, b1)).result()
+    assert spool.read(lambda c: c.execute(count_keys).fetchone()[0]).result() == 9
+    assert [find(i.tx_id) for i in items] == list(range(1, 9))
+    assert find(twin.tx_id) == 9
+    assert find(items[2].tx_id[:8] + b"\xff" * 24) is None
+    # A row after the batch is found in the tail again.
+    late = tx("d", 9)
+    spool.append(late).result()
+    assert find(late.tx_id) == 10
+    # Pruning a batch takes its keys with it.
+    spool.write(lambda c: c.execute("UPDATE batch SET committed_ms = 1")).result()
+    spool.write(
+        lambda c: Spool.w_store_batch(c, StoredBatch(2, b"h", b"s", bytes(32), 10, 10, 1, 0, 1))
+    ).result()
+    assert prune(spool, keep_from_seq=1) == 1
+    assert spool.read(lambda c: c.execute(count_keys).fetchone()[0]).result() == 5
+    assert find(items[0].tx_id) is None and find(twin.tx_id) == 9 and find(late.tx_id) == 10
+
+
+def test_a_spool_with_the_tx_id_index_is_converted_at_open(tmp_path: Path) -> None:
+    """A spool written before tx_key (an index on tx (tx_id), no tx_key table) gets its
+    rows keyed and the index dropped when it is opened."""
+    path = tmp_path / "s.db"
+    s = Spool(cfg(path), "gw-1")
+    s.open()
+    items = [tx("d", i) for i in range(1, 11)]
+    for item in items:
+        s.append(item).result()
+    s.write(
+        lambda c: Spool.w_store_batch(c, StoredBatch(0, b"h", b"s", bytes(32), 1, 6, 6, 0, None))
+    ).result()
+    s.close()
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TABLE tx_key")
+    conn.execute("DELETE FROM meta WHERE key = 'tx_keyed_upto'")
+    conn.execute("CREATE INDEX tx_by_id ON tx (tx_id)")
+    conn.commit()
+    conn.close()
+    again = Spool(cfg(path), "gw-1")
+    again.open()
+    q = "SELECT count(*) FROM sqlite_master WHERE name = 'tx_by_id'"
+    assert again.read(lambda c: c.execute(q).fetchone()[0]).result() == 0
+    keyed = again.read(lambda c: c.execute("SELECT count(*) FROM tx_key").fetchone()[0]).result()
+    assert keyed == 10
+    rowids = [again.read(lambda c, i=i: Spool.q_tx(c, i.tx_id)).result() for i in items]
+    assert [r.rowid if r else None for r in rowids] == list(range(1, 11))
+    again.close()

@@ -48,7 +48,6 @@ CREATE TABLE IF NOT EXISTS tx (
     received_ms INTEGER NOT NULL,
     UNIQUE (device_id, device_seq)
 );
-CREATE INDEX IF NOT EXISTS tx_by_id ON tx (tx_id);
 CREATE TABLE IF NOT EXISTS device (
     device_id TEXT PRIMARY KEY,
     last_seq INTEGER NOT NULL,
@@ -123,6 +122,81 @@ CREATE TABLE IF NOT EXISTS log_cosignature (
     PRIMARY KEY (size, node_id)
 ) WITHOUT ROWID;
 """
+
+# ---- the tx_id lookup key (issue 14) -------------------------------------------------
+# GetTransaction finds a transaction by tx_id. An index on tx (tx_id) cost the intake's
+# group commit about 20 us per row (a random 32-byte key: nearly every row dirties its
+# own index page, written to the WAL and copied again at checkpoint). Instead the main
+# process keys batched rows in a compact table, in the transaction that stores the batch
+# that brings the unkeyed batched rows to TX_KEY_CHUNK_ROWS, sorted by key (a chunk of n
+# sorted keys dirties each page it touches once, not once per key): the first 8 bytes of
+# tx_id as a signed INTEGER (tx_key_of) and the row's rowid, both in the key, so two
+# tx_ids sharing 8 bytes are two entries; a lookup compares the full tx_id. meta
+# 'tx_keyed_upto' is the last rowid keyed: a row above it is found by scanning the tail
+# (rowid > tx_keyed_upto), at most TX_KEY_CHUNK_ROWS + batch.max_tx batched rows and
+# the unbatched ones (which the batcher keeps near batch.max_tx; spool.max_depth bounds
+# them). A spool written before this change (index tx_by_id, no tx_key) is converted
+# when it is opened: its rows are keyed and the index dropped.
+TX_KEY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tx_key (
+    k INTEGER NOT NULL,
+    tx_rowid INTEGER NOT NULL,
+    PRIMARY KEY (k, tx_rowid)
+) WITHOUT ROWID;
+"""
+TX_KEY_CHUNK_ROWS = 8192
+_KEYED_UPTO = (
+    "(SELECT coalesce(max(CAST(value AS INTEGER)), 0) FROM meta WHERE key = 'tx_keyed_upto')"
+)
+
+
+def tx_key_of(tx_id: bytes) -> int:
+    """The tx_key table's key of a tx_id: its first 8 bytes as a signed 64-bit integer."""
+    return int.from_bytes(tx_id[:8], "big", signed=True)
+
+
+def _key_rows(conn: sqlite3.Connection, upto: int, force: bool = False) -> None:
+    """Key the rows after meta 'tx_keyed_upto' up to rowid `upto`, in key order, if
+    they are TX_KEY_CHUNK_ROWS or more (or `force`); runs in the caller's transaction."""
+    after = conn.execute(f"SELECT {_KEYED_UPTO}").fetchone()[0]
+    if upto <= after or (upto - after < TX_KEY_CHUNK_ROWS and not force):
+        return
+    insert_rows(
+        conn,
+        "INSERT INTO tx_key (k, tx_rowid) VALUES ",
+        " ON CONFLICT DO NOTHING",
+        sorted(
+            (tx_key_of(r[1]), r[0])
+            for r in conn.execute(
+                "SELECT rowid, tx_id FROM tx WHERE rowid > ? AND rowid <= ?", (after, upto)
+            )
+        ),
+    )
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES ('tx_keyed_upto', ?)"
+        " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (str(upto),),
+    )
+
+
+def _upgrade_tx_key(conn: sqlite3.Connection) -> None:
+    """Convert a spool that still has the index tx_by_id: key its rows, drop the index.
+    Runs at open, inside the writers' turn, once."""
+    if (
+        conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'tx_by_id'"
+        ).fetchone()
+        is None
+    ):
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        _key_rows(conn, conn.execute("SELECT coalesce(max(rowid), 0) FROM tx").fetchone()[0], True)
+        conn.execute("DROP INDEX tx_by_id")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 def now_ms() -> int:
@@ -417,8 +491,9 @@ class Spool:
             ) from None
         try:
             with self._write_lock():
-                conn.executescript(SCHEMA)
+                conn.executescript(SCHEMA + TX_KEY_SCHEMA)
                 self._check_meta(conn)
+                _upgrade_tx_key(conn)
         except sqlite3.DatabaseError as e:
             conn.close()
             raise SpoolIntegrityError(f"spool {self.path} is not a gateway spool: {e}") from None
@@ -967,9 +1042,17 @@ class Spool:
 
     @staticmethod
     def q_tx(conn: sqlite3.Connection, tx_id: bytes) -> TxRecord | None:
+        """A transaction by tx_id: through tx_key, or if not keyed yet by a scan of the
+        tail after the last keyed row. One statement, so one snapshot: keys stored in
+        between cannot hide a row from both halves."""
         row = conn.execute(
-            "SELECT rowid, tx_id, leaf, device_id, device_seq, received_ms FROM tx WHERE tx_id = ?",
-            (tx_id,),
+            "SELECT rowid, tx_id, leaf, device_id, device_seq, received_ms FROM tx"
+            " WHERE rowid IN (SELECT tx_rowid FROM tx_key WHERE k = ?) AND tx_id = ?"
+            " UNION ALL"
+            " SELECT rowid, tx_id, leaf, device_id, device_seq, received_ms FROM tx"
+            f" WHERE rowid > {_KEYED_UPTO} AND tx_id = ?"
+            " LIMIT 1",
+            (tx_key_of(tx_id), tx_id, tx_id),
         ).fetchone()
         return TxRecord(*row) if row else None
 
@@ -1110,6 +1193,7 @@ class Spool:
                 b.committed_ms,
             ),
         )
+        _key_rows(conn, b.last_rowid)
 
     @staticmethod
     def w_store_receipt(conn: sqlite3.Connection, seq: int, node_id: str, receipt: bytes) -> None:
@@ -1227,6 +1311,11 @@ def prune(spool: Spool, keep_from_seq: int, max_batches: int = 200) -> int:
             " DO UPDATE SET seq = max(seq, excluded.seq)",
             list(marks.items()),
         )
+        gone = sorted(
+            (tx_key_of(r[1]), r[0])
+            for r in conn.execute("SELECT rowid, tx_id FROM tx WHERE rowid <= ?", (last_rowid,))
+        )
+        conn.executemany("DELETE FROM tx_key WHERE k = ? AND tx_rowid = ?", gone)
         conn.execute("DELETE FROM tx WHERE rowid <= ?", (last_rowid,))
         conn.execute("DELETE FROM receipt WHERE seq <= ?", (last,))
         conn.execute("DELETE FROM batch WHERE seq <= ?", (last,))

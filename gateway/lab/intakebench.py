@@ -3,12 +3,21 @@ payload, not wall time: what each stage costs whatever else shares the machine.
 
     python -m gateway.lab.intakebench spool [--prefill 200000] [--rows 60000] [--group 500]
     python -m gateway.lab.intakebench decode
+    python -m gateway.lab.intakebench lookup [--prefill 1000000] [--lookups 2000]
 
 `spool` runs the group commit's statements (multi-row INSERT into tx, the device upsert,
 COMMIT, as Spool._commit_appends does) on a spool file under /tmp prefilled with
-`--prefill` rows of 1,000 devices, once as shipped and once without each of the tx table's
-two indexes, to show what each costs per row. `decode` runs the json@1 decoder on load
-generator payloads of 120 B, 1 KiB and 4 KiB.
+`--prefill` rows of 1,000 devices: as shipped, where the main process also stores a
+batch every `--batch` rows, which keys the rows in tx_key once spool.TX_KEY_CHUNK_ROWS
+are waiting (as Spool.w_store_batch does; its cost is shown apart); with the index on
+tx (tx_id) the intake maintained before; without the (device_id, device_seq) unique
+index; without any. `decode` runs the json@1 decoder on load
+generator payloads of 120 B, 1 KiB and 4 KiB. `lookup` builds a spool of `--prefill`
+rows in batches of `--batch` (tx_key filled as Spool.w_store_batch fills it, then
+spool.TX_KEY_CHUNK_ROWS + 500 rows batched but not keyed yet and 500 not batched), then
+times GetTransaction's spool work (the API's proof view: the lookup, the batch, its
+tx_ids, the inclusion proof) for keyed rows, for rows in the tail and for unknown tx_ids
+(a full tail scan), wall time on one reader connection.
 """
 
 from __future__ import annotations
@@ -26,23 +35,32 @@ from gateway.edge.profiles.builtin import JsonDecoder
 from gateway.lab.loadgen import sample_payload
 
 DEVICES = 1000
+SHIPPED = "as shipped (tx_key)"
 VARIANTS = (
-    "as shipped",
-    "without tx_by_id",
+    SHIPPED,
+    "before: index on tx (tx_id)",
     "without UNIQUE (device_id, device_seq)",
-    "without both",
+    "no index",
 )
 
 
 def _schema(variant: str) -> tuple[str, str]:
-    schema = spoolmod.SCHEMA
+    schema = spoolmod.SCHEMA + spoolmod.TX_KEY_SCHEMA
     conflict = " ON CONFLICT (device_id, device_seq) DO NOTHING"
-    if variant in ("without tx_by_id", "without both"):
-        schema = schema.replace("CREATE INDEX IF NOT EXISTS tx_by_id ON tx (tx_id);", "")
-    if variant in ("without UNIQUE (device_id, device_seq)", "without both"):
+    if variant == "before: index on tx (tx_id)":
+        schema += "CREATE INDEX tx_by_id ON tx (tx_id);"
+    if variant in ("without UNIQUE (device_id, device_seq)", "no index"):
         schema = schema.replace("UNIQUE (device_id, device_seq)", "CHECK (1)")
         conflict = ""
     return schema, conflict
+
+
+def _key(conn: sqlite3.Connection, last: int) -> None:
+    """What Spool.w_store_batch adds for a batch ending at rowid `last`: keying the rows
+    before it once they are spool.TX_KEY_CHUNK_ROWS (in its own transaction here)."""
+    conn.execute("BEGIN IMMEDIATE")
+    spoolmod._key_rows(conn, last)
+    conn.execute("COMMIT")
 
 
 def _rows(start: int, n: int) -> list[tuple[object, ...]]:
@@ -80,24 +98,107 @@ def _commit(conn: sqlite3.Connection, conflict: str, group: list[tuple[object, .
     conn.execute("COMMIT")
 
 
-def spool_variant(variant: str, prefill: int, rows: int, group: int) -> tuple[float, float]:
-    """CPU µs per row (user, system) of `rows` rows in groups of `group` after `prefill`."""
+def spool_variant(
+    variant: str, prefill: int, rows: int, group: int, batch: int
+) -> tuple[float, float, float, float]:
+    """CPU µs per row (user, system) of `rows` rows in groups of `group` after `prefill`,
+    and (user, system) of keying them in tx_key every `batch` rows (as shipped only)."""
+    keyed = variant == SHIPPED
     with tempfile.TemporaryDirectory(prefix="intakebench-") as tmp:
         conn = spoolmod._connect(Path(tmp) / "spool.db")
         schema, conflict = _schema(variant)
         conn.executescript(schema)
         step = 50_000
+        done = 0
         for k in range(0, prefill, step):
             data = _rows(k, min(step, prefill - k))
             for g in range(0, len(data), group):
                 _commit(conn, conflict, data[g : g + group])
+            while keyed and done + batch <= k + len(data):
+                _key(conn, done + batch)
+                done += batch
         data = _rows(prefill, rows)
-        t0 = os.times()
+        intake = [0.0, 0.0]
+        main = [0.0, 0.0]
         for g in range(0, len(data), group):
+            t0 = os.times()
             _commit(conn, conflict, data[g : g + group])
-        t1 = os.times()
+            t1 = os.times()
+            intake[0] += t1.user - t0.user
+            intake[1] += t1.system - t0.system
+            while keyed and done + batch <= prefill + g + group:
+                _key(conn, done + batch)
+                done += batch
+            t2 = os.times()
+            main[0] += t2.user - t1.user
+            main[1] += t2.system - t1.system
         conn.close()
-    return (t1.user - t0.user) / rows * 1e6, (t1.system - t0.system) / rows * 1e6
+    return (
+        intake[0] / rows * 1e6,
+        intake[1] / rows * 1e6,
+        main[0] / rows * 1e6,
+        main[1] / rows * 1e6,
+    )
+
+
+def lookup_latency(prefill: int, lookups: int, batch: int) -> dict[str, list[float]]:
+    """GetTransaction's spool work in ms, by where the row is (see the module's doc)."""
+    import random
+
+    from gateway.edge.api import _proof_view
+
+    tail_batched = spoolmod.TX_KEY_CHUNK_ROWS + 500
+    total = prefill + tail_batched + 500
+    with tempfile.TemporaryDirectory(prefix="intakebench-") as tmp:
+        path = Path(tmp) / "spool.db"
+        conn = spoolmod._connect(path)
+        conn.executescript(spoolmod.SCHEMA + spoolmod.TX_KEY_SCHEMA)
+        conflict = " ON CONFLICT (device_id, device_seq) DO NOTHING"
+        seq = 0
+        step = 50_000
+        for k in range(0, total, step):
+            data = _rows(k, min(step, total - k))
+            for g in range(0, len(data), 5000):
+                _commit(conn, conflict, data[g : g + 5000])
+            last = k + len(data)
+            while (seq + 1) * batch <= min(last, prefill + tail_batched):
+                b = spoolmod.StoredBatch(
+                    seq, b"h", b"s", bytes(32), seq * batch + 1, (seq + 1) * batch, batch, 0, 1
+                )
+                conn.execute("BEGIN IMMEDIATE")
+                spoolmod.Spool.w_store_batch(conn, b)
+                conn.execute("COMMIT")
+                seq += 1
+        conn.close()
+        reader = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+        reader.execute(f"PRAGMA cache_size=-{spoolmod.READER_CACHE_KIB}")
+        rng = random.Random(7)
+        keyed = reader.execute("SELECT value FROM meta WHERE key = 'tx_keyed_upto'").fetchone()
+        upto = int(keyed[0])
+
+        def tx_id(i: int) -> bytes:
+            return hashlib.sha256(b"\x00" + i.to_bytes(8, "big")).digest()
+
+        kinds = {
+            "keyed (batched)": [tx_id(rng.randrange(upto)) for _ in range(lookups)],
+            "tail, batched": [tx_id(rng.randrange(upto, seq * batch)) for _ in range(lookups)],
+            "tail, not batched": [tx_id(rng.randrange(seq * batch, total)) for _ in range(lookups)],
+            "unknown tx_id": [
+                hashlib.sha256(i.to_bytes(4, "big")).digest() for i in range(lookups)
+            ],
+        }
+        out: dict[str, list[float]] = {}
+        for kind, ids in kinds.items():
+            times = []
+            for t in ids:
+                t0 = time.perf_counter()
+                view = _proof_view(reader, t)
+                times.append((time.perf_counter() - t0) * 1000)
+                if (view is None) != (kind == "unknown tx_id"):
+                    raise SystemExit(f"lookup of a {kind} row answered {view!r}")
+            out[kind] = sorted(times)
+        reader.close()
+    return out
 
 
 def decode_cost(size: int, n: int = 20_000) -> float:
@@ -115,19 +216,39 @@ def decode_cost(size: int, n: int = 20_000) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m gateway.lab.intakebench")
-    ap.add_argument("what", choices=("spool", "decode"))
-    ap.add_argument("--prefill", type=int, default=200_000)
+    ap.add_argument("what", choices=("spool", "decode", "lookup"))
+    ap.add_argument("--prefill", type=int, help="rows before (default 200000; lookup 1000000)")
+    ap.add_argument("--lookups", type=int, default=2000)
     ap.add_argument("--rows", type=int, default=60_000)
     ap.add_argument("--group", type=int, default=500)
+    ap.add_argument("--batch", type=int, default=500, help="rows per batch (batch.max_tx)")
     args = ap.parse_args(argv)
+    if args.what == "lookup":
+        prefill = args.prefill or 1_000_000
+        print(
+            f"GetTransaction's spool work at {prefill} rows, batches of {args.batch},"
+            f" {args.lookups} lookups each; ms"
+        )
+        for kind, t in lookup_latency(prefill, args.lookups, args.batch).items():
+            p50, p99 = t[len(t) // 2], t[min(len(t) - 1, int(len(t) * 0.99))]
+            print(f"  {kind:20s} p50 {p50:6.2f}  p99 {p99:6.2f}  max {t[-1]:6.2f}")
+        return
+    args.prefill = args.prefill or 200_000
     if args.what == "spool":
         print(
             f"group commit of {args.group} rows, {DEVICES} devices, after {args.prefill} rows;"
-            " CPU µs per row"
+            f" batches of {args.batch}, keyed by {spoolmod.TX_KEY_CHUNK_ROWS}; CPU µs per row"
         )
         for v in VARIANTS:
-            user, system = spool_variant(v, args.prefill, args.rows, args.group)
+            user, system, kuser, ksys = spool_variant(
+                v, args.prefill, args.rows, args.group, args.batch
+            )
             print(f"  {v:42s} {user + system:6.1f}  (user {user:.1f}, system {system:.1f})")
+            if v == SHIPPED:
+                print(
+                    f"  {'  + tx_key fill (main process)':42s} {kuser + ksys:6.1f}"
+                    f"  (user {kuser:.1f}, system {ksys:.1f})"
+                )
     else:
         for size in (120, 1024, 4096):
             print(f"  json@1 decode, {size} B payload: {decode_cost(size):.2f} µs CPU")
