@@ -111,6 +111,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from gateway.edge import export
 
     cfg = load_gateway_config(args.config)
+    export.check_arguments(args.sample, args.since)
     export.check_out_dir(args.out, args.force)  # before the HSM is asked for anything
     if args.public_key:
         pems = [Path(p).read_bytes() for p in args.public_key]

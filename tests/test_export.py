@@ -290,7 +290,7 @@ def test_an_export_with_the_wrong_key_or_no_witnesses_is_refused(
     bare = tmp_path / "bare.toml"
     bare.write_text(r.d.config.read_text().split("\n[log.witnesses]\n")[0])
     res = cli("export", "--config", str(bare), "--out", str(out), "--public-key", str(other))
-    assert res.returncode == 65 and "[log] witnesses" in res.stderr
+    assert res.returncode == 78 and "[log] witnesses" in res.stderr
     # A witness given on the command line is enough.
     res = cli(
         "export",
@@ -403,7 +403,7 @@ def test_the_demo_exports_a_directory_that_verifies(tmp_path: Path) -> None:
 
 
 def test_the_export_refuses_a_sample_or_size_out_of_range(tmp_path: Path) -> None:
-    with pytest.raises(export.ExportError, match="--sample"):
+    with pytest.raises(export.ExportUsage, match="--sample"):
         export.export(
             tmp_path / "spool.db",
             tmp_path / "out",
@@ -413,7 +413,7 @@ def test_the_export_refuses_a_sample_or_size_out_of_range(tmp_path: Path) -> Non
             witnesses={},
             sample=-1,
         )
-    with pytest.raises(export.ExportError, match="--since"):
+    with pytest.raises(export.ExportUsage, match="--since"):
         export.export(
             tmp_path / "spool.db",
             tmp_path / "out",

@@ -29,7 +29,14 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from gateway.common.errors import EXIT_DATAERR, GatewayError, OutputFileError, SpoolError
+from gateway.common.errors import (
+    EXIT_DATAERR,
+    EXIT_USAGE,
+    ConfigError,
+    GatewayError,
+    OutputFileError,
+    SpoolError,
+)
 from gateway.edge import spool as spool_mod
 from gateway.edge import tlog
 from gateway.edge.spool import Spool, StoredCheckpoint
@@ -56,6 +63,12 @@ class ExportError(GatewayError):
     """The spool does not hold what an export needs, or not as this configuration says."""
 
     exit_code = EXIT_DATAERR
+
+
+class ExportUsage(GatewayError):
+    """An argument out of range."""
+
+    exit_code = EXIT_USAGE
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +103,13 @@ def sample_indices(lo: int, hi: int, n: int) -> list[int]:
     return [lo + (k * (count - 1)) // (n - 1) for k in range(n)]
 
 
+def check_arguments(sample: int, since: int) -> None:
+    if not 0 <= sample <= MAX_SAMPLE:
+        raise ExportUsage(f"--sample {sample}: expected 0 to {MAX_SAMPLE}")
+    if since < 0:
+        raise ExportUsage(f"--since {since}: expected a tree size, 0 or more")
+
+
 def check_out_dir(out: Path, force: bool) -> None:
     """The export directory must be empty or new, unless `force`."""
     if out.exists() and not out.is_dir():
@@ -120,10 +140,7 @@ def export(
 ) -> ExportResult:
     """Write the export of the log in `spool_path` to `out`. `witnesses` maps ledger node
     id to cosignature vkey; `since` leaves out checkpoints of smaller trees."""
-    if not 0 <= sample <= MAX_SAMPLE:
-        raise ExportError(f"--sample {sample}: expected 0 to {MAX_SAMPLE}")
-    if since < 0:
-        raise ExportError(f"--since {since}: expected a tree size, 0 or more")
+    check_arguments(sample, since)
     keys = _log_keys(public_pems, origin)
     vkeys = _witness_vkeys(witnesses)
     check_out_dir(out, force)
@@ -339,7 +356,7 @@ def _log_keys(pems: Sequence[bytes], origin: str) -> list[note.EcdsaVerifier]:
 def _witness_vkeys(witnesses: Mapping[str, str]) -> dict[str, str]:
     """File name -> vkey; each vkey parsed, so the export never carries one that is not."""
     if not witnesses:
-        raise ExportError(
+        raise ConfigError(
             "no witness vkeys to export: list each ledger node's vkey in [log] witnesses "
             "(or pass --witness VKEY), since an auditor checks cosignatures against them"
         )
@@ -348,7 +365,7 @@ def _witness_vkeys(witnesses: Mapping[str, str]) -> dict[str, str]:
         try:
             cosignature.parse_cosigner_vkey(vkey)
         except note.NoteError as e:
-            raise ExportError(f"witness {node_id}: {e.detail}") from None
+            raise ConfigError(f"witness {node_id}: not a cosignature vkey ({e.detail})") from None
         name = node_id if _SAFE_NAME.fullmatch(node_id) else f"witness-{i + 1}"
         out[name] = vkey.strip()
     return out
