@@ -194,7 +194,7 @@ def check_ledger(
     ledger: Ledger, key_pem: Path, gateway_id: str = GATEWAY_ID
 ) -> tuple[int, int, set[tuple[str, int]]]:
     """Chain verified batches, duplicates applied, and the (device, seq) set it holds."""
-    key = batchformat.load_public_key(key_pem.read_bytes())
+    key = batchformat.load_public_keys(key_pem.read_bytes())
     with ledger.channel() as ch:
         stub = ledger_pb2_grpc.LedgerServiceStub(ch)
         batches = list(
@@ -231,7 +231,7 @@ def check_log(s: Summary, gw: GatewayProc, ledgers: list[Ledger]) -> None:
 
 
 def verify_proofs(gw: GatewayProc, tx_ids: list[str], sample: int) -> tuple[int, int]:
-    key = batchformat.load_public_key(gw.public_key.read_bytes())
+    key = batchformat.load_public_keys(gw.public_key.read_bytes())
     ok = bad = 0
     with gw.channel("admin") as ch:
         stub = gateway_pb2_grpc.GatewayServiceStub(ch)
