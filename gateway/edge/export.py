@@ -2,12 +2,14 @@
 the gateway's log with nothing else (gateway.formats.auditdir reads it).
 
     DIR/checkpoint                   the latest committed checkpoint, cosignatures appended
-    DIR/gateway.pem                  the log's public key(s)
+    DIR/gateway.pem                  the log's public key(s): those given, and each key a key
+                                     rotation entry of the exported log introduces
     DIR/witnesses/<node id>.vkey     each ledger node's cosignature vkey, one line
     DIR/checkpoints/<tree size>      every committed checkpoint exported, cosignatures appended
     DIR/consistency/<old>-<new>.txt  RFC 9162 consistency proof between successive ones
     DIR/proofs/<tx_id>.tlog-proof    c2sp.org/tlog-proof@v1 bundles against DIR/checkpoint for
-    DIR/leaves/<tx_id>.bin           a sample of transactions, and their leaf bytes
+    DIR/leaves/<tx_id>.bin           a sample of transactions and every key rotation entry,
+                                     and their leaf bytes
 
 The spool is read through a read-only connection inside one read transaction (a WAL
 snapshot), so the export is safe beside the running service and consistent with itself;
@@ -40,7 +42,7 @@ from gateway.common.errors import (
 from gateway.edge import spool as spool_mod
 from gateway.edge import tlog
 from gateway.edge.spool import Spool, StoredCheckpoint
-from gateway.formats import checkpoint, cosignature, merkle, note, tlogproof
+from gateway.formats import checkpoint, cosignature, keyrotation, merkle, note, tlogproof
 
 DEFAULT_SAMPLE = 100
 MAX_SAMPLE = 1_000_000
@@ -191,6 +193,13 @@ def _write(
             f"--since {since} is beyond the latest committed checkpoint (size {latest.size})"
         )
     latest_note = _cosigned(conn, latest)
+    rotations = _rotation_entries(conn, origin, latest.size)
+    for entry in rotations.values():
+        pem = serialization.load_der_public_key(entry.new_spki).public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        public_pems = [*public_pems, pem]
+        keys = [*keys, entry.verifier()]
     _check_signed(latest_note, keys, origin)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -222,7 +231,8 @@ def _write(
         prev = cp
     reader = tlog.TileReader(latest.size, fetch)
     n_proofs = 0
-    for index in sample_indices(_first_held_index(conn), latest.size, sample):
+    indices = sample_indices(_first_held_index(conn), latest.size, sample)
+    for index in sorted(set(indices) | set(rotations)):
         found = _leaf_at(conn, index)
         if found is None:
             continue  # not held: retention prunes whole batches, oldest first
@@ -312,6 +322,28 @@ def _committed_checkpoints(
         if len(rows) < _PAGE:
             return
         after = int(rows[-1][0])
+
+
+def _rotation_entries(
+    conn: sqlite3.Connection, origin: str, size: int
+) -> dict[int, keyrotation.RotationEntry]:
+    """Log index -> the key rotation entries of this log among its first `size` leaves
+    that the spool still holds: each names a key that signs checkpoints from then on."""
+    out: dict[int, keyrotation.RotationEntry] = {}
+    for rowid, leaf in conn.execute(
+        "SELECT rowid, leaf FROM tx WHERE device_id = ? ORDER BY rowid",
+        (keyrotation.RESERVED_DEVICE,),
+    ):
+        found = Spool.q_leaf_index(conn, int(rowid))
+        if found is None or found[0] >= size:
+            break
+        try:
+            entry = keyrotation.parse_entry(bytes(leaf))
+        except keyrotation.RotationEntryError:
+            continue  # not an entry: it introduces no key (and is not exported as one)
+        if entry.origin == origin:
+            out[found[0]] = entry
+    return out
 
 
 def _first_held_index(conn: sqlite3.Connection) -> int:
