@@ -22,7 +22,7 @@ from gateway._pb.edgegateway.v1 import ledger_pb2, ledger_pb2_grpc
 from gateway.common import resources
 from gateway.edge import receipts as edge_receipts
 from gateway.edge.config import load_gateway_config
-from gateway.formats import device_verifier
+from gateway.formats import device_verifier, receipt
 from gateway.lab import demo
 from gateway.lab.receipts import ReceiptSubscriber, opt_in, tracker_payload, trust
 from gateway.lab.sandbox import GatewayProc, Sandbox
@@ -72,7 +72,9 @@ def publish(sb: Sandbox, port: int, first_seq: int, count: int) -> None:
 
 
 def metric(gw: GatewayProc, name: str) -> float:
-    port = int(load_gateway_config(gw.config).metrics.listen.rpartition(":")[2])  # type: ignore[union-attr]
+    listen = load_gateway_config(gw.config).metrics.listen
+    assert listen is not None
+    port = int(listen.rpartition(":")[2])
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         for line in r.read().decode().splitlines():
             if line.startswith(name + " "):
@@ -84,9 +86,9 @@ def metric(gw: GatewayProc, name: str) -> float:
 def opted_in(sandbox: Sandbox, tmp_path: Path) -> Deployment:
     profiles = opt_in(resources.profiles_dir(), tmp_path / "profiles", ["lte-m-tracker"])
     # Only the profiles without device keys: this test needs no key files.
-    for f in profiles.glob("*.toml"):
-        if f.stem not in ("lte-m-tracker", "cellsite-power"):
-            f.unlink()
+    for path in profiles.glob("*.toml"):
+        if path.stem not in ("lte-m-tracker", "cellsite-power"):
+            path.unlink()
     d = deploy(
         sandbox,
         gateway_id="edge-receipts",
@@ -126,7 +128,7 @@ def test_devices_receive_receipts_that_verify_and_stay_consistent(opted_in: Depl
     for topic, data in sub.messages:
         v = device_verifier.verify_receipt(data, device_trust)
         assert topic.endswith(f"receipts/{rows[v.tx_id]}"), topic
-        assert len(data) <= edge_receipts.receipt.max_size(v.size, witnesses=3)
+        assert len(data) <= receipt.max_size(v.size, witnesses=3)
     first = min(sub.messages, key=lambda m: device_verifier.parse_receipt(m[1]).size)[1]
     old = device_verifier.verify_receipt(first, device_trust)
 
