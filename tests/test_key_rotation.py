@@ -415,6 +415,26 @@ def test_a_key_rotation_mid_run_under_load_leaves_every_proof_verifiable(
     ]
     ok, bad = demo.verify_proofs(gw, tx_ids, sample=len(tx_ids))
     assert bad == 0 and ok == len(tx_ids)
+    # The export for auditors lists every key of the log, read from the token, and
+    # verifies across the rotation with nothing but its directory.
+    from gateway.edge import export, rotator
+    from gateway.formats import auditdir
+
+    gw_cfg = load_gateway_config(d.config)
+    pems = rotator.log_public_pems(gw_cfg, TEST_PIN)
+    assert pems == [old_pem, new_pem_path.read_bytes()]
+    done = export.export(
+        gw.spool,
+        sandbox.root / "export",
+        gateway_id=d.gateway_id,
+        origin=origin,
+        public_pems=pems,
+        witnesses={lg.node_id: lg.witness_vkey for lg in d.ledgers},
+        sample=300,
+    )
+    report = auditdir.audit(sandbox.root / "export", min_proofs=300)
+    assert report.ok, report.summary()
+    assert done.checkpoints > 20
     # With the new key alone, transactions batched before the rotation do not verify (their
     # batch headers are the old key's).
     d.public_key.write_bytes(new_pem_path.read_bytes())
