@@ -236,6 +236,19 @@ def test_a_malformed_leaf_under_the_reserved_device_id_refuses_the_checkpoint(
 # --- the service, on a real SoftHSM2 token, under load --------------------------------------
 
 
+TOKEN_PROBE = """
+import sys, pkcs11
+from pkcs11 import Attribute, ObjectClass
+module, token_label, pin, label, cka_id = sys.argv[1:]
+token = pkcs11.lib(module).get_token(token_label=token_label)
+with token.open(user_pin=pin) as s:
+    old = s.get_key(object_class=ObjectClass.PRIVATE_KEY, label=label, id=bytes.fromhex(cka_id))
+    new = s.get_key(object_class=ObjectClass.PRIVATE_KEY, label=label + ".1")
+    print("old", f"sign={old[Attribute.SIGN]}", "new", f"sign={new[Attribute.SIGN]}",
+          f"sensitive={new[Attribute.SENSITIVE] and not new[Attribute.EXTRACTABLE]}")
+"""
+
+
 def hsm_rotate(d: Deployment, pem_out: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
@@ -378,23 +391,27 @@ def test_a_key_rotation_mid_run_under_load_leaves_every_proof_verifiable(
     assert [set(k) for k in after[:20]] == [{"old", "new"}] * 20
     assert len(after) > 20 and all(k == {"new"} for k in after[20:])
 
-    # The old key is retired on the token: kept, but it signs nothing more.
-    import pkcs11
-    from pkcs11 import Attribute, ObjectClass
-
-    lib = pkcs11.lib(str(SOFTHSM_MODULE))
-    token = lib.get_token(token_label=d.hsm.token_label)
-    with token.open(user_pin=TEST_PIN) as session:
-        cfg = load_gateway_config(d.config)
-        old_priv = session.get_key(
-            object_class=ObjectClass.PRIVATE_KEY, label=cfg.hsm.key_label, id=cfg.hsm.key_id
-        )
-        assert old_priv[Attribute.SIGN] is False
-        new_priv = session.get_key(
-            object_class=ObjectClass.PRIVATE_KEY, label=f"{cfg.hsm.key_label}.1"
-        )
-        assert new_priv[Attribute.SIGN] is True
-        assert new_priv[Attribute.SENSITIVE] is True and new_priv[Attribute.EXTRACTABLE] is False
+    # The old key is retired on the token: kept, but it signs nothing more. (Read in a
+    # process of its own: SoftHSM reads its configuration once per process.)
+    cfg = load_gateway_config(d.config)
+    probe = subprocess.run(
+        [
+            d.sandbox.python,
+            "-c",
+            TOKEN_PROBE,
+            str(SOFTHSM_MODULE),
+            d.hsm.token_label,
+            TEST_PIN,
+            cfg.hsm.key_label,
+            cfg.hsm.key_id.hex(),
+        ],
+        env=d.sandbox.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.split() == ["old", "sign=False", "new", "sign=True", "sensitive=True"]
 
     # Every node trusts the new key through the entry and cosigned throughout.
     for lg in d.ledgers:
@@ -415,32 +432,41 @@ def test_a_key_rotation_mid_run_under_load_leaves_every_proof_verifiable(
     ]
     ok, bad = demo.verify_proofs(gw, tx_ids, sample=len(tx_ids))
     assert bad == 0 and ok == len(tx_ids)
-    # The export for auditors lists every key of the log, read from the token, and
-    # verifies across the rotation with nothing but its directory.
-    from gateway.edge import export, rotator
+    # The export for auditors (the CLI) lists every key of the log, read from the token,
+    # and verifies across the rotation with nothing but its directory.
     from gateway.formats import auditdir
 
-    gw_cfg = load_gateway_config(d.config)
-    pems = rotator.log_public_pems(gw_cfg, TEST_PIN)
-    assert pems == [old_pem, new_pem_path.read_bytes()]
-    done = export.export(
-        gw.spool,
-        sandbox.root / "export",
-        gateway_id=d.gateway_id,
-        origin=origin,
-        public_pems=pems,
-        witnesses={lg.node_id: lg.witness_vkey for lg in d.ledgers},
-        sample=300,
+    exported = subprocess.run(
+        [
+            d.sandbox.python,
+            "-m",
+            "gateway",
+            "export",
+            "--config",
+            str(d.config),
+            "--out",
+            str(sandbox.root / "export"),
+            "--sample",
+            "300",
+            *(a for lg in d.ledgers for a in ("--witness", lg.witness_vkey)),
+        ],
+        env=d.sandbox.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
+    assert exported.returncode == 0, exported.stderr
+    assert (sandbox.root / "export" / "gateway.pem").read_bytes() == both
     report = auditdir.audit(sandbox.root / "export", min_proofs=300)
     assert report.ok, report.summary()
-    assert done.checkpoints > 20
     # With the new key alone, transactions batched before the rotation do not verify (their
     # batch headers are the old key's).
     d.public_key.write_bytes(new_pem_path.read_bytes())
     ok, bad = demo.verify_proofs(gw, tx_ids[:200], sample=200)
     assert bad == 200
     d.public_key.write_bytes(both)
+    # The status reports the key the headers now carry.
+    assert demo.gateway_status(gw).key_id == batchformat.key_id_of(new_key).hex()
     assert gw.proc.terminate(30) == 0
 
 

@@ -338,8 +338,11 @@ class Batcher:
         self.log = log_after
         done = changed and keys_after.rotation is not None and keys_after.rotation.stage == "done"
         if changed:
-            self.key_id = key_id
             self.keys = keys_after
+            # The key_id the next headers carry (what GetStatus reports).
+            nxt = self.signer.infos.get(self.key(rotation.plan(keys_after).header).cka_id)
+            if nxt is not None:
+                self.key_id = nxt.key_id
         self.prev_hash = hh
         self.cursor = rows[-1].rowid
         self.last_progress = time.monotonic()

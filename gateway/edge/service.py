@@ -128,6 +128,8 @@ class Gateway:
             st.hsm_state = self.signer.state
             if self.signer.info is not None:
                 st.key_id = self.signer.info.key_id.hex()
+            if self.batcher is not None:
+                st.key_id = self.batcher.key_id.hex()  # after a key rotation, the new key
         st.mqtt_connected = bool(self.mqtt and self.mqtt.connected)
         st.intake_paused = self.paused_reason is not None
         st.intake_paused_reason = self.paused_reason or ""
