@@ -46,8 +46,15 @@ def _cmd_hsm(args: argparse.Namespace) -> int:
     # then used as the service's user, so the objects it creates stay the service's.
     pin = provision.read_pin(cfg)
     acct = provision.service_account(args.user)
-    make = signer.init_key if args.hsm_cmd == "init" else signer.key_info
-    info = provision.run_as(acct, lambda: make(cfg.hsm, pin))
+    if args.hsm_cmd == "rotate":
+        from gateway.edge import rotator
+
+        info, number = provision.run_as(acct, lambda: rotator.rotate(cfg, pin))
+        print(f"rotation {number}: new log key created; `systemctl reload edge-gateway`")
+        print("(SIGHUP) or the next start appends the rotation entry to the log")
+    else:
+        make = signer.init_key if args.hsm_cmd == "init" else signer.key_info
+        info = provision.run_as(acct, lambda: make(cfg.hsm, pin))
     print(f"token:       {info.token_label} (serial {info.token_serial}, {info.token_model})")
     print(f"key:         label {info.key_label!r}, CKA_ID {info.cka_id.hex()}")
     print(f"sensitive:   {info.sensitive}   extractable: {info.extractable}")
@@ -111,15 +118,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from gateway.edge import export
 
     cfg = load_gateway_config(args.config)
+    export.check_arguments(args.sample, args.since)
     export.check_out_dir(args.out, args.force)  # before the HSM is asked for anything
     if args.public_key:
         pems = [Path(p).read_bytes() for p in args.public_key]
     else:
-        from gateway.edge import provision, signer
+        from gateway.edge import provision, rotator
 
         pin = provision.read_pin(cfg)
         acct = provision.service_account(args.user)
-        pems = [provision.run_as(acct, lambda: signer.key_info(cfg.hsm, pin).public_pem)]
+        # Every key of the log: the configured one and each key rotation's.
+        pems = provision.run_as(acct, lambda: rotator.log_public_pems(cfg, pin))
     witnesses = dict(cfg.log.witnesses) if cfg.log is not None else {}
     for vkey in args.witness or ():
         witnesses[vkey.split("+", 1)[0].rsplit("/", 1)[-1]] = vkey
@@ -230,6 +239,7 @@ def parser() -> argparse.ArgumentParser:
     for name, text in (
         ("init", "create the P-256 signing key (kept if it exists)"),
         ("info", "show token, key and key_id"),
+        ("rotate", "create a new log key; the service rotates to it on reload (SIGHUP)"),
     ):
         hp = hsub.add_parser(name, help=text)
         hp.add_argument("--config", type=Path, default=DEFAULT_PATH)

@@ -203,3 +203,32 @@ def test_plan_refuses_a_filter_without_a_device_level() -> None:
     assert broker.unshared("$share/g/devices/+/tx") == "devices/+/tx"
     cfg = parse_gateway_config(tomllib.loads(EXAMPLE.read_text()), EXAMPLE)
     assert cfg.mqtt.mount_point == broker.DEFAULT_MOUNT_POINT
+
+
+def test_receipt_topics_are_read_by_their_device_only_and_written_by_the_gateway(
+    tmp_path: Path,
+) -> None:
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    for f in (ROOT / "firmware_profiles").glob("*.toml"):
+        text = f.read_text()
+        if f.stem == "nbiot-meter":
+            text += '\n[receipts]\nenabled = true\ntopic = "meters/nbiot/{device}/receipt"\n'
+        (profiles / f.name).write_text(text)
+    cfg = example(tmp_path)
+    cfg.write_text(cfg.read_text().replace(str(ROOT / "firmware_profiles"), str(profiles)))
+    out = tmp_path / "out"
+    done = cli("--config", str(cfg), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    devices = (out / broker.DEVICES_ACL).read_text().splitlines()
+    gateways = (out / broker.GATEWAYS_ACL).read_text().splitlines()
+    m = broker.DEFAULT_MOUNT_POINT
+    assert f"pattern read {m}meters/nbiot/%u/receipt" in devices
+    assert not any("receipt" in ln and "write" in ln for ln in devices)
+    assert f"topic write {m}meters/nbiot/+/receipt" in gateways
+    # Without a profile opted in, no receipt topic at all.
+    plain = tmp_path / "plain"
+    assert cli("--config", str(example(tmp_path)), "--out", str(plain)).returncode == 0
+    for name in (broker.DEVICES_ACL, broker.GATEWAYS_ACL):
+        rules = [ln for ln in (plain / name).read_text().splitlines() if not ln.startswith("#")]
+        assert not any("receipt" in ln for ln in rules), rules

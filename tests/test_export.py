@@ -6,6 +6,7 @@ by sigstore-python's checkpoint code."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import shutil
 import sqlite3
 import subprocess
@@ -20,13 +21,17 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from gateway.edge import export
+from gateway.edge import export, tlog
+from gateway.edge import spool as spool_mod
 from gateway.edge.config import load_gateway_config
-from gateway.formats import auditdir, merkle, tlogproof
+from gateway.formats import auditdir, checkpoint, keyrotation, merkle, note, tlogproof
+from gateway.formats.checkpoint import Checkpoint
+from gateway.formats.cosignature import Cosigner
 from gateway.lab import demo, simulate
 from gateway.lab.sandbox import GatewayProc, Hsm, Sandbox
 from tests.conftest import Deployment, deploy
-from tests.test_checkpoint import sigstore_verify
+from tests.test_checkpoint import VerificationError, sigstore_verify
+from tests.test_witness import ORIGIN, ecdsa_signer, ed_key, p256_key
 
 # --------------------------------------------------------------------------
 # The sample: first, last, evenly between.
@@ -137,10 +142,10 @@ def publish(r: Running, devices: int, count: int, rate: float, start_seq: int) -
 
 
 def ensure_loaded(r: Running) -> None:
-    """The 600 transactions the first test publishes, committed, whichever test runs."""
-    if demo.gateway_status(r.gw).transactions_stored < 600:
-        publish(r, 20, 30, 5000.0, 1)
-    demo.wait_drained(r.gw, 600, timeout=90)
+    """The 1200 transactions the first test publishes, committed, whichever test runs."""
+    if demo.gateway_status(r.gw).transactions_stored < 1200:
+        publish(r, 20, 60, 5000.0, 1)
+    demo.wait_drained(r.gw, 1200, timeout=90)
 
 
 @pytest.mark.integration
@@ -148,7 +153,7 @@ def test_an_export_written_while_devices_publish_verifies_offline(
     running: Running, tmp_path: Path
 ) -> None:
     r = running
-    load = threading.Thread(target=publish, args=(r, 20, 30, 150.0, 1))
+    load = threading.Thread(target=publish, args=(r, 20, 60, 150.0, 1))
     load.start()
     try:
         deadline = time.monotonic() + 60
@@ -156,14 +161,16 @@ def test_an_export_written_while_devices_publish_verifies_offline(
             time.sleep(0.1)
         assert committed_size(r.gw.spool) >= 150
         out = tmp_path / "audit"
+        stored_at_start = demo.gateway_status(r.gw).transactions_stored
         # No --public-key: the command reads the log's key from the HSM the config names.
         res = cli("export", "--config", str(r.d.config), "--out", str(out))
-        still_publishing = load.is_alive()
     finally:
         load.join(120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("\n") == 1 and res.stdout.startswith(f"exported {out}: ")
-    assert still_publishing, "the load ended before the export: it did not run beside it"
+    # The export started while devices were still publishing, and the log grew past it.
+    assert stored_at_start < 1200
+    demo.wait_drained(r.gw, 1200, timeout=90)
 
     report = auditdir.audit(out, witness_quorum=2, origin=r.origin, min_proofs=100)
     assert report.ok, report.failures
@@ -172,6 +179,7 @@ def test_an_export_written_while_devices_publish_verifies_offline(
     sizes = committed_sizes(r.gw.spool, report.latest_size)
     assert sorted(int(p.name) for p in (out / "checkpoints").iterdir()) == sizes
     assert report.checkpoints == len(sizes) >= 4 and report.consistency_proofs == len(sizes) - 1
+    assert committed_size(r.gw.spool) == 1200 > report.latest_size
     assert (out / "checkpoint").read_bytes() == (
         out / "checkpoints" / str(report.latest_size)
     ).read_bytes()
@@ -290,7 +298,7 @@ def test_an_export_with_the_wrong_key_or_no_witnesses_is_refused(
     bare = tmp_path / "bare.toml"
     bare.write_text(r.d.config.read_text().split("\n[log.witnesses]\n")[0])
     res = cli("export", "--config", str(bare), "--out", str(out), "--public-key", str(other))
-    assert res.returncode == 65 and "[log] witnesses" in res.stderr
+    assert res.returncode == 78 and "[log] witnesses" in res.stderr
     # A witness given on the command line is enough.
     res = cli(
         "export",
@@ -403,7 +411,7 @@ def test_the_demo_exports_a_directory_that_verifies(tmp_path: Path) -> None:
 
 
 def test_the_export_refuses_a_sample_or_size_out_of_range(tmp_path: Path) -> None:
-    with pytest.raises(export.ExportError, match="--sample"):
+    with pytest.raises(export.ExportUsage, match="--sample"):
         export.export(
             tmp_path / "spool.db",
             tmp_path / "out",
@@ -413,7 +421,7 @@ def test_the_export_refuses_a_sample_or_size_out_of_range(tmp_path: Path) -> Non
             witnesses={},
             sample=-1,
         )
-    with pytest.raises(export.ExportError, match="--since"):
+    with pytest.raises(export.ExportUsage, match="--since"):
         export.export(
             tmp_path / "spool.db",
             tmp_path / "out",
@@ -424,3 +432,108 @@ def test_the_export_refuses_a_sample_or_size_out_of_range(tmp_path: Path) -> Non
             since=-1,
         )
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------
+# A spool written here (real SQLite, the spool's schema): a log whose key rotated.
+# --------------------------------------------------------------------------
+
+GW = "gw-01"
+
+
+def spool_with_rotation(path: Path) -> tuple[list[Cosigner], ec.EllipticCurvePrivateKey, int]:
+    """Three batches: the second holds a key rotation entry and its checkpoint is signed by
+    the old and the new key, the third by the new key only. Every checkpoint committed
+    and cosigned by three witnesses. Returns the witnesses, the old key, the entry's index."""
+    old, new = ecdsa_signer(ORIGIN, "old log key"), ecdsa_signer(ORIGIN, "new log key")
+    old_key = p256_key("old log key")
+    witnesses = [
+        Cosigner(checkpoint.witness_name("ledger.carrier.example", f"ledger-{i}"), ed_key(str(i)))
+        for i in (1, 2, 3)
+    ]
+    entry = keyrotation.RotationEntry(
+        origin=ORIGIN,
+        gateway_id=GW,
+        rotation=1,
+        old_key_id=hashlib.sha256(note.spki_der(old_key.public_key())).digest(),
+        new_spki=note.spki_der(p256_key("new log key").public_key()),
+        overlap_checkpoints=1,
+        overlap_seconds=0,
+        created_ms=1_700_000_000_000,
+    )
+    batches = [
+        [f"tx {i}".encode() for i in range(10)],
+        [f"tx {i}".encode() for i in range(10, 14)] + [entry.leaf()],
+        [f"tx {i}".encode() for i in range(14, 30)],
+    ]
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript(spool_mod.SCHEMA)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.executemany(
+        "INSERT INTO meta VALUES (?, ?)",
+        [("schema_version", str(spool_mod.SCHEMA_VERSION)), ("gateway_id", GW)],
+    )
+    edge, rowid, entry_index = tlog.LogEdge(0), 0, -1
+    for seq, (leaves, signers) in enumerate(zip(batches, ([old], [old, new], [new]), strict=True)):
+        first_index, first_rowid = edge.size, rowid + 1
+        for leaf in leaves:
+            rowid += 1
+            device = keyrotation.RESERVED_DEVICE if leaf == entry.leaf() else "dev-1"
+            if device != "dev-1":
+                entry_index = edge.size + leaves.index(leaf)
+            conn.execute(
+                "INSERT INTO tx (rowid, device_id, device_seq, payload_sha256, tx_id, leaf,"
+                " size, received_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (rowid, device, rowid, b"", merkle.leaf_hash(leaf), leaf, len(leaf), 0),
+            )
+        edge, writes = edge.append([merkle.leaf_hash(x) for x in leaves])
+        tlog.write_tiles(conn, writes)
+        signed = checkpoint.sign_checkpoint(Checkpoint(ORIGIN, edge.size, edge.root()), signers)
+        conn.execute(
+            "INSERT INTO log_checkpoint VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (edge.size, seq, first_index, first_rowid, rowid, edge.root(), signed, 0, 1),
+        )
+        body = note.parse_note(signed).text
+        for w in witnesses:
+            line = w.signature(body, 1_700_000_000 + seq).line().rstrip("\n")
+            conn.execute(
+                "INSERT INTO log_cosignature VALUES (?, ?, ?, ?)",
+                (edge.size, w.name.rsplit("/", 1)[-1], line, 0),
+            )
+    conn.close()
+    return witnesses, old_key, entry_index
+
+
+def test_keys_a_rotation_entry_introduces_are_exported_with_the_entry_s_proof(
+    tmp_path: Path,
+) -> None:
+    spool = tmp_path / "spool.db"
+    witnesses, old_key, entry_index = spool_with_rotation(spool)
+    pem = old_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    out = tmp_path / "audit"
+    done = export.export(
+        spool,
+        out,
+        gateway_id=GW,
+        origin=ORIGIN,
+        public_pems=[pem],  # the original key only: the entry in the log names the next
+        witnesses={w.name.rsplit("/", 1)[-1]: w.verifier().vkey() for w in witnesses},
+        sample=3,
+    )
+    assert (done.checkpoints, done.consistency_proofs, done.latest_size) == (3, 2, 31)
+    report = auditdir.audit(out, witness_quorum=3, origin=ORIGIN)
+    assert report.ok, report.failures
+    assert (out / "gateway.pem").read_bytes().count(b"BEGIN PUBLIC KEY") == 2
+    indices = {tlogproof.parse_tlog_proof(p.read_bytes()).index for p in (out / "proofs").iterdir()}
+    assert indices == {0, 15, 30, entry_index} and entry_index == 14  # the sample, the entry
+    # The last checkpoint carries the new key's signature only: sigstore-python verifies
+    # it with the key the entry introduced, and not with the old one.
+    new_key = p256_key("new log key").public_key()
+    assert sigstore_verify((out / "checkpoint").read_bytes(), new_key)
+    with pytest.raises(VerificationError):
+        sigstore_verify((out / "checkpoint").read_bytes(), old_key.public_key())
+    # Without the entry's key an auditor could not check it: the export would not verify.
+    (out / "gateway.pem").write_bytes(pem)
+    assert not auditdir.audit(out, witness_quorum=3, origin=ORIGIN).ok

@@ -414,6 +414,7 @@ def test_the_readme_example_is_a_valid_profile() -> None:
     assert p.id == "acme-meter@3"
     assert p.auth is not None and p.rate_limit is not None and p.time is not None
     assert p.field("status").flags == ("tamper", "", "low_battery")
+    assert p.receipts is not None and p.receipts.topic == "receipts/{device}"
 
 
 def test_parse_profile_text_is_pure() -> None:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from gateway.common.errors import HsmError
-from gateway.edge import metrics, tlog
+from gateway.edge import metrics, rotation, tlog
 from gateway.edge.config import BatchConfig
 from gateway.edge.signer import Signer
 from gateway.edge.spool import PendingTx, Spool, StoredBatch, StoredCheckpoint, now_ms
@@ -80,9 +80,12 @@ class Batcher:
         key_id: bytes,
         on_signed: Callable[[int], None],
         origin: str | None = None,
+        default_key: rotation.TokenKey | None = None,
     ) -> None:
         """`origin`: the log's origin line (config [log] origin); every batch also gets a
-        checkpoint of the gateway's log, signed in the HSM under that name."""
+        checkpoint of the gateway's log, signed in the HSM under that name.
+        `default_key`: the configured HSM key, which signs until a key rotation
+        (gateway.edge.rotation) says otherwise."""
         self.cfg = cfg
         self.spool = spool
         self.signer = signer
@@ -103,6 +106,8 @@ class Batcher:
         self._stores: collections.deque[asyncio.Future[None]] = collections.deque()
         self.origin = origin or checkpoint.gateway_origin("edge-gateway.invalid", gateway_id)
         self.log = tlog.LogEdge(0)  # the log as the next batch extends it
+        self.default_key = default_key
+        self.keys = rotation.KeyState()  # which keys sign, as the next batch is cut
 
     async def resume(self) -> None:
         """Continue the chain from the spool's last batch."""
@@ -113,9 +118,42 @@ class Batcher:
             self.prev_hash = last.header_hash
             self.cursor = last.last_rowid
         self.log = await asyncio.wrap_future(self.spool.read(_load_log))
+        self.keys = await asyncio.wrap_future(self.spool.read(rotation.read_state))
+        await self._retire_old_key()
         # Right after a restart, not only from the next signing on.
         metrics.last_signed_seq.set(self.next_seq - 1)
         self.spool.on_commit(self._committed)
+
+    def key(self, k: rotation.TokenKey | None) -> rotation.TokenKey:
+        """A key of a rotation plan on the token; None is the configured key."""
+        if k is not None:
+            return k
+        if self.default_key is None:
+            raise HsmError("no configured key to sign with")
+        return self.default_key
+
+    def begin_rotation(self, r: rotation.Rotation) -> bool:
+        """Take up a rotation whose entry goes into the spool now: its checkpoint is
+        signed by the old key, the following ones by both. False if one is under way."""
+        if self.keys.in_progress():
+            return False
+        self.keys = rotation.KeyState(active=self.keys.active, rotation=r)
+        return True
+
+    async def _retire_old_key(self) -> None:
+        r = self.keys.rotation
+        if r is None or r.stage != "done":
+            return
+        try:
+            await asyncio.wrap_future(self.signer.retire_key(r.old.label, r.old.cka_id))
+        except HsmError as e:
+            log.warning("old log key %r not marked retired on the token: %s", r.old.label, e)
+            return
+        log.info(
+            "key rotation %d done: old log key %r retired on the token (CKA_SIGN false)",
+            r.number,
+            r.old.label,
+        )
 
     def on_cut(self, listener: Callable[[], None]) -> None:
         """Call `listener()` on the event loop after each batch is stored."""
@@ -222,6 +260,17 @@ class Batcher:
         log_after, tile_writes = self.log.append([r.tx_id for r in rows])
         cp = checkpoint.Checkpoint(self.origin, log_after.size, log_after.root())
         created = now_ms()
+        header_cka: bytes | None = None
+        cp_ckas: list[bytes | None] = [None]
+        key_id = self.key_id
+        if self.default_key is not None:
+            plan = rotation.plan(self.keys)
+            header_cka = self.key(plan.header).cka_id
+            cp_ckas = [self.key(k).cka_id for k in plan.checkpoint]
+            held = self.signer.infos.get(header_cka)
+            if held is None:
+                raise HsmError(f"hsm key with CKA_ID {header_cka.hex()} is not loaded")
+            key_id = held.key_id
         header = batchformat.encode_header(
             batchformat.HeaderFields(
                 gateway_id=self.gateway_id,
@@ -233,15 +282,15 @@ class Batcher:
                 first_received_ms=min(r.received_ms for r in rows),
                 last_received_ms=max(r.received_ms for r in rows),
                 created_ms=created,
-                key_id=self.key_id,
+                key_id=key_id,
             )
         )
         t0 = time.perf_counter()
         # Two signatures per batch while the header chain and the log run side by side:
         # the header's (what ledger nodes verify today) and the checkpoint's. Both are
         # queued at once on the HSM worker.
-        header_sig = self.signer.sign_header(header)
-        cp_note = self.signer.sign_checkpoint(cp)
+        header_sig = self.signer.sign_header(header, header_cka)
+        cp_note = self.signer.sign_checkpoint(cp, cp_ckas)
         signature = await asyncio.wrap_future(header_sig)
         metrics.sign_seconds.observe(time.perf_counter() - t0)
         signed_cp = await asyncio.wrap_future(cp_note)
@@ -271,9 +320,14 @@ class Batcher:
             committed_ms=None,
         )
 
+        keys_after = rotation.after_checkpoint(self.keys, [r.tx_id for r in rows], cp.size, created)
+        changed = keys_after != self.keys
+
         def store_op(c: sqlite3.Connection) -> None:
             Spool.w_store_batch(c, stored)
             Spool.w_store_checkpoint(c, stored_cp, tile_writes)
+            if changed:  # a rotation's stage moves with the checkpoint that moves it
+                rotation.write_state(c, keys_after)
 
         # Header, signature and the tx-to-batch assignment are stored in one spool
         # transaction; the next batch is cut meanwhile. Stores run in seq order on the
@@ -282,16 +336,27 @@ class Batcher:
         store = asyncio.wrap_future(self.spool.write(store_op))
         self.next_seq += 1
         self.log = log_after
+        done = changed and keys_after.rotation is not None and keys_after.rotation.stage == "done"
+        if changed:
+            self.keys = keys_after
+            # The key_id the next headers carry (what GetStatus reports).
+            nxt = self.signer.infos.get(self.key(rotation.plan(keys_after).header).cka_id)
+            if nxt is not None:
+                self.key_id = nxt.key_id
         self.prev_hash = hh
         self.cursor = rows[-1].rowid
         self.last_progress = time.monotonic()
         log.debug("batch %d cut (%s): %d txs", seq, reason, len(rows))
-        self._stores.append(asyncio.ensure_future(self._stored(store, seq, len(rows))))
+        self._stores.append(asyncio.ensure_future(self._stored(store, seq, len(rows), done)))
         while len(self._stores) >= MAX_STORES_IN_FLIGHT:
             await self._stores.popleft()
 
-    async def _stored(self, store: asyncio.Future[None], seq: int, count: int) -> None:
+    async def _stored(
+        self, store: asyncio.Future[None], seq: int, count: int, rotation_done: bool = False
+    ) -> None:
         await store  # a spool error ends the batcher, and the gateway with it
+        if rotation_done:
+            await self._retire_old_key()
         self.last_progress = time.monotonic()
         metrics.batches_signed.inc()
         metrics.batch_size.observe(count)

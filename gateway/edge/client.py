@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,18 +52,21 @@ class ProofInvalid(GatewayError):
 
 
 def verify_transaction(
-    resp: gateway_pb2.GetTransactionResponse, key: ec.EllipticCurvePublicKey
+    resp: gateway_pb2.GetTransactionResponse,
+    keys: ec.EllipticCurvePublicKey | Sequence[ec.EllipticCurvePublicKey],
 ) -> batch_pb2.BatchHeader:
-    """Signature over the header, then the leaf's inclusion under its Merkle root."""
+    """Signature over the header (by the key among `keys` it names: several after a key
+    rotation), then the leaf's inclusion under its Merkle root."""
     if resp.state == gateway_pb2.GetTransactionResponse.PENDING:
         raise ProofInvalid(f"transaction {resp.tx_id} is not in a batch yet")
     try:
-        batchformat.verify_signature(resp.header, resp.signature, key)
         header = batchformat.parse_header(resp.header)
+        key = batchformat.key_for(keys, header.key_id)
+        if key is None:
+            raise ProofInvalid("batch was signed by another key than the one(s) given")
+        batchformat.verify_signature(resp.header, resp.signature, key)
     except batchformat.BatchInvalid as e:
         raise ProofInvalid(f"batch header: {e}") from None
-    if header.key_id != batchformat.key_id_of(key):
-        raise ProofInvalid("batch was signed by another key than the one given")
     if merkle.leaf_hash(resp.transaction).hex() != resp.tx_id:
         raise ProofInvalid("transaction bytes do not hash to the tx_id")
     if resp.tree_size != header.tx_count:
@@ -80,13 +83,18 @@ def verify_transaction(
 
 
 def verify_chain(
-    batches: Iterable[batch_pb2.SignedBatch], key: ec.EllipticCurvePublicKey, gateway_id: str
+    batches: Iterable[batch_pb2.SignedBatch],
+    keys: ec.EllipticCurvePublicKey | Sequence[ec.EllipticCurvePublicKey],
+    gateway_id: str,
 ) -> int:
-    """Every batch verifies and links to the one before, from seq 0. Returns the count."""
+    """Every batch verifies (under the key among `keys` its header names) and links to the
+    one before, from seq 0. Returns the count."""
     prev = batchformat.ZERO_HASH
     n = 0
     for b in batches:
         try:
+            named = batchformat.key_for(keys, batchformat.parse_header(b.header).key_id)
+            key = named or (keys if isinstance(keys, ec.EllipticCurvePublicKey) else keys[0])
             h = batchformat.verify_batch(b, key)
         except batchformat.BatchInvalid as e:
             raise ProofInvalid(f"batch {n}: {e}") from None
@@ -225,10 +233,12 @@ class LogTrust:
 
 
 def verify_log_proof(
-    resp: gateway_pb2.GetTransactionResponse, key: ec.EllipticCurvePublicKey, trust: LogTrust
+    resp: gateway_pb2.GetTransactionResponse,
+    keys: ec.EllipticCurvePublicKey | Sequence[ec.EllipticCurvePublicKey],
+    trust: LogTrust,
 ) -> tlogproof.VerifiedProof:
-    """The c2sp.org/tlog-proof bundle: the checkpoint signed by the gateway's key under its
-    origin, cosigned by the quorum of witnesses, and the leaf included in it."""
+    """The c2sp.org/tlog-proof bundle: the checkpoint signed by one of the gateway's keys
+    under its origin, cosigned by the quorum of witnesses, and the leaf included in it."""
     if not resp.tlog_proof:
         raise ProofInvalid(f"transaction {resp.tx_id} has no log proof yet")
     try:
@@ -236,9 +246,10 @@ def verify_log_proof(
         origin = trust.origin
         if origin is None:
             origin = checkpoint.checkpoint_of(note.parse_note(bundle.checkpoint)).origin
-        verifier = note.EcdsaVerifier.from_public_key(origin, key)
+        listed = [keys] if isinstance(keys, ec.EllipticCurvePublicKey) else list(keys)
+        verifiers = [note.EcdsaVerifier.from_public_key(origin, k) for k in listed]
         verified = tlogproof.verify_tlog_proof(
-            bundle, merkle.leaf_hash(resp.transaction), [verifier], trust.policy(), origin
+            bundle, merkle.leaf_hash(resp.transaction), verifiers, trust.policy(), origin
         )
     except note.NoteError as e:
         raise ProofInvalid(f"log proof: {e}") from None
@@ -252,7 +263,7 @@ async def check_proof(
 ) -> int:
     trust = trust or LogTrust()
     try:
-        key = batchformat.load_public_key(public_key.read_bytes())
+        key = batchformat.load_public_keys(public_key.read_bytes())
     except (OSError, ValueError) as e:
         raise GatewayError(f"--public-key {public_key}: {e}") from None
     policy = trust.policy()  # a bad vkey fails before the call

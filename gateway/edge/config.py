@@ -206,6 +206,11 @@ class LogConfig:
     # Ledger node id -> its witness cosignature vkey: a node's cosignature counts only if
     # it verifies under its vkey. A node without one here is trusted on its word.
     witnesses: Mapping[str, str] = field(default_factory=dict)
+    # A key rotation's overlap (`edge-gateway hsm rotate`): after the checkpoint that covers
+    # the rotation entry, checkpoints carry the old and the new key's signatures for at
+    # least this many checkpoints and this many seconds, then the new key's alone.
+    rotation_overlap_checkpoints: int = 100
+    rotation_overlap_s: int = 86400
 
 
 DEFAULT_LOG_DOMAIN = "edge-gateway.invalid"
@@ -237,8 +242,15 @@ def _log(root: Reader, gateway_id: str, node_ids: list[str]) -> LogConfig:
             cosignature.parse_cosigner_vkey(vkey)
         except note.NoteError as e:
             raise lg.fail(f"witnesses.{node_id}", vkey, e.detail) from None
+    overlap_checkpoints = lg.integer("rotation_overlap_checkpoints", 100, 0, 10**9)
+    overlap_s = lg.integer("rotation_overlap_s", 86400, 0, 10**9)
     lg.finish()
-    return LogConfig(origin=origin, witnesses=dict(given))
+    return LogConfig(
+        origin=origin,
+        witnesses=dict(given),
+        rotation_overlap_checkpoints=overlap_checkpoints,
+        rotation_overlap_s=overlap_s,
+    )
 
 
 # ---- end of [log] ----------------------------------------------------------------------

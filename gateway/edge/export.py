@@ -2,12 +2,14 @@
 the gateway's log with nothing else (gateway.formats.auditdir reads it).
 
     DIR/checkpoint                   the latest committed checkpoint, cosignatures appended
-    DIR/gateway.pem                  the log's public key(s)
+    DIR/gateway.pem                  the log's public key(s): those given, and each key a key
+                                     rotation entry of the exported log introduces
     DIR/witnesses/<node id>.vkey     each ledger node's cosignature vkey, one line
     DIR/checkpoints/<tree size>      every committed checkpoint exported, cosignatures appended
     DIR/consistency/<old>-<new>.txt  RFC 9162 consistency proof between successive ones
     DIR/proofs/<tx_id>.tlog-proof    c2sp.org/tlog-proof@v1 bundles against DIR/checkpoint for
-    DIR/leaves/<tx_id>.bin           a sample of transactions, and their leaf bytes
+    DIR/leaves/<tx_id>.bin           a sample of transactions and every key rotation entry,
+                                     and their leaf bytes
 
 The spool is read through a read-only connection inside one read transaction (a WAL
 snapshot), so the export is safe beside the running service and consistent with itself;
@@ -29,11 +31,18 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from gateway.common.errors import EXIT_DATAERR, GatewayError, OutputFileError, SpoolError
+from gateway.common.errors import (
+    EXIT_DATAERR,
+    EXIT_USAGE,
+    ConfigError,
+    GatewayError,
+    OutputFileError,
+    SpoolError,
+)
 from gateway.edge import spool as spool_mod
 from gateway.edge import tlog
 from gateway.edge.spool import Spool, StoredCheckpoint
-from gateway.formats import checkpoint, cosignature, merkle, note, tlogproof
+from gateway.formats import checkpoint, cosignature, keyrotation, merkle, note, tlogproof
 
 DEFAULT_SAMPLE = 100
 MAX_SAMPLE = 1_000_000
@@ -56,6 +65,12 @@ class ExportError(GatewayError):
     """The spool does not hold what an export needs, or not as this configuration says."""
 
     exit_code = EXIT_DATAERR
+
+
+class ExportUsage(GatewayError):
+    """An argument out of range."""
+
+    exit_code = EXIT_USAGE
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +105,13 @@ def sample_indices(lo: int, hi: int, n: int) -> list[int]:
     return [lo + (k * (count - 1)) // (n - 1) for k in range(n)]
 
 
+def check_arguments(sample: int, since: int) -> None:
+    if not 0 <= sample <= MAX_SAMPLE:
+        raise ExportUsage(f"--sample {sample}: expected 0 to {MAX_SAMPLE}")
+    if since < 0:
+        raise ExportUsage(f"--since {since}: expected a tree size, 0 or more")
+
+
 def check_out_dir(out: Path, force: bool) -> None:
     """The export directory must be empty or new, unless `force`."""
     if out.exists() and not out.is_dir():
@@ -120,10 +142,7 @@ def export(
 ) -> ExportResult:
     """Write the export of the log in `spool_path` to `out`. `witnesses` maps ledger node
     id to cosignature vkey; `since` leaves out checkpoints of smaller trees."""
-    if not 0 <= sample <= MAX_SAMPLE:
-        raise ExportError(f"--sample {sample}: expected 0 to {MAX_SAMPLE}")
-    if since < 0:
-        raise ExportError(f"--since {since}: expected a tree size, 0 or more")
+    check_arguments(sample, since)
     keys = _log_keys(public_pems, origin)
     vkeys = _witness_vkeys(witnesses)
     check_out_dir(out, force)
@@ -174,6 +193,13 @@ def _write(
             f"--since {since} is beyond the latest committed checkpoint (size {latest.size})"
         )
     latest_note = _cosigned(conn, latest)
+    rotations = _rotation_entries(conn, origin, latest.size)
+    for entry in rotations.values():
+        pem = serialization.load_der_public_key(entry.new_spki).public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        public_pems = [*public_pems, pem]
+        keys = [*keys, entry.verifier()]
     _check_signed(latest_note, keys, origin)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -205,7 +231,8 @@ def _write(
         prev = cp
     reader = tlog.TileReader(latest.size, fetch)
     n_proofs = 0
-    for index in sample_indices(_first_held_index(conn), latest.size, sample):
+    indices = sample_indices(_first_held_index(conn), latest.size, sample)
+    for index in sorted(set(indices) | set(rotations)):
         found = _leaf_at(conn, index)
         if found is None:
             continue  # not held: retention prunes whole batches, oldest first
@@ -297,6 +324,28 @@ def _committed_checkpoints(
         after = int(rows[-1][0])
 
 
+def _rotation_entries(
+    conn: sqlite3.Connection, origin: str, size: int
+) -> dict[int, keyrotation.RotationEntry]:
+    """Log index -> the key rotation entries of this log among its first `size` leaves
+    that the spool still holds: each names a key that signs checkpoints from then on."""
+    out: dict[int, keyrotation.RotationEntry] = {}
+    for rowid, leaf in conn.execute(
+        "SELECT rowid, leaf FROM tx WHERE device_id = ? ORDER BY rowid",
+        (keyrotation.RESERVED_DEVICE,),
+    ):
+        found = Spool.q_leaf_index(conn, int(rowid))
+        if found is None or found[0] >= size:
+            break
+        try:
+            entry = keyrotation.parse_entry(bytes(leaf))
+        except keyrotation.RotationEntryError:
+            continue  # not an entry: it introduces no key (and is not exported as one)
+        if entry.origin == origin:
+            out[found[0]] = entry
+    return out
+
+
 def _first_held_index(conn: sqlite3.Connection) -> int:
     """The log index of the oldest transaction retention has kept."""
     row = conn.execute("SELECT min(rowid) FROM tx").fetchone()
@@ -339,7 +388,7 @@ def _log_keys(pems: Sequence[bytes], origin: str) -> list[note.EcdsaVerifier]:
 def _witness_vkeys(witnesses: Mapping[str, str]) -> dict[str, str]:
     """File name -> vkey; each vkey parsed, so the export never carries one that is not."""
     if not witnesses:
-        raise ExportError(
+        raise ConfigError(
             "no witness vkeys to export: list each ledger node's vkey in [log] witnesses "
             "(or pass --witness VKEY), since an auditor checks cosignatures against them"
         )
@@ -348,7 +397,7 @@ def _witness_vkeys(witnesses: Mapping[str, str]) -> dict[str, str]:
         try:
             cosignature.parse_cosigner_vkey(vkey)
         except note.NoteError as e:
-            raise ExportError(f"witness {node_id}: {e.detail}") from None
+            raise ConfigError(f"witness {node_id}: not a cosignature vkey ({e.detail})") from None
         name = node_id if _SAFE_NAME.fullmatch(node_id) else f"witness-{i + 1}"
         out[name] = vkey.strip()
     return out

@@ -25,7 +25,7 @@ import grpc
 from gateway._pb.edgegateway.v1 import batch_pb2, ledger_pb2, ledger_pb2_grpc
 from gateway.common.errors import LedgerError
 from gateway.common.grpcutil import aio_channel
-from gateway.edge import metrics, tlog
+from gateway.edge import metrics, rotation, tlog
 from gateway.edge.config import ForwarderConfig, LedgerNodeRef
 from gateway.edge.spool import NewlyCommitted, Spool, StoredBatch, StoredCheckpoint, now_ms
 from gateway.formats import cosignature, note
@@ -551,7 +551,13 @@ def _load_cosign(
         ).fetchone()
     if row is None:
         return None
-    cp = Spool.q_checkpoint(conn, int(row[0]))
+    size = int(row[0])
+    rotated = rotation.entry_size(conn)
+    if rotated is not None and old_size < rotated < size:
+        # A node trusts a rotation's new key only from a checkpoint signed by the old key
+        # that covers the entry: send that one first, not a later one only the new key signed.
+        size = rotated
+    cp = Spool.q_checkpoint(conn, size)
     assert cp is not None
     if sent is not None and sent[0] == cp.seq and cp.first_index == old_size:
         leaves = sent[1]  # the batch just forwarded: its leaves are this checkpoint's

@@ -30,7 +30,7 @@ from gateway._pb.edgegateway.v1 import gateway_pb2, gateway_pb2_grpc
 from gateway.common.errors import EXIT_OK, EXIT_SOFTWARE, ConfigError
 from gateway.common.grpcutil import add_port
 from gateway.common.notify import Notifier
-from gateway.edge import authz, metrics
+from gateway.edge import authz, metrics, rotation, rotator
 from gateway.edge.api import SERVICE_NAME, GatewayApi, server_options
 from gateway.edge.batcher import Batcher
 from gateway.edge.config import GatewayConfig, check_certificates
@@ -75,6 +75,7 @@ class Gateway:
         self.paused_reason: str | None = None
         self.spool: Spool | None = None
         self.signer: Signer | None = None
+        self._rotations: set[asyncio.Future[None]] = set()
         self.batcher: Batcher | None = None
         self.forwarder: Forwarder | None = None
         self.mqtt: IntakePool | None = None
@@ -127,6 +128,8 @@ class Gateway:
             st.hsm_state = self.signer.state
             if self.signer.info is not None:
                 st.key_id = self.signer.info.key_id.hex()
+            if self.batcher is not None:
+                st.key_id = self.batcher.key_id.hex()  # after a key rotation, the new key
         st.mqtt_connected = bool(self.mqtt and self.mqtt.connected)
         st.intake_paused = self.paused_reason is not None
         st.intake_paused_reason = self.paused_reason or ""
@@ -307,7 +310,9 @@ class Gateway:
         self.spool = Spool(cfg.spool, cfg.gateway_id, write_priority=True)
         self.spool.on_fatal(self.guard.spool_hook)
         await asyncio.to_thread(self.spool.open)
-        self.signer = Signer(cfg.hsm, pin)
+        # After a key rotation (gateway.edge.rotation) the log signs with other keys.
+        keys = await asyncio.wrap_future(self.spool.read(rotation.read_state))
+        self.signer = Signer(cfg.hsm, pin, rotator.signer_keys(cfg, keys))
         del pin
         signer = self.signer
         metrics.hsm_up.set_function(lambda: 1.0 if signer.state == "ok" else 0.0)
@@ -330,8 +335,10 @@ class Gateway:
             info.key_id,
             self.forwarder.notify_signed,
             origin=cfg.log_origin,
+            default_key=rotation.TokenKey(cfg.hsm.key_label, cfg.hsm.key_id),
         )
         await self.batcher.resume()
+        await rotator.take_request(cfg, self.spool, self.signer, self.batcher)
         self.profiles = await asyncio.to_thread(ProfileSet.from_config, cfg)
         log.info("profiles: %s", ", ".join(self.profiles.names()))
         # Receipts to devices: a publish-only connection of this process, for profiles that
@@ -470,6 +477,13 @@ class Gateway:
             self.profiles.try_reload(log)  # the set gRPC submits are decoded with
         if self.mqtt is not None:
             self.mqtt.reload()  # the intake process reloads and resubscribes
+        if self.spool is not None and self.signer is not None and self.batcher is not None:
+            # A key rotation `edge-gateway hsm rotate` asked for.
+            task = asyncio.ensure_future(
+                rotator.take_request(self.cfg, self.spool, self.signer, self.batcher)
+            )
+            self._rotations.add(task)
+            task.add_done_callback(self._rotations.discard)
         log.info("reload done; other configuration changes take effect on restart")
         self.notifier.ready(self.summary())
 

@@ -14,9 +14,9 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -100,6 +100,17 @@ def _open(token: Any, pin: str, rw: bool = False) -> Any:
         raise HsmPinError(f"HSM token {token.label!r}: the user PIN is locked") from None
     except (p11.TokenNotPresent, p11.DeviceError, p11.DeviceRemoved) as e:
         raise HsmError(f"HSM token {token.label!r} is not usable: {type(e).__name__}") from None
+
+
+def key_config(cfg: HsmConfig, label: str, cka_id: bytes) -> HsmConfig:
+    """The same token with another key pair (a rotation's key)."""
+    return replace(cfg, key_label=label, key_id=cka_id)
+
+
+def rotation_key(cfg: HsmConfig, number: int) -> HsmConfig:
+    """Rotation `number`'s key pair: label `<key_label>.<number>`, CKA_ID the configured
+    one followed by the number (two bytes), so no two keys of the log share either."""
+    return key_config(cfg, f"{cfg.key_label}.{number}", cfg.key_id + number.to_bytes(2, "big"))
 
 
 def _find_private(session: Any, cfg: HsmConfig) -> Any:
@@ -200,11 +211,21 @@ _STOP = object()
 
 
 class Signer:
-    """Owns the HSM session on its own thread; sign() returns a Future of DER bytes."""
+    """Owns the HSM session on its own thread; sign() returns a Future of DER bytes.
 
-    def __init__(self, cfg: HsmConfig, pin: str) -> None:
+    It holds the configured key (hsm.key_label, hsm.key_id) or, after a key rotation
+    (gateway.edge.rotation), the keys the log signs with, each by its CKA_ID; `info` is
+    the first one's."""
+
+    def __init__(
+        self, cfg: HsmConfig, pin: str, keys: Sequence[tuple[str, bytes]] | None = None
+    ) -> None:
         self._cfg = cfg
         self._pin = pin
+        # (label, CKA_ID) of every key to hold, the first one's info in self.info.
+        self._specs: list[tuple[str, bytes]] = list(keys or [(cfg.key_label, cfg.key_id)])
+        self._keys: dict[bytes, Any] = {}
+        self.infos: dict[bytes, KeyInfo] = {}
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=1024)
         self._thread = threading.Thread(target=self._run, name="hsm", daemon=True)
         self._lib: Any = None
@@ -226,17 +247,53 @@ class Signer:
             self._lib = _load_lib(self._cfg.module)
         self._token = _get_token(self._lib, self._cfg.token_label, self._cfg.module)
         self._session = _open(self._token, self._pin)
-        self._key = _find_private(self._session, self._cfg)
-        self.info = _key_info(
-            self._token, self._cfg, _find_public(self._session, self._cfg), self._key
-        )
-        if self.info.extractable or not self.info.sensitive:
-            raise HsmError(
-                f"hsm key {self._cfg.key_label!r} is extractable or not sensitive: "
-                "refusing to sign with it; create a new key with `edge-gateway hsm init`"
-            )
+        self._keys = {}
+        for label, cka_id in self._specs:
+            self._load(label, cka_id)
+        self._key = self._keys[self._specs[0][1]]
+        self.info = self.infos[self._specs[0][1]]
         self.state = "ok"
         return self.info
+
+    def _load(self, label: str, cka_id: bytes) -> KeyInfo:
+        cfg = key_config(self._cfg, label, cka_id)
+        priv = _find_private(self._session, cfg)
+        info = _key_info(self._token, cfg, _find_public(self._session, cfg), priv)
+        if info.extractable or not info.sensitive:
+            raise HsmError(
+                f"hsm key {label!r} is extractable or not sensitive: "
+                "refusing to sign with it; create a new key with `edge-gateway hsm init`"
+            )
+        self._keys[cka_id] = priv
+        self.infos[cka_id] = info
+        return info
+
+    def load_key(self, label: str, cka_id: bytes) -> Future[KeyInfo]:
+        """Hold one more key (a rotation's new key), kept across session reopens."""
+
+        def load() -> KeyInfo:
+            if self._session is None:
+                self._reopen("unavailable")
+            info = self._load(label, cka_id)
+            if (label, cka_id) not in self._specs:
+                self._specs.append((label, cka_id))
+            return info
+
+        return self._call(load)
+
+    def retire_key(self, label: str, cka_id: bytes) -> Future[None]:
+        """A rotation's old key: CKA_SIGN false on the token (it signs nothing more), kept
+        with its public key; no longer held here."""
+
+        def retire() -> None:
+            cfg = key_config(self._cfg, label, cka_id)
+            # The token is logged in for this application: a read-write session needs no PIN.
+            with self._token.open(rw=True) as rw:
+                _find_private(rw, cfg)[Attribute.SIGN] = False
+            self._keys.pop(cka_id, None)
+            self._specs = [s for s in self._specs if s[1] != cka_id] or self._specs
+
+        return self._call(retire)
 
     def _close_session(self) -> None:
         if self._session is not None:
@@ -244,20 +301,26 @@ class Signer:
                 self._session.close()
         self._session = None
         self._key = None
+        self._keys = {}
 
-    def _sign_now(self, digest: bytes) -> bytes:
-        if self._key is None:
+    def _held(self, cka_id: bytes | None) -> Any:
+        key = self._key if cka_id is None else self._keys.get(cka_id)
+        if key is None and cka_id is not None and self._session is not None:
+            raise HsmError(f"hsm key with CKA_ID {cka_id.hex()} is not held by the signer")
+        return key
+
+    def _sign_now(self, digest: bytes, cka_id: bytes | None = None) -> bytes:
+        if self._held(cka_id) is None:
             # The last reopen failed; try again now (the batcher paces the attempts).
             self._reopen("unavailable")
-            key: Any = self._key
-            return self._finish(key.sign(digest, mechanism=Mechanism.ECDSA))
+            return self._finish(self._held(cka_id).sign(digest, mechanism=Mechanism.ECDSA))
         try:
-            raw = self._key.sign(digest, mechanism=Mechanism.ECDSA)
+            raw = self._held(cka_id).sign(digest, mechanism=Mechanism.ECDSA)
         except _REOPEN as e:
             # Session invalidated (token removed, HSM restarted): reopen once, then retry.
             log.warning("hsm session lost (%s); reopening", type(e).__name__)
             self._reopen(type(e).__name__)
-            raw = self._key.sign(digest, mechanism=Mechanism.ECDSA)
+            raw = self._held(cka_id).sign(digest, mechanism=Mechanism.ECDSA)
         return self._finish(raw)
 
     def _reopen(self, why: str) -> None:
@@ -289,28 +352,36 @@ class Signer:
     def sign_digest(self, digest: bytes) -> Future[bytes]:
         return self._call(lambda: self._sign_now(digest))
 
-    def sign_header(self, header: bytes) -> Future[bytes]:
-        """DER low-S ECDSA over DOMAIN_TAG || header."""
-        return self.sign_digest(batchformat.signing_digest(header))
+    def sign_header(self, header: bytes, cka_id: bytes | None = None) -> Future[bytes]:
+        """DER low-S ECDSA over DOMAIN_TAG || header (by the key `cka_id`, default the
+        first key held)."""
+        digest = batchformat.signing_digest(header)
+        return self._call(lambda: self._sign_now(digest, cka_id))
 
-    def note_signer(self, name: str) -> note.EcdsaDigestSigner:
-        """A signed-note signer (type 0x02, ECDSA) named `name` over the HSM key. Its
+    def note_signer(self, name: str, cka_id: bytes | None = None) -> note.EcdsaDigestSigner:
+        """A signed-note signer (type 0x02, ECDSA) named `name` over an HSM key. Its
         sign() signs on the calling thread: call it through sign_checkpoint, which runs
         it on the HSM worker."""
-        if self.info is None:
-            raise HsmError("hsm signer not started")
-        spki = serialization.load_pem_public_key(self.info.public_pem).public_bytes(
+        info = self.info if cka_id is None else self.infos.get(cka_id)
+        if info is None:
+            raise HsmError("hsm signer not started or key not held")
+        spki = serialization.load_pem_public_key(info.public_pem).public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
-        return note.EcdsaDigestSigner(name, spki, self._sign_now)
+        return note.EcdsaDigestSigner(name, spki, lambda d: self._sign_now(d, cka_id))
 
-    def sign_checkpoint(self, cp: checkpoint.Checkpoint) -> Future[bytes]:
-        """The signed note of a checkpoint, signed by the HSM key under the checkpoint's
-        origin as key name (c2sp.org/tlog-checkpoint), on the HSM worker."""
+    def sign_checkpoint(
+        self, cp: checkpoint.Checkpoint, cka_ids: Sequence[bytes | None] = (None,)
+    ) -> Future[bytes]:
+        """The signed note of a checkpoint, signed by the HSM key(s) `cka_ids` in that
+        order under the checkpoint's origin as key name (c2sp.org/tlog-checkpoint; during
+        a key rotation's overlap the old key and the new one), on the HSM worker."""
 
         def sign() -> bytes:
             try:
-                return checkpoint.sign_checkpoint(cp, [self.note_signer(cp.origin)])
+                return checkpoint.sign_checkpoint(
+                    cp, [self.note_signer(cp.origin, k) for k in cka_ids]
+                )
             except note.SignerFailed as e:
                 raise HsmError(f"HSM signature of checkpoint {cp.size} unusable: {e}") from None
 

@@ -8,6 +8,7 @@ proof` and an auditor run; it uses pyca/cryptography and never signs.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -114,6 +115,24 @@ def load_public_key(pem: bytes) -> ec.EllipticCurvePublicKey:
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
         raise ValueError("expected a P-256 public key")
     return key
+
+
+def load_public_keys(pem: bytes) -> list[ec.EllipticCurvePublicKey]:
+    """Every PEM public key block of a file: a gateway's keys after a key rotation."""
+    blocks = re.findall(rb"-----BEGIN PUBLIC KEY-----.+?-----END PUBLIC KEY-----", pem, re.S)
+    if not blocks:
+        raise ValueError("no PEM public key in it")
+    return [load_public_key(b) for b in blocks]
+
+
+def key_for(
+    keys: ec.EllipticCurvePublicKey | Sequence[ec.EllipticCurvePublicKey], key_id: bytes
+) -> ec.EllipticCurvePublicKey | None:
+    """The key among `keys` whose key_id (SHA-256 of its SPKI) is `key_id`."""
+    for k in [keys] if isinstance(keys, ec.EllipticCurvePublicKey) else keys:
+        if key_id_of(k) == key_id:
+            return k
+    return None
 
 
 def parse_header(header: bytes) -> batch_pb2.BatchHeader:

@@ -3,7 +3,8 @@
 A throwaway SoftHSM token and key, Mosquitto on a free loopback port, three
 reference ledger nodes (quorum 2), the gateway and hundreds of simulated
 devices; then every figure is checked end to end, not taken on trust:
-ledger chains verified, inclusion proofs verified, nothing applied twice.
+ledger chains verified, inclusion proofs verified, nothing applied twice, and
+every receipt the trackers get verified with the reference device verifier.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import grpc
+
 from gateway._pb.edgegateway.v1 import (
     gateway_pb2,
     gateway_pb2_grpc,
@@ -32,8 +35,9 @@ from gateway.common import resources
 from gateway.common.errors import GatewayError
 from gateway.edge import client, export
 from gateway.edge.config import load_gateway_config
-from gateway.formats import auditdir, batchformat
+from gateway.formats import auditdir, batchformat, device_verifier
 from gateway.lab import logaudit, simulate
+from gateway.lab import receipts as lab_receipts
 from gateway.lab.sandbox import GatewayProc, Ledger, Sandbox, free_port
 
 GATEWAY_ID = "edge-demo-01"
@@ -41,6 +45,8 @@ PROFILES_DIR = resources.profiles_dir()
 # Four device families at once; esim-lifecycle is left out because its rate limit
 # (one event per second per eUICC) is below the demo's per-device rate.
 DEMO_PROFILES = ("nbiot-meter", "lte-m-tracker", "cellsite-power", "cdr-usage")
+# The profile whose devices get receipts ([receipts] enabled in the demo's copy).
+RECEIPT_PROFILE = "lte-m-tracker"
 
 
 @dataclass
@@ -72,6 +78,15 @@ class Summary:
     # `--export DIR`: the export for auditors, and what gateway.formats.auditdir made of it.
     export_line: str = ""
     export_ok: bool = True
+    # Receipts to the trackers: received on their topics, verified by the reference device
+    # verifier, committed transactions of the profile without one, and whether a ledger
+    # node's consistency proof shows the oldest receipt's checkpoint still in the log.
+    receipts_received: int = 0
+    receipts_verified: int = 0
+    receipts_expected: int = 0
+    receipts_missing: int = 0
+    receipts_still_included: bool = False
+    receipt_errors: list[str] = field(default_factory=list)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -93,6 +108,63 @@ def committed_by_profile(spool: Path) -> dict[str, int]:
         return dict(sorted(out.items()))
     finally:
         conn.close()
+
+
+def committed_tx_ids(spool: Path, profile: str) -> set[bytes]:
+    """tx_ids of the committed transactions of `profile` (name, any version)."""
+    conn = sqlite3.connect(f"file:{spool}?mode=ro", uri=True)
+    try:
+        return {
+            bytes(tx_id)
+            for tx_id, leaf in conn.execute(
+                "SELECT tx_id, leaf FROM tx WHERE rowid <= (SELECT coalesce(max(last_rowid), 0)"
+                " FROM batch WHERE committed_ms IS NOT NULL)"
+            )
+            if transaction_pb2.Transaction.FromString(leaf).profile.partition("@")[0] == profile
+        }
+    finally:
+        conn.close()
+
+
+def check_receipts(
+    s: Summary,
+    gw: GatewayProc,
+    ledgers: list[Ledger],
+    sub: lab_receipts.ReceiptSubscriber,
+    timeout: float = 30.0,
+) -> None:
+    """Every committed transaction of RECEIPT_PROFILE has a receipt that verifies as a device
+    verifies it (gateway key, the three witnesses, quorum 2), and a ledger node's
+    consistency proof shows the oldest receipt's checkpoint is a prefix of its latest."""
+    want = committed_tx_ids(gw.spool, RECEIPT_PROFILE)
+    missing = sub.wait_for_tx_ids(want, timeout)
+    trust = lab_receipts.trust(
+        load_gateway_config(gw.config).log_origin,
+        gw.public_key,
+        [lg.witness_vkey for lg in ledgers],
+        quorum=2,
+    )
+    tally = sub.tally(trust)
+    s.receipts_received, s.receipts_verified = tally.received, tally.verified
+    s.receipts_expected, s.receipts_missing = len(want), len(missing)
+    s.receipt_errors = tally.failed[:5]
+    if not tally.verified:
+        return
+    oldest = min(
+        (data for _t, data in sub.messages),
+        key=lambda d: int.from_bytes(d[41:49], "big"),  # the receipt's tree size
+    )
+    old_size = int.from_bytes(oldest[41:49], "big")
+    try:
+        with ledgers[0].channel() as ch:
+            answer = ledger_pb2_grpc.LedgerServiceStub(ch).GetConsistency(
+                ledger_pb2.GetConsistencyRequest(gateway_id=gw.gateway_id, old_size=old_size),
+                timeout=10,
+            )
+        device_verifier.verify_still_included(oldest, answer.checkpoint, list(answer.proof), trust)
+        s.receipts_still_included = True
+    except (grpc.RpcError, device_verifier.ReceiptInvalid) as e:
+        s.receipt_errors.append(f"still included: {e}")
 
 
 def spool_figures(spool: Path) -> tuple[int, int, int, list[float], list[str]]:
@@ -122,7 +194,7 @@ def check_ledger(
     ledger: Ledger, key_pem: Path, gateway_id: str = GATEWAY_ID
 ) -> tuple[int, int, set[tuple[str, int]]]:
     """Chain verified batches, duplicates applied, and the (device, seq) set it holds."""
-    key = batchformat.load_public_key(key_pem.read_bytes())
+    key = batchformat.load_public_keys(key_pem.read_bytes())
     with ledger.channel() as ch:
         stub = ledger_pb2_grpc.LedgerServiceStub(ch)
         batches = list(
@@ -159,7 +231,7 @@ def check_log(s: Summary, gw: GatewayProc, ledgers: list[Ledger]) -> None:
 
 
 def verify_proofs(gw: GatewayProc, tx_ids: list[str], sample: int) -> tuple[int, int]:
-    key = batchformat.load_public_key(gw.public_key.read_bytes())
+    key = batchformat.load_public_keys(gw.public_key.read_bytes())
     ok = bad = 0
     with gw.channel("admin") as ch:
         stub = gateway_pb2_grpc.GatewayServiceStub(ch)
@@ -290,6 +362,8 @@ def run_demo(
                 profiles_dir=PROFILES_DIR,
             )
         )
+        # The shipped profiles, the trackers' opted in to receipts.
+        profiles_dir = lab_receipts.opt_in(PROFILES_DIR, root / "profiles", [RECEIPT_PROFILE])
         keys_dir = root / "keys"
         keys_dir.mkdir(mode=0o700, exist_ok=True)
         # The gateway loads every shipped profile, so every one needs its keys file.
@@ -305,7 +379,7 @@ def run_demo(
             [(n, f"127.0.0.1:{p}") for n, p in zip(names, ports, strict=True)],
             quorum=2,
             extra=(
-                f'\n[profiles]\ndir = "{PROFILES_DIR}"\nkeys_dir = "{keys_dir}"\n'
+                f'\n[profiles]\ndir = "{profiles_dir}"\nkeys_dir = "{keys_dir}"\n'
                 f'pseudonym_key_file = "{pseudonym_key}"\n'
             ),
         )
@@ -328,6 +402,11 @@ def run_demo(
             f"simulating {devices} devices ({', '.join(DEMO_PROFILES)}) at {rate:.0f} msg/s "
             f"for {seconds:.0f} s ({bad_ratio:.0%} malformed)"
         )
+        # The trackers' receipts, as the devices get them (the simulator's certificate
+        # reads every device's receipt topic).
+        sub = lab_receipts.ReceiptSubscriber(broker.port, "demo-receipts", sb.mqtt_tls())
+        sub.start(["receipts/+"])
+        say(f"{RECEIPT_PROFILE} devices subscribed to receipts/<device>")
         t0 = time.monotonic()
         res = asyncio.run(_load(opts, gw, quiet))
         good_acked = res.acknowledged - res.bad_published
@@ -356,6 +435,8 @@ def run_demo(
             s.missing_at_ledger = max(s.missing_at_ledger, committed - len(held))
         s.proofs_verified, s.proofs_failed = verify_proofs(gw, ids, 200)
         check_log(s, gw, ledgers)
+        check_receipts(s, gw, ledgers, sub)
+        sub.close()
         if export_dir is not None:
             export_and_audit(s, gw, ledgers, export_dir, say)
         s.committed_by_profile = committed_by_profile(gw.spool)
@@ -405,6 +486,14 @@ def main(
     )
     for err in s.log_errors[:5]:
         print(f"  log error            {err}")
+    print(
+        f"  receipts             {s.receipts_received} received, {s.receipts_verified} verified "
+        f"({s.receipts_expected} committed {RECEIPT_PROFILE} transactions, "
+        f"{s.receipts_missing} without one; oldest still in the log: "
+        f"{'yes' if s.receipts_still_included else 'NO'})"
+    )
+    for err in s.receipt_errors[:5]:
+        print(f"  receipt error        {err}")
     if export_dir is not None:
         print(f"  export (auditdir)    {s.export_line}")
     ok = (
@@ -418,6 +507,10 @@ def main(
         and len(s.cosigned_by_node) == s.ledger_nodes
         and all(n > 0 for n in s.cosigned_by_node.values())
         and s.export_ok
+        and s.receipts_received > 0
+        and s.receipts_verified == s.receipts_received
+        and s.receipts_missing == 0
+        and s.receipts_still_included
     )
     if as_json:
         print(json.dumps(asdict(s), sort_keys=True))

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.edge import tlog
 from gateway.edge.spool import Spool, StoredCheckpoint
-from gateway.formats import checkpoint, cosignature, merkle, note
+from gateway.formats import batchformat, checkpoint, cosignature, merkle, note
 
 
 @dataclass
@@ -41,9 +41,17 @@ def log_verifier(origin: str, public_pem: bytes) -> note.EcdsaVerifier:
     return note.EcdsaVerifier.from_public_key(origin, key)
 
 
+def log_verifiers(origin: str, public_pem: bytes) -> list[note.EcdsaVerifier]:
+    """One verifier per PEM block: a log's keys before and after a key rotation."""
+    return [
+        note.EcdsaVerifier.from_public_key(origin, k)
+        for k in batchformat.load_public_keys(public_pem)
+    ]
+
+
 def audit_spool(spool: Path, origin: str, public_pem: bytes, max_errors: int = 20) -> LogAudit:
     """Check the whole log kept in a spool (read-only)."""
-    verifier = log_verifier(origin, public_pem)
+    verifiers = log_verifiers(origin, public_pem)
     out = LogAudit()
     conn = sqlite3.connect(f"file:{spool}?mode=ro", uri=True, isolation_level=None)
     try:
@@ -56,7 +64,7 @@ def audit_spool(spool: Path, origin: str, public_pem: bytes, max_errors: int = 2
         prev: StoredCheckpoint | None = None
         for row in rows:
             cp = StoredCheckpoint(*row)
-            problem = _check_one(conn, fetch, verifier, origin, cp, prev)
+            problem = _check_one(conn, fetch, verifiers, origin, cp, prev)
             if problem:
                 out.errors.append(problem)
                 if len(out.errors) >= max_errors:
@@ -82,13 +90,13 @@ def audit_spool(spool: Path, origin: str, public_pem: bytes, max_errors: int = 2
 def _check_one(
     conn: sqlite3.Connection,
     fetch: tlog.TileFetch,
-    verifier: note.EcdsaVerifier,
+    verifiers: list[note.EcdsaVerifier],
     origin: str,
     cp: StoredCheckpoint,
     prev: StoredCheckpoint | None,
 ) -> str | None:
     try:
-        body = checkpoint.open_checkpoint(cp.note, [verifier], origin).checkpoint
+        body = checkpoint.open_checkpoint(cp.note, verifiers, origin).checkpoint
     except note.NoteError as e:
         return f"checkpoint {cp.size}: {e}"
     if body.size != cp.size or body.root_hash != cp.root:
@@ -148,7 +156,7 @@ def audit_witness(
     consistency proof from the gateway's own tiles (not the node's) must join their
     roots. Both databases are opened read-only."""
     out = WitnessAudit(node_id)
-    log_key = log_verifier(origin, public_pem)
+    log_keys = log_verifiers(origin, public_pem)
     witness = cosignature.parse_cosigner_vkey(witness_vkey)
     node = sqlite3.connect(f"file:{ledger_db}?mode=ro", uri=True, isolation_level=None)
     gw = sqlite3.connect(f"file:{spool}?mode=ro", uri=True, isolation_level=None)
@@ -169,10 +177,10 @@ def audit_witness(
             problem = None
             try:
                 opened = checkpoint.open_checkpoint(
-                    bytes(signed) + bytes(line), [log_key, witness], origin
+                    bytes(signed) + bytes(line), [*log_keys, witness], origin
                 )
                 names = {s.name for s in opened.note.verified}
-                if names != {log_key.name, witness.name}:
+                if names != {origin, witness.name}:
                     problem = f"checkpoint {size}: signed by {sorted(names)}"
                 elif opened.checkpoint.size != size or opened.checkpoint.root_hash != root:
                     problem = f"checkpoint {size}: the stored note says otherwise"

@@ -144,6 +144,14 @@ class LeavesRejected(LedgerError):
     """The leaves sent with a checkpoint do not extend the node's log to its root."""
 
 
+class NoCheckpoint(LedgerError):
+    """The node cosigned no checkpoint of the log asked for."""
+
+
+class ConsistencyRange(LedgerError):
+    """A consistency proof asked from a size the node's latest checkpoint does not cover."""
+
+
 class ChainRejected(LedgerError):
     """A verified batch does not continue the gateway's stored chain."""
 
@@ -271,6 +279,14 @@ class LedgerStore:
     ) -> tuple[int, str]:
         """Witness a checkpoint (see LedgerService.AddCheckpoint): (size, cosignature line)."""
         return await self._run(self._add_checkpoint_sync, gateway_id, req)
+
+    async def consistency(
+        self, gateway_id: str, origin: str, old_size: int
+    ) -> tuple[bytes, list[bytes]]:
+        """The latest checkpoint of `origin` this node cosigned, its cosignature line
+        appended, and the consistency proof to it from `old_size` (from the node's tiles).
+        NoCheckpoint or ConsistencyRange otherwise."""
+        return await self._run(self._consistency_sync, gateway_id, origin, old_size)
 
     async def batches(self, gateway_id: str, from_seq: int, limit: int) -> list[bytes]:
         """Serialised SignedBatches of `gateway_id` from `from_seq` on, at most `limit`."""
@@ -570,6 +586,36 @@ class LedgerStore:
         if parse_note(bytes(row[1])).text != cp.body():
             return None
         return cp.size, bytes(row[2]).decode().rstrip("\n")
+
+    def _consistency_sync(
+        self, gateway_id: str, origin: str, old_size: int
+    ) -> tuple[bytes, list[bytes]]:
+        conn = self._db()
+        with _sqlite_errors("consistency proof", self.path):
+            row = conn.execute(
+                "SELECT size, note, cosignature FROM witness_cosigned WHERE origin = ?"
+                " ORDER BY size DESC LIMIT 1",
+                (origin,),
+            ).fetchone()
+            if row is None:
+                raise NoCheckpoint(f"this node cosigned no checkpoint of {origin}")
+            size = int(row[0])
+            if not 0 < old_size <= size:
+                raise ConsistencyRange(
+                    f"old_size {old_size}: this node's latest checkpoint of {origin} has "
+                    f"{size} leaves; ask from 1 to {size}"
+                )
+            reader = logtree.TileReader(size, _tile_fetch(conn, gateway_id))
+            try:
+                proof = reader.consistency_proof(old_size) if old_size < size else []
+            except logtree.LogStateError as e:
+                raise LedgerStoreError(
+                    f"ledger store {self.path}: log of {gateway_id}: {e}"
+                ) from None
+        cosignature = bytes(row[2])
+        if not cosignature.endswith(b"\n"):
+            cosignature += b"\n"
+        return bytes(row[1]) + cosignature, proof
 
     def _batches_sync(self, gateway_id: str, from_seq: int, limit: int) -> list[bytes]:
         with _sqlite_errors("batch listing", self.path):
@@ -879,6 +925,38 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             seq += len(rows)
             if remaining is not None:
                 remaining -= len(rows)
+
+    async def GetConsistency(
+        self,
+        request: ledger_pb2.GetConsistencyRequest,
+        context: grpc.aio.ServicerContext[
+            ledger_pb2.GetConsistencyRequest, ledger_pb2.ConsistencyProof
+        ],
+    ) -> ledger_pb2.ConsistencyProof:
+        gateway_id = request.gateway_id
+        await self._authorize("GetConsistency", gateway_id, context, read=True)
+        await self._require_registered(gateway_id, context)
+        origin = self._origins.get(gateway_id)
+        if origin is None or self._store.witness is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"ledger node {self._node_id} witnesses no log of gateway {gateway_id!r}",
+            )
+            raise AssertionError("unreachable")
+        old_size = min(request.old_size, _SQLITE_MAX_INT)
+        try:
+            note, proof = await self._store.consistency(gateway_id, origin, old_size)
+        except NoCheckpoint as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+            raise AssertionError("unreachable") from None
+        except ConsistencyRange as e:
+            await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(e))
+            raise AssertionError("unreachable") from None
+        except LedgerStoreError as e:
+            log.error("%s", e)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            raise AssertionError("unreachable") from None
+        return ledger_pb2.ConsistencyProof(checkpoint=note, old_size=old_size, proof=proof)
 
     async def _require_registered(
         self, gateway_id: str, context: grpc.aio.ServicerContext[Any, Any]

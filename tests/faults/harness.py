@@ -142,7 +142,7 @@ def audit(
 ) -> Audit:
     """Every acknowledged (device, seq) committed at the quorum exactly once; chains and
     inclusion proofs verify, from the ledgers' own copies and through the gateway's API."""
-    key = batchformat.load_public_key(gw.public_key.read_bytes())
+    key = batchformat.load_public_keys(gw.public_key.read_bytes())
     holders: Counter[tuple[str, int]] = Counter()
     twice = 0
     per_node: dict[str, int] = {}

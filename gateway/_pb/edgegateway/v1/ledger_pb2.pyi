@@ -7,6 +7,24 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class GetConsistencyRequest(_message.Message):
+    __slots__ = ("gateway_id", "old_size")
+    GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
+    OLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    gateway_id: str
+    old_size: int
+    def __init__(self, gateway_id: _Optional[str] = ..., old_size: _Optional[int] = ...) -> None: ...
+
+class ConsistencyProof(_message.Message):
+    __slots__ = ("checkpoint", "old_size", "proof")
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    OLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PROOF_FIELD_NUMBER: _ClassVar[int]
+    checkpoint: bytes
+    old_size: int
+    proof: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, checkpoint: _Optional[bytes] = ..., old_size: _Optional[int] = ..., proof: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
 class AddCheckpointRequest(_message.Message):
     __slots__ = ("gateway_id", "old_size", "consistency_proof", "checkpoint", "leaves")
     GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]

@@ -55,6 +55,11 @@ class LedgerServiceStub:
                 request_serializer=edgegateway_dot_v1_dot_ledger__pb2.AddCheckpointRequest.SerializeToString,
                 response_deserializer=edgegateway_dot_v1_dot_ledger__pb2.Cosignature.FromString,
                 _registered_method=True)
+        self.GetConsistency = channel.unary_unary(
+                '/edgegateway.v1.LedgerService/GetConsistency',
+                request_serializer=edgegateway_dot_v1_dot_ledger__pb2.GetConsistencyRequest.SerializeToString,
+                response_deserializer=edgegateway_dot_v1_dot_ledger__pb2.ConsistencyProof.FromString,
+                _registered_method=True)
 
 
 class LedgerServiceServicer:
@@ -103,6 +108,18 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetConsistency(self, request, context):
+        """The latest checkpoint of a gateway's log this node cosigned (the signed note with the
+        node's cosignature line) and the RFC 9162 consistency proof to it from old_size, from
+        the node's own copy of the log: what a device that kept an older checkpoint (its last
+        receipt's) needs to check its transaction is still in the log.
+        NOT_FOUND     unknown gateway, or the node cosigned no checkpoint of its log.
+        OUT_OF_RANGE  old_size is 0 or larger than the latest cosigned size.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LedgerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -125,6 +142,11 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.AddCheckpoint,
                     request_deserializer=edgegateway_dot_v1_dot_ledger__pb2.AddCheckpointRequest.FromString,
                     response_serializer=edgegateway_dot_v1_dot_ledger__pb2.Cosignature.SerializeToString,
+            ),
+            'GetConsistency': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetConsistency,
+                    request_deserializer=edgegateway_dot_v1_dot_ledger__pb2.GetConsistencyRequest.FromString,
+                    response_serializer=edgegateway_dot_v1_dot_ledger__pb2.ConsistencyProof.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -235,6 +257,33 @@ class LedgerService:
             '/edgegateway.v1.LedgerService/AddCheckpoint',
             edgegateway_dot_v1_dot_ledger__pb2.AddCheckpointRequest.SerializeToString,
             edgegateway_dot_v1_dot_ledger__pb2.Cosignature.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetConsistency(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgegateway.v1.LedgerService/GetConsistency',
+            edgegateway_dot_v1_dot_ledger__pb2.GetConsistencyRequest.SerializeToString,
+            edgegateway_dot_v1_dot_ledger__pb2.ConsistencyProof.FromString,
             options,
             channel_credentials,
             insecure,
