@@ -11,6 +11,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+import pkcs11
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -290,6 +291,11 @@ def test_ledger_nodes_cosign_every_checkpoint_and_refuse_a_split_view(
     # Shown another tree of the same size, signed by the gateway's own key, a node refuses
     # it (ABORTED) and keeps both checkpoints as evidence.
     cfg = load_gateway_config(d.config)
+    # SoftHSM reads SOFTHSM2_CONF once, at C_Initialize: start over in this process so this
+    # deployment's token is seen (an earlier test may have initialized the library with its
+    # own), and finalize after so the next in-process user starts over with its own.
+    lib = pkcs11.lib(str(cfg.hsm.module))
+    lib.reinitialize()
     hsm = Signer(cfg.hsm, TEST_PIN)
     hsm.start()
     try:
@@ -297,6 +303,7 @@ def test_ledger_nodes_cosign_every_checkpoint_and_refuse_a_split_view(
         forged = hsm.sign_checkpoint(other).result(30)
     finally:
         hsm.close()
+        lib.finalize()
     lg = d.ledgers[0]
     with lg.channel("gateway") as ch:
         stub = ledger_pb2_grpc.LedgerServiceStub(ch)
