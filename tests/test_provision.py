@@ -178,6 +178,8 @@ def test_config_init_writes_a_config_that_loads_with_this_sites_values(tmp_path:
         "[2001:db8::1]:7001",
     ]
     assert data["forwarder"]["quorum"] == 2
+    # The log's origin names this gateway, not the example's.
+    assert data["log"]["origin"] == "ledger.carrier.example/edge-gateway/edge-bj-7"
     assert mode(out) == 0o640
     load_gateway_config(out)
     again = cli(

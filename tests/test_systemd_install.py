@@ -36,6 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 GATEWAY_ID = "edge-box-01"
 BROKER_PORT = 8883  # the devices' listener
 GATEWAYS_PORT = 8884  # the gateways' listener
+# The domain of the log origin the shipped example (and so `config init`) writes.
+LOG_DOMAIN = "ledger.carrier.example"
 LEDGERS = {"ledger-1": 7101, "ledger-2": 7102, "ledger-3": 7103}
 SITE = {
     "GATEWAY_ID": GATEWAY_ID,
@@ -116,6 +118,10 @@ client_ca_file = "/etc/edge-ledger/tls/ca.crt"
 [gateways]
 "{GATEWAY_ID}" = {{ public_key = "/etc/edge-ledger/gateways/{GATEWAY_ID}.pem", \
 client_subject = "CN=edge-gateway,O=Edge Gateway Dev PKI" }}
+
+[witness]
+key_file = "/etc/edge-ledger/{node}-witness.key"
+log_domain = "{LOG_DOMAIN}"
 """
 
 
@@ -208,6 +214,14 @@ def start_ledgers(box: SystemdBox, pki: devpki.DevPki) -> None:
         f"/etc/edge-ledger/gateways/{GATEWAY_ID}.pem"
     )
     for node, port in LEDGERS.items():
+        # Each node cosigns as a witness with a key of its own (the origin's domain is the
+        # one `config init` wrote into the gateway's [log] origin).
+        key = f"/etc/edge-ledger/{node}-witness.key"
+        box.run(
+            f"/opt/edge-gateway/bin/edge-gateway ledger-node keygen"
+            f" --name {LOG_DOMAIN}/ledger-witness/{node} --out {key}"
+            f" && chown edge-ledger:edge-ledger {key}"
+        )
         box.write(f"/etc/edge-ledger/{node}.toml", ledger_toml(node, port), mode=0o640)
         box.run(f"chgrp edge-ledger /etc/edge-ledger/{node}.toml")
     box.systemctl("start", *(f"edge-ledger-node@{n}.service" for n in LEDGERS))

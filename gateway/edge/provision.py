@@ -455,6 +455,13 @@ def render_config(gateway_id: str, mqtt: str, ledgers: Sequence[str], quorum: in
     rows = "\n".join(f'  {{ id = "{n}", address = "{a}" }},' for n, a in nodes)
     text = _sub(text, r"^nodes = \[\n(?:  \{[^\n]*\},\n)+\]", f"nodes = [\n{rows}\n]")
     text = _sub(text, r"^quorum = \d+", f"quorum = {q}")
+    # The log's origin names this gateway: the example's domain, this gateway's id.
+    origin = re.search(r'^origin = "([^"/]+)/edge-gateway/[^"]*"', text, flags=re.MULTILINE)
+    if origin is None:
+        raise RuntimeError("the shipped example config has no [log] origin line")
+    text = _sub(
+        text, r'^origin = "[^"]*"', f'origin = "{origin.group(1)}/edge-gateway/{gateway_id}"'
+    )
     return text
 
 
