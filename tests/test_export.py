@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -343,35 +344,63 @@ def test_a_spool_this_user_may_not_read_is_one_line_and_exit_77(running: Running
         shutil.copy(r.d.public_key, pem)
         for p in (work / "sb", cfg.parent, cfg, pem):
             p.chmod(0o755 if p.is_dir() else 0o644)
-        res = subprocess.run(
-            [
-                "setpriv",
-                "--reuid=nobody",
-                "--regid=nogroup",
-                "--clear-groups",
-                sys.executable,
-                "-m",
-                "gateway",
-                "export",
-                "--config",
-                str(cfg),
-                "--out",
-                str(work / "out"),
-                "--public-key",
-                str(pem),
-                "--witness",
-                r.d.ledgers[0].witness_vkey,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=work,
-        )
+        argv = [
+            "export",
+            "--config",
+            str(cfg),
+            "--out",
+            str(work / "out"),
+            "--public-key",
+            str(pem),
+            "--witness",
+            r.d.ledgers[0].witness_vkey,
+        ]
+        code, stderr = run_cli_as_nobody(argv, work)
+        res = subprocess.CompletedProcess(argv, code, "", stderr)
         assert res.returncode == 77, res.stderr
         assert len(res.stderr.strip().splitlines()) == 1 and str(spool) in res.stderr
         assert "Permission denied" in res.stderr and "Traceback" not in res.stderr
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def run_cli_as_nobody(argv: list[str], work: Path) -> tuple[int, str]:
+    """`edge-gateway ARGV` as the user nobody, in a forked child that drops its privileges
+    after the modules are loaded (as `--user` does for an operator running as root), so the
+    checkout need not be readable by nobody. Returns (exit code, stderr)."""
+    import pwd
+
+    import gateway.edge.export  # noqa: F401  (loaded before the privileges go)
+    from gateway import cli as gateway_cli
+
+    err = work / "stderr"
+    err.touch(mode=0o666)
+    err.chmod(0o666)
+    nobody = pwd.getpwnam("nobody")
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 70
+        try:
+            fd = os.open(err, os.O_WRONLY)
+            os.dup2(fd, 2)
+            sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+            os.chdir(work)
+            os.setgroups([])
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            code = gateway_cli.main(argv)
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status), err.read_text()
+        time.sleep(0.1)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    raise AssertionError("export as nobody did not finish within 60 s")
 
 
 # --------------------------------------------------------------------------

@@ -413,7 +413,15 @@ def test_a_key_rotation_mid_run_under_load_leaves_every_proof_verifiable(
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.split() == ["old", "sign=False", "new", "sign=True", "sensitive=True"]
 
-    # Every node trusts the new key through the entry and cosigned throughout.
+    # Every node trusts the new key through the entry and cosigned throughout. Cosigning
+    # follows the batches (the quorum may commit before the third node cosigns): wait for it.
+    def all_cosigned() -> bool:
+        return all(
+            spool_rows(lg.db, "SELECT max(size) FROM witness_cosigned")[0][0] == kinds[-1][0]
+            for lg in d.ledgers
+        )
+
+    wait_for("every node cosigned the latest checkpoint", all_cosigned, 60)
     for lg in d.ledgers:
         vkeys = spool_rows(lg.db, "SELECT vkey FROM witness_log_keys")
         assert [v[0] for v in vkeys] == [keys["new"].vkey()]
