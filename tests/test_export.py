@@ -373,6 +373,8 @@ def run_cli_as_nobody(argv: list[str], work: Path) -> tuple[int, str]:
     import gateway.edge.export  # noqa: F401  (loaded before the privileges go)
     from gateway import cli as gateway_cli
 
+    gateway_cli.parser().parse_args(argv)  # loads what building the parser imports
+
     err = work / "stderr"
     err.touch(mode=0o666)
     err.chmod(0o666)
@@ -389,8 +391,12 @@ def run_cli_as_nobody(argv: list[str], work: Path) -> tuple[int, str]:
             os.setgid(nobody.pw_gid)
             os.setuid(nobody.pw_uid)
             code = gateway_cli.main(argv)
-            sys.stderr.flush()
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
         finally:
+            sys.stderr.flush()
             os._exit(code)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
