@@ -231,22 +231,19 @@ def consistency_proof(leaves: Sequence[bytes], old_size: int) -> list[bytes]:
     return consistency_proof_from_hashes([leaf_hash(d) for d in leaves], old_size)
 
 
-def root_from_consistency_proof(
+def roots_from_consistency_proof(
     old_size: int, new_size: int, proof: Sequence[bytes], old_root: bytes
-) -> bytes | None:
-    """RFC 9162 2.1.4.2: the new root the proof implies, or None if it does not hold.
+) -> tuple[bytes, bytes] | None:
+    """RFC 9162 2.1.4.2 without its last comparison: the (old root, new root) the proof
+    implies, or None if it is malformed. With 0 < old_size < new_size.
 
-    None also for old_size 0: the empty tree is a prefix of every tree, so a proof
-    from it proves nothing and a caller must treat that case explicitly. Equal sizes
-    take an empty proof and imply the old root itself.
+    The old root is reported rather than compared, so a witness can tell a proof that
+    opens the new root from a different old tree (a split view) from one that opens
+    nothing.
     """
-    if not 0 < old_size <= new_size or len(old_root) != HASH_SIZE:
+    if not 0 < old_size < new_size or not proof or len(old_root) != HASH_SIZE:
         return None
     if any(len(p) != HASH_SIZE for p in proof):
-        return None
-    if old_size == new_size:
-        return old_root if not proof else None
-    if not proof:
         return None
     path = list(proof)
     if old_size & (old_size - 1) == 0:
@@ -269,9 +266,30 @@ def root_from_consistency_proof(
             sr = node_hash(sr, c)
         fn >>= 1
         sn >>= 1
-    if sn != 0 or fr != old_root:
+    if sn != 0:
         return None
-    return sr
+    return fr, sr
+
+
+def root_from_consistency_proof(
+    old_size: int, new_size: int, proof: Sequence[bytes], old_root: bytes
+) -> bytes | None:
+    """RFC 9162 2.1.4.2: the new root the proof implies, or None if it does not hold.
+
+    None also for old_size 0: the empty tree is a prefix of every tree, so a proof
+    from it proves nothing and a caller must treat that case explicitly. Equal sizes
+    take an empty proof and imply the old root itself.
+    """
+    if not 0 < old_size <= new_size or len(old_root) != HASH_SIZE:
+        return None
+    if any(len(p) != HASH_SIZE for p in proof):
+        return None
+    if old_size == new_size:
+        return old_root if not proof else None
+    roots = roots_from_consistency_proof(old_size, new_size, proof, old_root)
+    if roots is None or roots[0] != old_root:
+        return None
+    return roots[1]
 
 
 def verify_consistency(

@@ -394,7 +394,7 @@ class Witness:
             if proof:
                 raise BadConsistencyProof("equal sizes take an empty consistency proof")
             return
-        roots = _roots_from_consistency_proof(old_size, cp.size, proof, old_root)
+        roots = merkle.roots_from_consistency_proof(old_size, cp.size, proof, old_root)
         if roots is not None and roots[1] == cp.root_hash:
             if roots[0] == old_root:
                 return
@@ -538,43 +538,6 @@ def _b64(h: bytes) -> str:
 
 def _now_ms(clock: Callable[[], float]) -> int:
     return int(clock() * 1000)
-
-
-def _roots_from_consistency_proof(
-    old_size: int, new_size: int, proof: Sequence[bytes], old_root: bytes
-) -> tuple[bytes, bytes] | None:
-    """RFC 9162 2.1.4.2 without its last comparison: the (old root, new root) the proof
-    implies, or None if it is malformed. With 0 < old_size < new_size.
-
-    The old root is reported rather than compared, so a proof that opens the new root
-    from a different old tree is told apart from one that opens nothing.
-    """
-    if not proof or any(len(p) != merkle.HASH_SIZE for p in proof):
-        return None
-    path = list(proof)
-    if old_size & (old_size - 1) == 0:
-        path.insert(0, old_root)
-    fn, sn = old_size - 1, new_size - 1
-    while fn & 1:
-        fn >>= 1
-        sn >>= 1
-    fr = sr = path[0]
-    for c in path[1:]:
-        if sn == 0:
-            return None
-        if fn & 1 or fn == sn:
-            fr = merkle.node_hash(c, fr)
-            sr = merkle.node_hash(c, sr)
-            while not fn & 1 and fn != 0:
-                fn >>= 1
-                sn >>= 1
-        else:
-            sr = merkle.node_hash(sr, c)
-        fn >>= 1
-        sn >>= 1
-    if sn != 0:
-        return None
-    return fr, sr
 
 
 # --- the node's key -----------------------------------------------------------------------
