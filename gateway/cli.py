@@ -187,6 +187,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         rate=args.rate,
         workdir=args.workdir,
         export_dir=args.export,
+        rotate=args.rotate,
     )
 
 
@@ -386,6 +387,12 @@ def parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="DIR",
         help="after the run, write the export for auditors to DIR (empty) and verify it",
+    )
+    p.add_argument(
+        "--no-rotate",
+        dest="rotate",
+        action="store_false",
+        help="keep the log key (by default it is rotated a third of the way: hsm rotate + SIGHUP)",
     )
     p.set_defaults(fn=_cmd_demo)
     return ap

@@ -6,6 +6,7 @@ by sigstore-python's checkpoint code."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import shutil
@@ -25,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from gateway.edge import export, tlog
 from gateway.edge import spool as spool_mod
 from gateway.edge.config import load_gateway_config
-from gateway.formats import auditdir, checkpoint, keyrotation, merkle, note, tlogproof
+from gateway.formats import auditdir, batchformat, checkpoint, keyrotation, merkle, note, tlogproof
 from gateway.formats.checkpoint import Checkpoint
 from gateway.formats.cosignature import Cosigner
 from gateway.lab import demo, simulate
@@ -420,11 +421,11 @@ def test_the_demo_exports_a_directory_that_verifies(tmp_path: Path) -> None:
     res = cli(
         "demo",
         "--seconds",
-        "5",
+        "8",
         "--devices",
-        "50",
+        "200",
         "--rate",
-        "400",
+        "1000",
         "--workdir",
         str(tmp_path / "demo"),
         "--export",
@@ -433,13 +434,21 @@ def test_the_demo_exports_a_directory_that_verifies(tmp_path: Path) -> None:
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     line = next(ln for ln in res.stdout.splitlines() if "export (auditdir)" in ln)
-    assert ": OK: " in line and "100 inclusion proofs" in line
+    # The sample of 100, and the rotation entry's proof (an export always carries those).
+    assert ": OK: " in line and "101 inclusion proofs" in line
     report = auditdir.audit(out, witness_quorum=3, min_proofs=100)
     assert report.ok, report.failures
-    key = serialization.load_pem_public_key((out / "gateway.pem").read_bytes())
-    assert isinstance(key, ec.EllipticCurvePublicKey)
+    # The demo rotated the log key a third of the way: gateway.pem holds both keys, and
+    # every checkpoint verifies under the key (or one of the keys) that signed it.
+    assert "rotation 1 done" in res.stdout
+    keys = batchformat.load_public_keys((out / "gateway.pem").read_bytes())
+    assert len(keys) == 2
     for path in (out / "checkpoints").iterdir():
-        assert sigstore_verify(path.read_bytes(), key).checkpoint.log_size == int(path.name)
+        verified = []
+        for key in keys:
+            with contextlib.suppress(VerificationError):
+                verified.append(sigstore_verify(path.read_bytes(), key).checkpoint.log_size)
+        assert verified and set(verified) == {int(path.name)}, path.name
     # A directory the demo would write into must be empty: refused before the demo runs.
     again = cli("demo", "--seconds", "1", "--export", str(out), timeout=60)
     assert again.returncode == 73 and "not empty" in again.stderr
@@ -572,3 +581,17 @@ def test_keys_a_rotation_entry_introduces_are_exported_with_the_entry_s_proof(
     # Without the entry's key an auditor could not check it: the export would not verify.
     (out / "gateway.pem").write_bytes(pem)
     assert not auditdir.audit(out, witness_quorum=3, origin=ORIGIN).ok
+
+
+def test_a_pem_file_holding_several_keys_gives_each_key() -> None:
+    """After a rotation the gateway's PEM file holds both keys: each is a key of the log
+    (before, only the file's first was read and the rotated key's checkpoints failed)."""
+    a, b = (
+        p256_key(label)
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        for label in ("old log key", "new log key")
+    )
+    assert export._each_key([a + b, a]) == [a, b, a]
+    with pytest.raises(export.ExportError, match="not a PEM public key"):
+        export._each_key([b"-----BEGIN CERTIFICATE-----\n"])

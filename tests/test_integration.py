@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -361,11 +362,11 @@ def test_demo_json_summary(tmp_path: Path) -> None:
             "gateway",
             "demo",
             "--seconds",
-            "4",
+            "8",
             "--devices",
-            "50",
+            "200",
             "--rate",
-            "500",
+            "1000",
             "--json",
             "--workdir",
             str(tmp_path / "demo"),
@@ -396,3 +397,13 @@ def test_demo_json_summary(tmp_path: Path) -> None:
     assert sorted(summary["cosigned_by_node"]) == ["ledger-1", "ledger-2", "ledger-3"]
     assert all(n > 0 for n in summary["cosigned_by_node"].values())
     assert summary["consistent_pairs"] > 0
+    # The log key rotated a third of the way through: the entry covered by an old-key
+    # checkpoint, then the overlap's checkpoints signed by both keys, then the new key
+    # alone; every proof, receipt and cosigned checkpoint above verified across it.
+    assert summary["rotation_ok"] is True and summary["rotation_errors"] == []
+    assert re.fullmatch(
+        r"rotation 1 done: entry at tree size [1-9]\d*; checkpoints signed by the old key "
+        r"[1-9]\d*, by both 5, by the new key [1-9]\d*",
+        summary["rotation_line"],
+    ), summary["rotation_line"]
+    assert summary["receipts_verified"] == summary["receipts_received"] > 0

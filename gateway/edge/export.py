@@ -143,6 +143,7 @@ def export(
     """Write the export of the log in `spool_path` to `out`. `witnesses` maps ledger node
     id to cosignature vkey; `since` leaves out checkpoints of smaller trees."""
     check_arguments(sample, since)
+    public_pems = _each_key(public_pems)
     keys = _log_keys(public_pems, origin)
     vkeys = _witness_vkeys(witnesses)
     check_out_dir(out, force)
@@ -368,6 +369,32 @@ def _leaf_at(conn: sqlite3.Connection, index: int) -> tuple[bytes, bytes] | None
 
 
 # ---- keys -----------------------------------------------------------------------------
+
+
+def _each_key(pems: Sequence[bytes]) -> list[bytes]:
+    """One PEM per key: a file given may hold several (a gateway's keys after a rotation),
+    and each must be a key an auditor is told about, not only the file's first."""
+    out: list[bytes] = []
+    for pem in pems:
+        blocks = _PEM_BLOCK.findall(pem)
+        if not blocks:
+            raise ExportError("the log's public key is not a PEM public key")
+        for block in blocks:
+            try:
+                key = serialization.load_pem_public_key(block)
+            except ValueError:
+                raise ExportError("the log's public key is not a PEM public key") from None
+            # Re-encoded, so the same key given twice (or named by a rotation entry) is
+            # written once.
+            out.append(
+                key.public_bytes(
+                    serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+                )
+            )
+    return out
+
+
+_PEM_BLOCK = re.compile(rb"-----BEGIN PUBLIC KEY-----.+?-----END PUBLIC KEY-----", re.S)
 
 
 def _log_keys(pems: Sequence[bytes], origin: str) -> list[note.EcdsaVerifier]:

@@ -35,8 +35,8 @@ from gateway.common import resources
 from gateway.common.errors import GatewayError
 from gateway.edge import client, export
 from gateway.edge.config import load_gateway_config
-from gateway.formats import auditdir, batchformat, device_verifier
-from gateway.lab import logaudit, simulate
+from gateway.formats import auditdir, batchformat, device_verifier, keyrotation
+from gateway.lab import demo_rotation, logaudit, simulate
 from gateway.lab import receipts as lab_receipts
 from gateway.lab.sandbox import GatewayProc, Ledger, Sandbox, free_port
 
@@ -87,6 +87,14 @@ class Summary:
     receipts_missing: int = 0
     receipts_still_included: bool = False
     receipt_errors: list[str] = field(default_factory=list)
+    # The log key rotated a third of the way through (gateway.lab.demo_rotation), unless
+    # `--no-rotate`.
+    rotation_line: str = ""
+    rotation_ok: bool = True
+    rotation_errors: list[str] = field(default_factory=list)
+    # The log's own entries among the committed transactions (a rotation's), not counted
+    # in `committed`, which counts what devices sent.
+    log_entries: int = 0
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -165,6 +173,18 @@ def check_receipts(
         s.receipts_still_included = True
     except (grpc.RpcError, device_verifier.ReceiptInvalid) as e:
         s.receipt_errors.append(f"still included: {e}")
+
+
+def log_entries(spool: Path) -> int:
+    """The log's own entries (key rotations) in the spool: transactions no device sent."""
+    conn = sqlite3.connect(f"file:{spool}?mode=ro", uri=True)
+    try:
+        n: int = conn.execute(
+            "SELECT count(*) FROM tx WHERE device_id = ?", (keyrotation.RESERVED_DEVICE,)
+        ).fetchone()[0]
+        return n
+    finally:
+        conn.close()
 
 
 def spool_figures(spool: Path) -> tuple[int, int, int, list[float], list[str]]:
@@ -298,10 +318,18 @@ def wait_drained(
 
 
 async def _load(
-    opts: simulate.SimulateOptions, gw: GatewayProc, quiet: bool
+    opts: simulate.SimulateOptions,
+    gw: GatewayProc,
+    quiet: bool,
+    midway: Callable[[], None] | None = None,
 ) -> simulate.SimulateResult:
+    """The simulated devices' run; `midway()` (in a thread) a third of the way through, so
+    that the rest of the run brings the batches a rotation's overlap needs."""
     task = asyncio.create_task(simulate.run(opts))
     t0 = time.monotonic()
+    if midway is not None:
+        await asyncio.sleep(opts.seconds / 3)
+        await asyncio.to_thread(midway)
     while not task.done():
         await asyncio.sleep(2.0)
         if not quiet and not task.done():
@@ -323,6 +351,7 @@ def run_demo(
     quiet: bool = False,
     bad_ratio: float = 0.01,
     export_dir: Path | None = None,
+    rotate: bool = True,
 ) -> Summary:
     sb = Sandbox(root)
 
@@ -381,6 +410,7 @@ def run_demo(
             extra=(
                 f'\n[profiles]\ndir = "{profiles_dir}"\nkeys_dir = "{keys_dir}"\n'
                 f'pseudonym_key_file = "{pseudonym_key}"\n'
+                + (demo_rotation.LOG_SECTION if rotate else "")
             ),
         )
         pem = root / f"{GATEWAY_ID}.pem"
@@ -407,13 +437,27 @@ def run_demo(
         sub = lab_receipts.ReceiptSubscriber(broker.port, "demo-receipts", sb.mqtt_tls())
         sub.start(["receipts/+"])
         say(f"{RECEIPT_PROFILE} devices subscribed to receipts/<device>")
+        old_pem = pem.read_bytes()
+        new_pem = root / f"{GATEWAY_ID}.rotated.pem"
+
+        def rotate_key() -> None:
+            say(f"  {demo_rotation.request(sb, gw, new_pem)}; SIGHUP sent to the gateway")
+            # From here on every verifier is given both keys, as auditors are after a
+            # rotation: a proof checks under the key (or keys) that signed its checkpoint.
+            pem.write_bytes(old_pem + new_pem.read_bytes())
+
         t0 = time.monotonic()
-        res = asyncio.run(_load(opts, gw, quiet))
+        res = asyncio.run(_load(opts, gw, quiet, rotate_key if rotate else None))
         good_acked = res.acknowledged - res.bad_published
+        if rotate:
+            demo_rotation.wait_done(gw.spool, timeout=20)
         st = wait_drained(gw, good_acked, timeout=60)
         elapsed = time.monotonic() - t0
         stored, committed, batches, lat, ids = spool_figures(gw.spool)
+        entries = log_entries(gw.spool)
+        stored, committed = stored - entries, committed - entries
         s = Summary(
+            log_entries=entries,
             published=res.published,
             acknowledged=res.acknowledged,
             rejected_published=res.bad_published,
@@ -440,6 +484,10 @@ def run_demo(
         if export_dir is not None:
             export_and_audit(s, gw, ledgers, export_dir, say)
         s.committed_by_profile = committed_by_profile(gw.spool)
+        if rotate:
+            origin = load_gateway_config(gw.config).log_origin
+            rot = demo_rotation.report(gw.spool, origin, old_pem, new_pem.read_bytes())
+            s.rotation_line, s.rotation_ok, s.rotation_errors = rot.line(), rot.ok(), rot.errors
         code = gw.proc.terminate(30)
         if code != 0:
             raise GatewayError(f"gateway exited with {code} on SIGTERM")
@@ -455,12 +503,15 @@ def main(
     rate: float,
     workdir: Path | None,
     export_dir: Path | None = None,
+    rotate: bool = True,
 ) -> int:
     if export_dir is not None:
         export.check_out_dir(export_dir, force=False)  # before the demo, not after it
     root = workdir or Path(tempfile.mkdtemp(prefix="edge-gateway-demo-"))
     try:
-        s = run_demo(root, seconds, devices, rate, quiet=False, export_dir=export_dir)
+        s = run_demo(
+            root, seconds, devices, rate, quiet=False, export_dir=export_dir, rotate=rotate
+        )
     finally:
         if workdir is None:
             shutil.rmtree(root, ignore_errors=True)
@@ -469,7 +520,10 @@ def main(
     print(f"  published            {s.published} ({s.rejected_published} malformed on purpose)")
     print(f"  acknowledged         {s.acknowledged}")
     print(f"  stored in spool      {s.stored}")
-    print(f"  committed (quorum)   {s.committed} in {s.batches} signed batches")
+    entries = f" (and {s.log_entries} log entry)" if s.log_entries == 1 else ""
+    if s.log_entries > 1:
+        entries = f" (and {s.log_entries} log entries)"
+    print(f"  committed (quorum)   {s.committed}{entries} in {s.batches} signed batches")
     print(f"  throughput           {s.tx_per_s} tx/s committed")
     by = ", ".join(f"{k} {v}" for k, v in s.committed_by_profile.items())
     print(f"  by firmware profile  {by}")
@@ -496,6 +550,10 @@ def main(
         print(f"  receipt error        {err}")
     if export_dir is not None:
         print(f"  export (auditdir)    {s.export_line}")
+    if rotate:
+        print(f"  log key rotation     {s.rotation_line}")
+        for err in s.rotation_errors[:5]:
+            print(f"  rotation error       {err}")
     ok = (
         len(s.committed_by_profile) >= 3
         and s.proofs_failed == 0
@@ -511,6 +569,7 @@ def main(
         and s.receipts_verified == s.receipts_received
         and s.receipts_missing == 0
         and s.receipts_still_included
+        and s.rotation_ok
     )
     if as_json:
         print(json.dumps(asdict(s), sort_keys=True))

@@ -17,7 +17,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from gateway.formats import device_verifier
+from gateway.formats import batchformat, device_verifier
 
 RECEIPT_TOPIC = "receipts/{device}"
 
@@ -27,11 +27,13 @@ def trust(
 ) -> device_verifier.Trust:
     """What a device is provisioned with: the log's origin, the gateway's key as DER
     SubjectPublicKeyInfo, the witnesses' vkeys and how many must have cosigned."""
-    key = serialization.load_pem_public_key(public_key_pem.read_bytes())
-    der = key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return device_verifier.Trust.of(origin, [der], list(witness_vkeys), quorum)
+    ders = [
+        key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        for key in batchformat.load_public_keys(public_key_pem.read_bytes())
+    ]
+    return device_verifier.Trust.of(origin, ders, list(witness_vkeys), quorum)
 
 
 @dataclass
