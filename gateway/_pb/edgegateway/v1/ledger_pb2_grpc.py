@@ -71,8 +71,9 @@ class LedgerServiceServicer:
         and the checkpoint in one transaction, durably, and only then answers its timestamped
         cosignature. A checkpoint it already cosigned is answered with the same cosignature.
         FAILED_PRECONDITION  old_size is not the size last cosigned; metadata "known-size".
-        ABORTED              the checkpoint contradicts one cosigned (a split view) or the
-        consistency proof does not verify: both are kept as evidence.
+        ABORTED              the checkpoint contradicts one cosigned (a split view: both
+        are kept as evidence and logged at ERROR), or the consistency
+        proof does not verify.
         PERMISSION_DENIED    the log key did not sign it; NOT_FOUND: unknown gateway or log.
         INVALID_ARGUMENT     malformed, or the leaves do not give the checkpoint's root.
         """
