@@ -565,10 +565,17 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         await self._authorize("AddCheckpoint", gateway_id, context, read=False)
         await self._require_registered(gateway_id, context)
         origin = self._origins[gateway_id]
-        if len(request.leaves) > MAX_CHECKPOINT_LEAVES or request.old_size > _SQLITE_MAX_INT:
+        if len(request.leaves) > MAX_CHECKPOINT_LEAVES:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"at most {MAX_CHECKPOINT_LEAVES} leaves and an old size below 2^63 per call",
+                f"{len(request.leaves)} leaves in one call: at most {MAX_CHECKPOINT_LEAVES}; "
+                "send the log in several checkpoints",
+            )
+        if request.old_size > _SQLITE_MAX_INT:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"old_size {request.old_size} is out of range: log sizes go from 0 to "
+                f"{_SQLITE_MAX_INT}",
             )
         try:
             cp = checkpoint_of(parse_note(request.checkpoint))
