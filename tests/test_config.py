@@ -463,6 +463,7 @@ def ledger_data() -> dict[str, Any]:
     return {
         "node": {"id": "ledger-1", "db_path": "ledger.db", "plaintext": True},
         "gateways": {"gw-test": "keys/gw-test.pem"},
+        "witness": {"key_file": "witness.key"},
     }
 
 
@@ -487,7 +488,7 @@ def test_load_ledger_config_from_toml(ledger_dir: Path) -> None:
     path = ledger_dir / "ledger.toml"
     path.write_text(
         '[node]\nid = "ledger-1"\ndb_path = "ledger.db"\nplaintext = true\n'
-        '[gateways]\ngw-test = "keys/gw-test.pem"\n',
+        '[gateways]\ngw-test = "keys/gw-test.pem"\n[witness]\nkey_file = "witness.key"\n',
         encoding="utf-8",
     )
     assert load_ledger_config(path).gateway_keys["gw-test"] == ledger_dir / "keys/gw-test.pem"

@@ -1,6 +1,7 @@
 """Spools and ledger databases of the format before the log (one Merkle tree per batch,
-chained by header hashes) are refused at start with one line and exit 65, and left
-byte for byte as they were: nothing misreads them, nothing upgrades them."""
+chained by header hashes), and ledger databases of schema 2 (the log beside that chain),
+are refused at start with one line and exit 65, and left byte for byte as they were:
+nothing misreads them, nothing upgrades them."""
 
 from __future__ import annotations
 
@@ -39,6 +40,24 @@ CREATE TABLE batches (
 INSERT INTO batches VALUES ('edge-01', 0, x'00', x'00', x'00', x'00', x'00', 0);
 """
 
+# The ledger node's schema 2: the log's tables beside the batches of the header chain.
+SCHEMA_2_LEDGER = (
+    """
+CREATE TABLE ledger_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+INSERT INTO ledger_meta VALUES ('schema_version', '2');
+CREATE TABLE log_leaf (
+    gateway_id TEXT NOT NULL, idx INTEGER NOT NULL, leaf BLOB NOT NULL,
+    PRIMARY KEY (gateway_id, idx)
+) WITHOUT ROWID;
+CREATE TABLE log_tile (
+    gateway_id TEXT NOT NULL, level INTEGER NOT NULL, idx INTEGER NOT NULL, data BLOB NOT NULL,
+    PRIMARY KEY (gateway_id, level, idx)
+) WITHOUT ROWID;
+INSERT INTO log_leaf VALUES ('edge-01', 0, x'0a');
+"""
+    + OLD_LEDGER
+)
+
 
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -74,19 +93,12 @@ def test_a_spool_of_the_per_batch_format_is_refused_with_exit_65(sandbox: Sandbo
     assert "log_tile" not in tables(spool)
 
 
-def test_a_ledger_database_of_the_per_batch_format_is_refused_with_exit_65(
-    tmp_path: Path,
-) -> None:
-    db = tmp_path / "ledger.db"
-    conn = sqlite3.connect(db)
-    conn.executescript(OLD_LEDGER)
-    conn.commit()
-    conn.close()
-    before = digest(db)
-    pem = tmp_path / "edge-01.pem"
+def _start_ledger_node(tmp_path: Path, db: Path) -> subprocess.CompletedProcess[str]:
+    """`edge-gateway ledger-node` over `db`, as an operator starts it."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
+    pem = tmp_path / "edge-01.pem"
     pem.write_bytes(
         ec.generate_private_key(ec.SECP256R1())
         .public_key()
@@ -99,14 +111,44 @@ def test_a_ledger_database_of_the_per_batch_format_is_refused_with_exit_65(
         f'[node]\nid = "n1"\nlisten = "127.0.0.1:{free_port()}"\ndb_path = "{db}"\n'
         f'plaintext = true\n\n[gateways]\n"edge-01" = "{pem}"\n\n[witness]\nkey_file = "{key}"\n'
     )
-    out = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "gateway", "ledger-node", "--config", str(cfg)],
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_a_ledger_database_of_the_per_batch_format_is_refused_with_exit_65(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "ledger.db"
+    conn = sqlite3.connect(db)
+    conn.executescript(OLD_LEDGER)
+    conn.commit()
+    conn.close()
+    before = digest(db)
+    out = _start_ledger_node(tmp_path, db)
     assert out.returncode == 65, out.stdout[-2000:] + out.stderr[-2000:]
     line = one_line(out)
     assert "per-batch chain format" in line and "left untouched" in line, line
     assert digest(db) == before
     assert tables(db) == {"batches"}
+
+
+def test_a_ledger_database_of_schema_2_is_refused_with_exit_65(tmp_path: Path) -> None:
+    """Schema 2 held each gateway's log beside the batch header chain: a node of schema 3
+    neither reads nor upgrades it."""
+    db = tmp_path / "ledger.db"
+    conn = sqlite3.connect(db)
+    conn.executescript(SCHEMA_2_LEDGER)
+    conn.commit()
+    conn.close()
+    before = digest(db)
+    out = _start_ledger_node(tmp_path, db)
+    assert out.returncode == 65, out.stdout[-2000:] + out.stderr[-2000:]
+    line = one_line(out)
+    assert "schema 2 (the log beside the batch header chain)" in line, line
+    assert "reads schema 3" in line and "left untouched" in line, line
+    assert digest(db) == before
+    assert tables(db) == {"ledger_meta", "log_leaf", "log_tile", "batches"}

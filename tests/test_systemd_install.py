@@ -13,7 +13,8 @@ READY=1 before `systemctl start` returns, STATUS= in `systemctl status`, logfmt 
 the journal, the PIN by LoadCredential, SIGKILL and a SIGSTOP (watchdog) restarted,
 `systemctl reload` reloading profiles, `systemctl stop` draining, and the exits an operator
 must act on (64, 65, 77, 78, 79) left stopped. Across all of it: every acknowledged message
-is committed on the ledger nodes at the quorum, and none is applied twice.
+is in the log at the quorum of ledger nodes, whose cosigned checkpoints are consistent
+with what the gateway committed, and none is in it twice.
 """
 
 from __future__ import annotations
@@ -126,38 +127,88 @@ log_domain = "{LOG_DOMAIN}"
 
 
 AUDIT = """\
-import json, sys
+import json, sqlite3, sys
 from collections import Counter
 import grpc
-from gateway.formats import batchformat
-from gateway.edge import client
+from gateway.formats import batchformat, checkpoint, cosignature, keyrotation, merkle, note
 from gateway._pb.edgegateway.v1 import ledger_pb2, ledger_pb2_grpc, transaction_pb2
 
-gateway_id, ports = sys.argv[1], json.loads(sys.argv[2])
-key = batchformat.load_public_key(open("/etc/edge-gateway/batch-key.pem", "rb").read())
+gateway_id, origin, export = sys.argv[1], sys.argv[2], sys.argv[3]
+ports, vkeys = json.loads(sys.argv[4]), json.loads(sys.argv[5])
+pem = open("/etc/edge-gateway/batch-key.pem", "rb").read()
+log_key = note.EcdsaVerifier.from_public_key(origin, batchformat.load_public_key(pem))
+# What the gateway committed: the latest committed checkpoint of its export.
+committed = checkpoint.open_checkpoint(open(export + "/checkpoint", "rb").read(), [log_key], origin)
+assert [s.name for s in committed.note.verified] == [origin], "the export is not the gateway's"
+c = committed.checkpoint
 tls = "/root/install/"
-creds = grpc.ssl_channel_credentials(
-    open(tls + "ca.crt", "rb").read(),
-    open(tls + "operator.key", "rb").read(),
-    open(tls + "operator.crt", "rb").read(),
-)
-out = {}
+
+def channel(port, role):
+    creds = grpc.ssl_channel_credentials(
+        open(tls + "ca.crt", "rb").read(),
+        open(tls + role + ".key", "rb").read(),
+        open(tls + role + ".crt", "rb").read(),
+    )
+    return grpc.secure_channel(f"127.0.0.1:{port}", creds)
+
+out, copies = {}, {}
 for node, port in ports.items():
-    with grpc.secure_channel(f"127.0.0.1:{port}", creds) as ch:
-        stub = ledger_pb2_grpc.LedgerServiceStub(ch)
-        req = ledger_pb2.ListBatchesRequest(gateway_id=gateway_id)
-        batches = list(stub.ListBatches(req, timeout=120))
-    client.verify_chain(batches, key, gateway_id)
+    problems = []
+    # Its head, with the gateway's own certificate; its proof, as a reader (the operator).
+    with channel(port, "gateway") as ch:
+        head = ledger_pb2_grpc.LedgerServiceStub(ch).GetHead(
+            ledger_pb2.GetHeadRequest(gateway_id=gateway_id), timeout=60
+        )
+    with channel(port, "operator") as ch:
+        p = ledger_pb2_grpc.LedgerServiceStub(ch).GetConsistency(
+            ledger_pb2.GetConsistencyRequest(
+                gateway_id=gateway_id, old_size=min(c.size, head.log_size)
+            ),
+            timeout=60,
+        )
+    witness = cosignature.parse_cosigner_vkey(vkeys[node])
+    opened = checkpoint.open_checkpoint(p.checkpoint, [log_key, witness], origin)
+    cp = opened.checkpoint
+    names = sorted(s.name for s in opened.note.verified)
+    if names != sorted([origin, witness.name]):
+        problems.append(f"its checkpoint is signed by {names}")
+    if cp.size != head.log_size:
+        problems.append(f"GetHead says {head.log_size}, its checkpoint {cp.size}")
+    if cp.size >= c.size and not merkle.verify_consistency(
+        c.size, cp.size, list(p.proof), c.root_hash, cp.root_hash
+    ):
+        problems.append(f"not consistent with the gateway's committed checkpoint {c.size}")
+    # The node's own copy of the log gives the root it cosigned.
+    db = sqlite3.connect(f"file:/var/lib/edge-ledger/{node}/ledger.db?mode=ro", uri=True)
+    leaves = [
+        bytes(r[0])
+        for r in db.execute(
+            "SELECT leaf FROM log_leaf WHERE gateway_id = ? ORDER BY idx", (gateway_id,)
+        )
+    ]
+    db.close()
+    if len(leaves) != cp.size or merkle.root(leaves) != cp.root_hash:
+        problems.append(f"its {len(leaves)} leaves do not give its checkpoint {cp.size}")
+    copies[node] = leaves
     seen = Counter()
-    for b in batches:
-        for leaf in b.transactions:
-            tx = transaction_pb2.Transaction.FromString(leaf)
-            seen[f"{tx.device_id}/{tx.device_seq}"] += 1
+    for leaf in leaves:
+        if keyrotation.is_rotation_leaf(leaf):
+            continue
+        tx = transaction_pb2.Transaction.FromString(leaf)
+        seen[f"{tx.device_id}/{tx.device_seq}"] += 1
     out[node] = {
-        "batches": len(batches),
-        "twice": sum(c - 1 for c in seen.values() if c > 1),
+        "size": cp.size,
+        "problems": problems,
+        "twice": sum(n - 1 for n in seen.values() if n > 1),
         "keys": sorted(seen),
     }
+# A node behind the committed checkpoint holds a prefix of what a node at or past it holds
+# (whose leaves give the committed root).
+full = [v for v in copies.values() if len(v) >= c.size and merkle.root(v[: c.size]) == c.root_hash]
+assert full, f"no node holds the gateway's committed checkpoint {c.size}"
+for node, leaves in copies.items():
+    if len(leaves) < c.size and leaves != full[0][: len(leaves)]:
+        out[node]["problems"].append("its log is not a prefix of the committed one")
 print(json.dumps(out))
 """
 
@@ -201,6 +252,11 @@ def site(deb_package: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         yield box
 
 
+def witness_vkey(node: str) -> str:
+    """Where the node's witness vkey is kept (what `ledger-node keygen` printed)."""
+    return f"/etc/edge-ledger/{node}-witness.vkey"
+
+
 def start_ledgers(box: SystemdBox, pki: devpki.DevPki) -> None:
     box.run(
         "install -d -m 0750 -o root -g edge-ledger /etc/edge-ledger/tls /etc/edge-ledger/gateways"
@@ -220,7 +276,7 @@ def start_ledgers(box: SystemdBox, pki: devpki.DevPki) -> None:
         box.run(
             f"/opt/edge-gateway/bin/edge-gateway ledger-node keygen"
             f" --name {LOG_DOMAIN}/ledger-witness/{node} --out {key}"
-            f" && chown edge-ledger:edge-ledger {key}"
+            f" > {witness_vkey(node)} && chown edge-ledger:edge-ledger {key}"
         )
         box.write(f"/etc/edge-ledger/{node}.toml", ledger_toml(node, port), mode=0o640)
         box.run(f"chgrp edge-ledger /etc/edge-ledger/{node}.toml")
@@ -382,19 +438,42 @@ def test_restarts_reload_and_drained_stop_lose_nothing_under_load(site: SystemdB
 
 
 def audit(box: SystemdBox, acked: set[str]) -> None:
-    """Every acknowledged (device, seq) on at least two of three nodes, none twice."""
+    """Every node's cosigned checkpoint verifies under the gateway's key and the node's
+    witness key and is consistent with the gateway's committed checkpoint (from its export
+    for auditors); the node's leaves give that checkpoint's root. Every acknowledged
+    (device, seq) is in the log at two of three nodes at least, and none twice."""
+    vkeys = {node: box.read_text(witness_vkey(node)).strip() for node in LEDGERS}
+    box.run("rm -rf /root/export")
+    box.run(
+        "edge-gateway",
+        "export",
+        "--config",
+        "/etc/edge-gateway/gateway.toml",
+        "--out",
+        "/root/export",
+        "--sample",
+        "0",
+        "--public-key",
+        "/etc/edge-gateway/batch-key.pem",
+        *(arg for vkey in vkeys.values() for arg in ("--witness", vkey)),
+        timeout=120,
+    )
     box.write("/root/audit.py", AUDIT)
     out = box.run(
         "/opt/edge-gateway/bin/python",
         "/root/audit.py",
         GATEWAY_ID,
+        f"{LOG_DOMAIN}/edge-gateway/{GATEWAY_ID}",
+        "/root/export",
         json.dumps(LEDGERS),
+        json.dumps(vkeys),
         timeout=300,
     )
     nodes = json.loads(out.stdout)
     holders: dict[str, int] = {}
     for node, seen in nodes.items():
-        assert seen["twice"] == 0, f"{node} applied {seen['twice']} transactions twice"
+        assert not seen["problems"], f"{node}: {seen['problems']}"
+        assert seen["twice"] == 0, f"{node} holds {seen['twice']} transactions twice"
         for k in seen["keys"]:
             holders[k] = holders.get(k, 0) + 1
     lost = sorted(k for k in acked if holders.get(k, 0) < 2)

@@ -146,6 +146,7 @@ def _ledger_cfg(tmp_path: Path, cert: Path, key: Path, ca: Path) -> Path:
         f'cert_file = "{cert}"\nkey_file = "{key}"\nclient_ca_file = "{ca}"\n'
         f'[gateways]\ngw = {{ public_key = "{tmp_path / "gw.pem"}", '
         'client_subject = "CN=edge-gateway,O=Edge Gateway Dev PKI" }\n'
+        f'[witness]\nkey_file = "{tmp_path / "witness.key"}"\n'
     )
     return cfg
 
@@ -442,14 +443,15 @@ def test_api_reader_sees_status_admin_may_submit_and_no_certificate_no_handshake
 
     # A ledger node requires a client certificate from the CA, too.
     lg = d.ledgers[0]
-    request = ledger_pb2.ListBatchesRequest(gateway_id=d.gateway_id)
+    request = ledger_pb2.GetConsistencyRequest(gateway_id=d.gateway_id, old_size=1)
     with lg.channel("gateway") as ch:
-        assert len(list(ledger_pb2_grpc.LedgerServiceStub(ch).ListBatches(request, timeout=10)))
+        proof = ledger_pb2_grpc.LedgerServiceStub(ch).GetConsistency(request, timeout=10)
+        assert proof.old_size == 1 and proof.checkpoint
     with lg.channel("none") as ch, pytest.raises(grpc.RpcError) as e:
-        list(ledger_pb2_grpc.LedgerServiceStub(ch).ListBatches(request, timeout=5))
+        ledger_pb2_grpc.LedgerServiceStub(ch).GetConsistency(request, timeout=5)
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
     with grpc.insecure_channel(lg.address) as ch, pytest.raises(grpc.RpcError) as e:
-        list(ledger_pb2_grpc.LedgerServiceStub(ch).ListBatches(request, timeout=5))
+        ledger_pb2_grpc.LedgerServiceStub(ch).GetConsistency(request, timeout=5)
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
     assert gw.proc.terminate(30) == 0
 

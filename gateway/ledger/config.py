@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,9 +28,14 @@ DEFAULT_NODE_MAX_CONCURRENT_RPCS = 128
 DEFAULT_NODE_MAX_BATCH_BYTES = 16 * 1024 * 1024
 
 
-# ---- [witness]: the node as a witness of the gateways' logs (issue 13) -------------------
+# ---- [witness]: the node as a witness of the gateways' logs --------------------------------
 
 DEFAULT_LOG_DOMAIN = "edge-gateway.invalid"
+# What an operator runs to give a node its witness key.
+KEYGEN_HINT = (
+    "write the node's witness key with `edge-gateway ledger-node keygen --name "
+    "<domain>/ledger-witness/<node id> --out FILE` and set witness.key_file = FILE"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,34 +47,52 @@ class WitnessConfig:
     key_file: Path
     origins: Mapping[str, str]
 
+    @classmethod
+    def for_gateways(
+        cls,
+        key_file: Path,
+        gateway_ids: Iterable[str],
+        log_domain: str = DEFAULT_LOG_DOMAIN,
+        origins: Mapping[str, str] | None = None,
+    ) -> WitnessConfig:
+        """Every gateway's origin: the one given in `origins`, else the default under
+        `log_domain` (NoteError if that is not a valid origin)."""
+        given = dict(origins or {})
+        return cls(
+            key_file=key_file,
+            origins={
+                gid: given[gid] if gid in given else checkpoint.gateway_origin(log_domain, gid)
+                for gid in gateway_ids
+            },
+        )
 
-def _witness(root: Reader, gateway_ids: list[str]) -> WitnessConfig | None:
+
+def _witness(root: Reader, gateway_ids: list[str]) -> WitnessConfig:
+    """[witness] is required: a ledger node takes a gateway's leaves only with a checkpoint
+    it cosigns, so a node without a witness key could store nothing."""
     if not root.has("witness"):
-        return None
+        raise ConfigError(f"config {root._source}: [witness] is missing: {KEYGEN_HINT}")
     w = root.table("witness")
-    key_file = w.path("key_file", REQUIRED)
+    if not w.has("key_file"):
+        raise ConfigError(f"config {root._source}: witness.key_file is missing: {KEYGEN_HINT}")
+    key_file = w.path("key_file")
     domain = w.string("log_domain", DEFAULT_LOG_DOMAIN)
     given = w._get("origins", {})
     if not isinstance(given, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in given.items()
     ):
         raise w.fail("origins", given, 'expected a table of gateway id = "origin"')
-    origins: dict[str, str] = {}
-    for gid in gateway_ids:
-        if gid in given:
-            origins[gid] = given[gid]
-            continue
-        try:
-            origins[gid] = checkpoint.gateway_origin(domain, gid)
-        except NoteError as e:
-            raise w.fail("log_domain", domain, e.detail) from None
     unknown = sorted(set(given) - set(gateway_ids))
     if unknown:
         raise w.fail("origins", unknown, "origins of gateways not listed under [gateways]")
-    if len(set(origins.values())) != len(origins):
-        raise w.fail("origins", origins, "two gateways cannot share one log origin")
+    try:
+        witness = WitnessConfig.for_gateways(key_file, gateway_ids, domain, given)
+    except NoteError as e:
+        raise w.fail("log_domain", domain, e.detail) from None
+    if len(set(witness.origins.values())) != len(witness.origins):
+        raise w.fail("origins", dict(witness.origins), "two gateways cannot share one log origin")
     w.finish()
-    return WitnessConfig(key_file=key_file, origins=origins)
+    return witness
 
 
 # ---- end of [witness] --------------------------------------------------------------------
@@ -82,15 +105,17 @@ class LedgerNodeConfig:
     db_path: Path
     gateway_keys: Mapping[str, Path]  # gateway_id -> PEM public key
     tls: TlsServer | None
+    # [witness]: the node's witness key and each gateway's log origin. Required: leaves
+    # reach the node only with a checkpoint it cosigns.
+    witness: WitnessConfig
     source: Path = field(default=Path("<memory>"))
     # Under mutual TLS: gateway_id -> the certificate identity that may act for it, and the
-    # identities that may read every gateway's batches.
+    # identities that may read every gateway's consistency proofs.
     gateway_clients: Mapping[str, Identity] = field(default_factory=dict)
     readers: tuple[Identity, ...] = ()
     max_concurrent_rpcs: int = DEFAULT_NODE_MAX_CONCURRENT_RPCS
-    # The largest batch (its transactions' bytes) a gateway may send; sizes the receive limit.
+    # The most leaf bytes one AddCheckpoint may carry; sizes the receive limit.
     max_batch_bytes: int = DEFAULT_NODE_MAX_BATCH_BYTES
-    witness: WitnessConfig | None = None  # [witness] (issue 13)
 
 
 def parse_ledger_config(data: Mapping[str, Any], source: Path) -> LedgerNodeConfig:
@@ -139,7 +164,7 @@ def parse_ledger_config(data: Mapping[str, Any], source: Path) -> LedgerNodeConf
                 key_name, str(keys[gid]), "expected the gateway's public key PEM file"
             )
     gk.finish()
-    witness = _witness(root, list(keys))  # [witness] (issue 13)
+    witness = _witness(root, list(keys))
     root.finish()
     return LedgerNodeConfig(
         node_id=node_id,

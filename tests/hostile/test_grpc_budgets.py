@@ -14,7 +14,6 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway._pb.edgegateway.v1 import (
-    batch_pb2,
     gateway_pb2,
     gateway_pb2_grpc,
     ledger_pb2,
@@ -23,7 +22,7 @@ from gateway._pb.edgegateway.v1 import (
 from gateway.common.errors import ConfigError
 from gateway.edge import api
 from gateway.edge.config import parse_gateway_config
-from gateway.lab.sandbox import ClientFiles, Ledger, grpc_channel
+from gateway.lab.sandbox import ClientFiles, Ledger, Sandbox, grpc_channel
 from gateway.ledger import node as ledger
 from tests.hostile.conftest import API_MAX_CONCURRENT, Hostile, RssPeak
 from tests.test_ledger import SoftSigner
@@ -121,67 +120,100 @@ def test_api_calls_past_the_cap_are_refused_while_the_others_go_on(hostile: Host
 
 
 # --- a ledger node -------------------------------------------------------------------------
+# A node's budgets need no gateway: each test starts its own node in a TLS sandbox and
+# speaks to it with the gateway's certificate.
 
 
-def _budget_node(hostile: Hostile, name: str) -> tuple[Ledger, SoftSigner]:
+def _budget_node(
+    sandbox: Sandbox, name: str, extra: str | None = None
+) -> tuple[Ledger, SoftSigner]:
     signer = SoftSigner.new("edge-budget")
-    sb = hostile.sandbox
-    node = sb.ledger(
+    node = sandbox.ledger(
         name,
-        {"edge-budget": signer.write_public_pem(sb.root / f"{name}.pem")},
+        {"edge-budget": signer.write_public_pem(sandbox.root / f"{name}.pem")},
         node_extra=(
             f"max_concurrent_rpcs = {LEDGER_MAX_CONCURRENT}\nmax_batch_bytes = {LEDGER_MAX_BATCH}\n"
+            if extra is None
+            else extra
         ),
     )
     return node, signer
 
 
+def _add(signer: SoftSigner, leaves: list[bytes]) -> ledger_pb2.AddCheckpointRequest:
+    """The first checkpoint of a log of `leaves`, as the gateway sends it."""
+    return ledger_pb2.AddCheckpointRequest(
+        gateway_id=signer.gateway_id,
+        old_size=0,
+        checkpoint=signer.checkpoint(leaves),
+        leaves=leaves,
+    )
+
+
 @pytest.mark.integration
-def test_a_batch_over_the_node_limit_is_refused_before_the_node_buffers_it(
-    hostile: Hostile,
+def test_a_checkpoint_over_the_node_limit_is_refused_before_the_node_buffers_it(
+    sandbox: Sandbox,
 ) -> None:
-    node, signer = _budget_node(hostile, "ledger-budget-size")
+    node, signer = _budget_node(sandbox, "ledger-budget-size")
     assert node.proc.proc is not None
     limit = ledger.max_receive_bytes(LEDGER_MAX_BATCH)
-    # The largest batch allowed, in the smallest leaves (the most framing), is taken.
-    full = signer.batch(
-        0, b"\x00" * 32, [i.to_bytes(8, "big") for i in range(LEDGER_MAX_BATCH // 8)]
-    )
-    assert sum(len(t) for t in full.transactions) == LEDGER_MAX_BATCH
-    huge = signer.batch(1, b"\x00" * 32, [b"\x5a" * MIB for _ in range(HUGE // MIB)])
-    just_over = signer.batch(1, b"\x00" * 32, [b"\x5a" * (limit + 1)])
+    # node.max_batch_bytes of leaves in the smallest leaves (the most framing) is taken.
+    full = _add(signer, [i.to_bytes(8, "big") for i in range(LEDGER_MAX_BATCH // 8)])
+    assert sum(len(leaf) for leaf in full.leaves) == LEDGER_MAX_BATCH
+    assert full.ByteSize() <= limit
+    huge = _add(signer, [b"\x5a" * MIB for _ in range(HUGE // MIB)])
+    just_over = _add(signer, [b"\x5a" * (limit + 1)])
     with node.channel("gateway") as ch:
         stub = ledger_pb2_grpc.LedgerServiceStub(ch)
-        receipt = stub.SubmitBatch(ledger_pb2.SubmitBatchRequest(batch=full), timeout=60)
-        assert receipt.seq == 0
-        for batch in (just_over, huge):
-            request = ledger_pb2.SubmitBatchRequest(batch=batch)
+        cosigned = stub.AddCheckpoint(full, timeout=60)
+        assert cosigned.size == LEDGER_MAX_BATCH // 8
+        for request in (just_over, huge):
             assert request.ByteSize() > limit
             with RssPeak(node.proc.proc.pid) as rss, pytest.raises(grpc.RpcError) as e:
-                stub.SubmitBatch(request, timeout=60)
+                stub.AddCheckpoint(request, timeout=60)
             assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value.details()
             assert rss.growth < max(request.ByteSize() // 8, 16 * MIB), rss.growth
-        # Still serving.
+        # Still serving, and nothing of the refused calls stored.
         head = stub.GetHead(ledger_pb2.GetHeadRequest(gateway_id="edge-budget"), timeout=10)
-        assert head.next_seq == 1
+        assert head.log_size == LEDGER_MAX_BATCH // 8
 
 
 @pytest.mark.integration
-def test_node_calls_past_the_cap_are_refused_while_the_others_go_on(hostile: Hostile) -> None:
-    node, signer = _budget_node(hostile, "ledger-budget-calls")
-    batch = signer.chain(1)[0]
+def test_more_leaves_than_one_call_may_carry_are_refused(sandbox: Sandbox) -> None:
+    # The default receive limit (16 MiB of leaves) lets this many empty leaves through.
+    node, signer = _budget_node(sandbox, "ledger-budget-leaves", extra="")
+    too_many = [b""] * (ledger.MAX_CHECKPOINT_LEAVES + 1)
+    request = ledger_pb2.AddCheckpointRequest(
+        gateway_id="edge-budget", old_size=0, checkpoint=signer.checkpoint([b""]), leaves=too_many
+    )
+    with node.channel("gateway") as ch:
+        stub = ledger_pb2_grpc.LedgerServiceStub(ch)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.AddCheckpoint(request, timeout=60)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+        assert e.value.details() == (
+            f"{ledger.MAX_CHECKPOINT_LEAVES + 1} leaves in one call: at most "
+            f"{ledger.MAX_CHECKPOINT_LEAVES}; send the log in several checkpoints"
+        )
+        head = stub.GetHead(ledger_pb2.GetHeadRequest(gateway_id="edge-budget"), timeout=10)
+        assert head.log_size == 0
+
+
+@pytest.mark.integration
+def test_node_calls_past_the_cap_are_refused_while_the_others_go_on(sandbox: Sandbox) -> None:
+    node, signer = _budget_node(sandbox, "ledger-budget-calls")
+    request = _add(signer, [b"tx 0", b"tx 1", b"tx 2"])
     with node.channel("gateway") as ch:
         watches = _hold(ch, LEDGER_MAX_CONCURRENT)
         stub = ledger_pb2_grpc.LedgerServiceStub(ch)
-        request = ledger_pb2.SubmitBatchRequest(batch=batch)
         with pytest.raises(grpc.RpcError) as e:
-            stub.SubmitBatch(request, timeout=10)
+            stub.AddCheckpoint(request, timeout=10)
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert all(w.is_active() for w in watches)  # type: ignore[attr-defined]
         for w in watches:
             w.cancel()  # type: ignore[attr-defined]
-        receipt = _served(stub.SubmitBatch, request)
-        assert isinstance(receipt, batch_pb2.Receipt) and receipt.seq == 0
+        cosigned = _served(stub.AddCheckpoint, request)
+        assert isinstance(cosigned, ledger_pb2.Cosignature) and cosigned.size == 3
 
 
 def test_budgets_come_from_the_config_and_are_checked() -> None:

@@ -1,9 +1,8 @@
 """A ledger node under mutual TLS binds each gateway id to that gateway's certificate: only
-it may write the gateway's chain or read its head, and only it and the node's readers may
-read its batches, and only it may add checkpoints of its log for the node to cosign. Any
+it may add checkpoints of the gateway's log for the node to cosign or read its head, and
+only it and the node's readers may read the node's consistency proofs of that log. Any
 other certificate from the same CA (a device, another gateway, one whose common name spells
-the gateway's subject) is refused PERMISSION_DENIED, and the chain and the log are left as
-they were."""
+the gateway's subject) is refused PERMISSION_DENIED, and the log is left as it was."""
 
 from __future__ import annotations
 
@@ -16,22 +15,17 @@ from typing import Any
 import grpc
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.x509.oid import NameOID
 
-from gateway._pb.edgegateway.v1 import batch_pb2, ledger_pb2, ledger_pb2_grpc
+from gateway._pb.edgegateway.v1 import ledger_pb2, ledger_pb2_grpc
 from gateway.common.errors import ConfigError
 from gateway.common.identity import parse_identity
-from gateway.formats import batchformat, merkle, note
-from gateway.formats.checkpoint import Checkpoint, gateway_origin, sign_checkpoint
 from gateway.lab import pki
 from gateway.lab.sandbox import ClientFiles, Sandbox, grpc_channel
 from gateway.ledger import node as ledger
 from gateway.ledger.config import parse_ledger_config
-from tests.hostile.conftest import Hostile, issue
-from tests.test_ledger import SoftSigner
+from tests.hostile.conftest import issue
+from tests.test_ledger import GatewayLog, SoftSigner
 
 EDGE_02_URI = "spiffe://carrier.example/gateway/edge-02"
 
@@ -51,29 +45,32 @@ class Client:
                 code: grpc.StatusCode = e.code()
                 return code
 
-    def submit(self, batch: batch_pb2.SignedBatch) -> Any:
-        return self._call(
-            lambda s: s.SubmitBatch(ledger_pb2.SubmitBatchRequest(batch=batch), timeout=10)
-        )
+    def add(self, request: ledger_pb2.AddCheckpointRequest) -> Any:
+        return self._call(lambda s: s.AddCheckpoint(request, timeout=10))
 
     def head(self, gateway_id: str) -> Any:
         return self._call(
             lambda s: s.GetHead(ledger_pb2.GetHeadRequest(gateway_id=gateway_id), timeout=10)
         )
 
-    def batches(self, gateway_id: str) -> Any:
-        request = ledger_pb2.ListBatchesRequest(gateway_id=gateway_id)
-        return self._call(lambda s: list(s.ListBatches(request, timeout=10)))
+    def consistency(self, gateway_id: str, old_size: int = 1) -> Any:
+        request = ledger_pb2.GetConsistencyRequest(gateway_id=gateway_id, old_size=old_size)
+        return self._call(lambda s: s.GetConsistency(request, timeout=10))
 
 
 DENIED = grpc.StatusCode.PERMISSION_DENIED
 
 
+def _grown(log: GatewayLog, n: int) -> ledger_pb2.AddCheckpointRequest:
+    log.grow(n)
+    return log.request()
+
+
 @pytest.mark.integration
 def test_each_gateway_id_is_bound_to_its_certificate_and_reads_need_a_reader(
-    hostile: Hostile,
+    sandbox: Sandbox,
 ) -> None:
-    sb = hostile.sandbox
+    sb = sandbox
     assert sb.pki is not None
     edge01, edge02 = SoftSigner.new("edge-01"), SoftSigner.new("edge-02")
     keys = {
@@ -89,40 +86,49 @@ def test_each_gateway_id_is_bound_to_its_certificate_and_reads_need_a_reader(
     org = x509.NameAttribute(NameOID.ORGANIZATION_NAME, pki.ORGANIZATION)
     spelt = x509.NameAttribute(NameOID.COMMON_NAME, sb.pki["gateway"].subject)
     forged = Client(node.address, issue(sb, "acl-forged", x509.Name([org, spelt])))
-    chain01, chain02 = edge01.chain(2), edge02.chain(1)
+    log01, log02 = edge01.log(), edge02.log()
 
-    # Each gateway writes its own chain and reads its head.
-    receipt = gateway.submit(chain01[0])
-    assert isinstance(receipt, batch_pb2.Receipt) and receipt.gateway_id == "edge-01"
-    assert gateway.head("edge-01").next_seq == 1
-    assert isinstance(other_gateway.submit(chain02[0]), batch_pb2.Receipt)
-    assert other_gateway.head("edge-02").next_seq == 1
+    # Each gateway adds checkpoints of its own log and reads its head.
+    cosigned = gateway.add(_grown(log01, 3))
+    assert isinstance(cosigned, ledger_pb2.Cosignature) and cosigned.size == 3, cosigned
+    log01.cosigned = 3
+    assert gateway.head("edge-01").log_size == 3
+    assert isinstance(other_gateway.add(_grown(log02, 2)), ledger_pb2.Cosignature)
+    log02.cosigned = 2
+    assert other_gateway.head("edge-02").log_size == 2
 
-    # A genuine, correctly signed edge-01 batch from any other certificate is refused,
-    # and so is edge-02's from edge-01's certificate.
+    # A genuine, correctly signed checkpoint of edge-01's log from any other certificate
+    # is refused, and so is edge-02's from edge-01's certificate.
+    next01 = _grown(log01, 2)
     for client in (other_gateway, operator, device, forged):
-        assert client.submit(chain01[1]) == DENIED
+        assert client.add(next01) == DENIED
         assert client.head("edge-01") == DENIED
-    assert gateway.submit(edge02.chain(2)[1]) == DENIED
+    assert gateway.add(_grown(log02, 1)) == DENIED
     assert gateway.head("edge-02") == DENIED
 
-    # Reads: a gateway its own; the operator (node.readers) every gateway's; nobody else.
-    assert gateway.batches("edge-01") == chain01[:1]
-    assert other_gateway.batches("edge-02") == chain02
-    assert operator.batches("edge-01") == chain01[:1]
-    assert operator.batches("edge-02") == chain02
-    assert gateway.batches("edge-02") == DENIED
-    assert other_gateway.batches("edge-01") == DENIED
+    # Reads: a gateway its own log's; the operator (node.readers) every gateway's; nobody
+    # else. What they read is the node's cosigned checkpoint.
+    for client, gid, size in [
+        (gateway, "edge-01", 3),
+        (other_gateway, "edge-02", 2),
+        (operator, "edge-01", 3),
+        (operator, "edge-02", 2),
+    ]:
+        proof = client.consistency(gid)
+        assert isinstance(proof, ledger_pb2.ConsistencyProof), (gid, proof)
+        assert f"\n{size}\n".encode() in proof.checkpoint
+    assert gateway.consistency("edge-02") == DENIED
+    assert other_gateway.consistency("edge-01") == DENIED
     for client in (device, forged):
-        assert client.batches("edge-01") == DENIED
-        assert client.batches("edge-02") == DENIED
-    assert operator.batches("edge-99") == grpc.StatusCode.NOT_FOUND
-    assert device.batches("edge-99") == DENIED
+        assert client.consistency("edge-01") == DENIED
+        assert client.consistency("edge-02") == DENIED
+    assert operator.consistency("edge-99") == grpc.StatusCode.NOT_FOUND
+    assert device.consistency("edge-99") == DENIED
 
-    # The refusals left the chain as it was: the gateway continues it.
-    assert gateway.submit(chain01[1]).seq == 1
-    head = gateway.head("edge-01")
-    assert (head.next_seq, head.header_hash) == (2, batchformat.header_hash(chain01[1].header))
+    # The refusals left the logs as they were: the gateways continue them.
+    assert gateway.add(next01).size == 5
+    assert gateway.head("edge-01").log_size == 5
+    assert other_gateway.head("edge-02").log_size == 2
 
 
 def _ledger(tls: dict[str, str] | None, gateways: dict[str, Any], **node: Any) -> dict[str, Any]:
@@ -131,7 +137,7 @@ def _ledger(tls: dict[str, str] | None, gateways: dict[str, Any], **node: Any) -
         n["plaintext"] = True
     else:
         n["tls"] = tls
-    return {"node": n, "gateways": gateways}
+    return {"node": n, "gateways": gateways, "witness": {"key_file": "/keys/witness.key"}}
 
 
 def test_ledger_bindings_are_checked_at_load(tmp_path: Path) -> None:
@@ -197,6 +203,7 @@ def test_an_unbound_gateway_under_mutual_tls_stops_the_node_with_exit_78(
         f'[node]\nid = "l1"\nlisten = "127.0.0.1:0"\ndb_path = "{tmp_path / "l.db"}"\n'
         f'[node.tls]\ncert_file = "{ledger.cert}"\nkey_file = "{ledger.key}"\n'
         f'client_ca_file = "{sandbox.pki.ca.cert}"\n[gateways]\n"edge-01" = "{pem}"\n'
+        f'[witness]\nkey_file = "{tmp_path / "witness.key"}"\n'
     )
     run = subprocess.run(
         [sys.executable, "-m", "gateway", "ledger-node", "--config", str(cfg)],
@@ -224,22 +231,11 @@ def test_gateways_bound_to_one_certificate_are_found_for_the_start_warning() -> 
     assert access.shared() == [["edge-01", "edge-02"]]
 
 
-def signed_checkpoint(signer: SoftSigner, origin: str, leaves: list[bytes]) -> bytes:
-    """A checkpoint of a log of `leaves`, signed as the gateway's HSM would (type 0x02)."""
-
-    def sign_digest(digest: bytes) -> bytes:
-        return signer.key.sign(digest, ec.ECDSA(Prehashed(hashes.SHA256())))
-
-    spki = note.spki_der(signer.key.public_key())
-    body = Checkpoint(origin, len(leaves), merkle.root(leaves))
-    return sign_checkpoint(body, [note.EcdsaDigestSigner(origin, spki, sign_digest)])
-
-
 @pytest.mark.integration
 def test_only_a_gateways_own_certificate_adds_checkpoints_of_its_own_log(
-    hostile: Hostile,
+    sandbox: Sandbox,
 ) -> None:
-    sb = hostile.sandbox
+    sb = sandbox
     assert sb.pki is not None
     edge01, edge02 = SoftSigner.new("edge-01"), SoftSigner.new("edge-02")
     keys = {
@@ -250,10 +246,11 @@ def test_only_a_gateways_own_certificate_adds_checkpoints_of_its_own_log(
     files = {role: sb.client_files(role) for role in ("gateway", "admin", "device")}
     gateway, operator, device = (Client(node.address, f) for f in files.values() if f)
     other_gateway = Client(node.address, issue(sb, "cp-edge-02", uri=EDGE_02_URI))
-    origin01 = gateway_origin("edge-gateway.invalid", "edge-01")
-    origin02 = gateway_origin("edge-gateway.invalid", "edge-02")
+    # The origins the node derives by default (witness.log_domain unset).
+    origin01, origin02 = edge01.origin, edge02.origin
+    assert origin01 == "edge-gateway.invalid/edge-gateway/edge-01"
     leaves = [f"tx {i}".encode() for i in range(5)]
-    cp01 = signed_checkpoint(edge01, origin01, leaves)
+    cp01 = edge01.checkpoint(leaves)
 
     def add(client: Client, gateway_id: str, signed: bytes, sent: list[bytes]) -> Any:
         request = ledger_pb2.AddCheckpointRequest(
@@ -266,8 +263,8 @@ def test_only_a_gateways_own_certificate_adds_checkpoints_of_its_own_log(
         assert add(client, "edge-01", cp01, leaves) == DENIED
     # edge-01's certificate cannot pass another log's checkpoint off as its own, nor a
     # checkpoint of its origin signed by another key.
-    assert add(gateway, "edge-01", signed_checkpoint(edge02, origin02, leaves), leaves) == DENIED
-    assert add(gateway, "edge-01", signed_checkpoint(edge02, origin01, leaves), leaves) == DENIED
+    assert add(gateway, "edge-01", edge02.checkpoint(leaves, origin02), leaves) == DENIED
+    assert add(gateway, "edge-01", edge02.checkpoint(leaves, origin01), leaves) == DENIED
     # Leaves that do not give the checkpoint's root are refused; nothing is stored.
     wrong = [*leaves[:4], b"not tx 4"]
     assert add(gateway, "edge-01", cp01, wrong) == grpc.StatusCode.INVALID_ARGUMENT
@@ -281,5 +278,5 @@ def test_only_a_gateways_own_certificate_adds_checkpoints_of_its_own_log(
     assert gateway.head("edge-01").log_size == 5
     # Sent again, the same cosignature; an old size that is no longer the node's is refused.
     assert add(gateway, "edge-01", cp01, leaves) == cosig
-    more = signed_checkpoint(edge01, origin01, [*leaves, b"tx 5"])
+    more = edge01.checkpoint([*leaves, b"tx 5"])
     assert add(gateway, "edge-01", more, [b"tx 5"]) == grpc.StatusCode.FAILED_PRECONDITION

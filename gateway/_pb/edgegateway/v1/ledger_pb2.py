@@ -22,32 +22,27 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from gateway._pb.edgegateway.v1 import batch_pb2 as edgegateway_dot_v1_dot_batch__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x65\x64gegateway/v1/ledger.proto\x12\x0e\x65\x64gegateway.v1\x1a\x1a\x65\x64gegateway/v1/batch.proto\"=\n\x15GetConsistencyRequest\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x10\n\x08old_size\x18\x02 \x01(\x04\"G\n\x10\x43onsistencyProof\x12\x12\n\ncheckpoint\x18\x01 \x01(\x0c\x12\x10\n\x08old_size\x18\x02 \x01(\x04\x12\r\n\x05proof\x18\x03 \x03(\x0c\"{\n\x14\x41\x64\x64\x43heckpointRequest\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x10\n\x08old_size\x18\x02 \x01(\x04\x12\x19\n\x11\x63onsistency_proof\x18\x03 \x03(\x0c\x12\x12\n\ncheckpoint\x18\x04 \x01(\x0c\x12\x0e\n\x06leaves\x18\x05 \x03(\x0c\":\n\x0b\x43osignature\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0c\n\x04line\x18\x03 \x01(\t\"@\n\x12SubmitBatchRequest\x12*\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x1b.edgegateway.v1.SignedBatch\"$\n\x0eGetHeadRequest\x12\x12\n\ngateway_id\x18\x01 \x01(\t\"d\n\x04Head\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x10\n\x08next_seq\x18\x02 \x01(\x04\x12\x13\n\x0bheader_hash\x18\x03 \x01(\x0c\x12\x0f\n\x07node_id\x18\x04 \x01(\t\x12\x10\n\x08log_size\x18\x05 \x01(\x04\"I\n\x12ListBatchesRequest\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x10\n\x08\x66rom_seq\x18\x02 \x01(\x04\x12\r\n\x05limit\x18\x03 \x01(\x04\x32\x9d\x03\n\rLedgerService\x12J\n\x0bSubmitBatch\x12\".edgegateway.v1.SubmitBatchRequest\x1a\x17.edgegateway.v1.Receipt\x12?\n\x07GetHead\x12\x1e.edgegateway.v1.GetHeadRequest\x1a\x14.edgegateway.v1.Head\x12P\n\x0bListBatches\x12\".edgegateway.v1.ListBatchesRequest\x1a\x1b.edgegateway.v1.SignedBatch0\x01\x12R\n\rAddCheckpoint\x12$.edgegateway.v1.AddCheckpointRequest\x1a\x1b.edgegateway.v1.Cosignature\x12Y\n\x0eGetConsistency\x12%.edgegateway.v1.GetConsistencyRequest\x1a .edgegateway.v1.ConsistencyProofb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x65\x64gegateway/v1/ledger.proto\x12\x0e\x65\x64gegateway.v1\"=\n\x15GetConsistencyRequest\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x10\n\x08old_size\x18\x02 \x01(\x04\"G\n\x10\x43onsistencyProof\x12\x12\n\ncheckpoint\x18\x01 \x01(\x0c\x12\x10\n\x08old_size\x18\x02 \x01(\x04\x12\r\n\x05proof\x18\x03 \x03(\x0c\"{\n\x14\x41\x64\x64\x43heckpointRequest\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x10\n\x08old_size\x18\x02 \x01(\x04\x12\x19\n\x11\x63onsistency_proof\x18\x03 \x03(\x0c\x12\x12\n\ncheckpoint\x18\x04 \x01(\x0c\x12\x0e\n\x06leaves\x18\x05 \x03(\x0c\":\n\x0b\x43osignature\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0c\n\x04line\x18\x03 \x01(\t\"$\n\x0eGetHeadRequest\x12\x12\n\ngateway_id\x18\x01 \x01(\t\"`\n\x04Head\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x04 \x01(\t\x12\x10\n\x08log_size\x18\x05 \x01(\x04J\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04R\x08next_seqR\x0bheader_hash2\xff\x01\n\rLedgerService\x12?\n\x07GetHead\x12\x1e.edgegateway.v1.GetHeadRequest\x1a\x14.edgegateway.v1.Head\x12R\n\rAddCheckpoint\x12$.edgegateway.v1.AddCheckpointRequest\x1a\x1b.edgegateway.v1.Cosignature\x12Y\n\x0eGetConsistency\x12%.edgegateway.v1.GetConsistencyRequest\x1a .edgegateway.v1.ConsistencyProofb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'edgegateway.v1.ledger_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GETCONSISTENCYREQUEST']._serialized_start=75
-  _globals['_GETCONSISTENCYREQUEST']._serialized_end=136
-  _globals['_CONSISTENCYPROOF']._serialized_start=138
-  _globals['_CONSISTENCYPROOF']._serialized_end=209
-  _globals['_ADDCHECKPOINTREQUEST']._serialized_start=211
-  _globals['_ADDCHECKPOINTREQUEST']._serialized_end=334
-  _globals['_COSIGNATURE']._serialized_start=336
-  _globals['_COSIGNATURE']._serialized_end=394
-  _globals['_SUBMITBATCHREQUEST']._serialized_start=396
-  _globals['_SUBMITBATCHREQUEST']._serialized_end=460
-  _globals['_GETHEADREQUEST']._serialized_start=462
-  _globals['_GETHEADREQUEST']._serialized_end=498
-  _globals['_HEAD']._serialized_start=500
-  _globals['_HEAD']._serialized_end=600
-  _globals['_LISTBATCHESREQUEST']._serialized_start=602
-  _globals['_LISTBATCHESREQUEST']._serialized_end=675
-  _globals['_LEDGERSERVICE']._serialized_start=678
-  _globals['_LEDGERSERVICE']._serialized_end=1091
+  _globals['_GETCONSISTENCYREQUEST']._serialized_start=47
+  _globals['_GETCONSISTENCYREQUEST']._serialized_end=108
+  _globals['_CONSISTENCYPROOF']._serialized_start=110
+  _globals['_CONSISTENCYPROOF']._serialized_end=181
+  _globals['_ADDCHECKPOINTREQUEST']._serialized_start=183
+  _globals['_ADDCHECKPOINTREQUEST']._serialized_end=306
+  _globals['_COSIGNATURE']._serialized_start=308
+  _globals['_COSIGNATURE']._serialized_end=366
+  _globals['_GETHEADREQUEST']._serialized_start=368
+  _globals['_GETHEADREQUEST']._serialized_end=404
+  _globals['_HEAD']._serialized_start=406
+  _globals['_HEAD']._serialized_end=502
+  _globals['_LEDGERSERVICE']._serialized_start=505
+  _globals['_LEDGERSERVICE']._serialized_end=760
 # @@protoc_insertion_point(module_scope)

@@ -1,9 +1,8 @@
-from gateway._pb.edgegateway.v1 import batch_pb2 as _batch_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from collections.abc import Iterable as _Iterable
+from typing import ClassVar as _ClassVar, Optional as _Optional
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -49,12 +48,6 @@ class Cosignature(_message.Message):
     line: str
     def __init__(self, node_id: _Optional[str] = ..., size: _Optional[int] = ..., line: _Optional[str] = ...) -> None: ...
 
-class SubmitBatchRequest(_message.Message):
-    __slots__ = ("batch",)
-    BATCH_FIELD_NUMBER: _ClassVar[int]
-    batch: _batch_pb2.SignedBatch
-    def __init__(self, batch: _Optional[_Union[_batch_pb2.SignedBatch, _Mapping]] = ...) -> None: ...
-
 class GetHeadRequest(_message.Message):
     __slots__ = ("gateway_id",)
     GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
@@ -62,25 +55,11 @@ class GetHeadRequest(_message.Message):
     def __init__(self, gateway_id: _Optional[str] = ...) -> None: ...
 
 class Head(_message.Message):
-    __slots__ = ("gateway_id", "next_seq", "header_hash", "node_id", "log_size")
+    __slots__ = ("gateway_id", "node_id", "log_size")
     GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
-    NEXT_SEQ_FIELD_NUMBER: _ClassVar[int]
-    HEADER_HASH_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     LOG_SIZE_FIELD_NUMBER: _ClassVar[int]
     gateway_id: str
-    next_seq: int
-    header_hash: bytes
     node_id: str
     log_size: int
-    def __init__(self, gateway_id: _Optional[str] = ..., next_seq: _Optional[int] = ..., header_hash: _Optional[bytes] = ..., node_id: _Optional[str] = ..., log_size: _Optional[int] = ...) -> None: ...
-
-class ListBatchesRequest(_message.Message):
-    __slots__ = ("gateway_id", "from_seq", "limit")
-    GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
-    FROM_SEQ_FIELD_NUMBER: _ClassVar[int]
-    LIMIT_FIELD_NUMBER: _ClassVar[int]
-    gateway_id: str
-    from_seq: int
-    limit: int
-    def __init__(self, gateway_id: _Optional[str] = ..., from_seq: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+    def __init__(self, gateway_id: _Optional[str] = ..., node_id: _Optional[str] = ..., log_size: _Optional[int] = ...) -> None: ...

@@ -3,7 +3,6 @@
 import grpc
 import warnings
 
-from gateway._pb.edgegateway.v1 import batch_pb2 as edgegateway_dot_v1_dot_batch__pb2
 from gateway._pb.edgegateway.v1 import ledger_pb2 as edgegateway_dot_v1_dot_ledger__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -35,20 +34,10 @@ class LedgerServiceStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.SubmitBatch = channel.unary_unary(
-                '/edgegateway.v1.LedgerService/SubmitBatch',
-                request_serializer=edgegateway_dot_v1_dot_ledger__pb2.SubmitBatchRequest.SerializeToString,
-                response_deserializer=edgegateway_dot_v1_dot_batch__pb2.Receipt.FromString,
-                _registered_method=True)
         self.GetHead = channel.unary_unary(
                 '/edgegateway.v1.LedgerService/GetHead',
                 request_serializer=edgegateway_dot_v1_dot_ledger__pb2.GetHeadRequest.SerializeToString,
                 response_deserializer=edgegateway_dot_v1_dot_ledger__pb2.Head.FromString,
-                _registered_method=True)
-        self.ListBatches = channel.unary_stream(
-                '/edgegateway.v1.LedgerService/ListBatches',
-                request_serializer=edgegateway_dot_v1_dot_ledger__pb2.ListBatchesRequest.SerializeToString,
-                response_deserializer=edgegateway_dot_v1_dot_batch__pb2.SignedBatch.FromString,
                 _registered_method=True)
         self.AddCheckpoint = channel.unary_unary(
                 '/edgegateway.v1.LedgerService/AddCheckpoint',
@@ -65,27 +54,10 @@ class LedgerServiceStub:
 class LedgerServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
-    def SubmitBatch(self, request, context):
-        """Store a signed batch. Idempotent on (gateway_id, seq, header hash): an
-        identical re-send returns the original receipt.
-        FAILED_PRECONDITION  seq is not head + 1 (a gap); metadata "expected-seq".
-        ABORTED              a different batch is stored at this seq (a fork).
-        PERMISSION_DENIED    unknown gateway or key.
-        INVALID_ARGUMENT     bad signature, Merkle root, counts or chain link.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def GetHead(self, request, context):
-        """Where a gateway's chain stands on this node.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def ListBatches(self, request, context):
-        """Stored batches of a gateway in seq order, for audit and chain checks.
+        """Where a gateway's log stands on this node: the size of the last checkpoint of it the
+        node cosigned. The forwarder resumes from it.
+        NOT_FOUND  unknown gateway.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -96,11 +68,12 @@ class LedgerServiceServicer:
         gRPC, with the new leaves): the node verifies the log key's signature, old_size
         against the size it last cosigned, the consistency proof from that checkpoint, and
         that the leaves extend its copy of the log to the checkpoint's root; it stores them
-        and answers its timestamped cosignature. A checkpoint it already cosigned is
-        answered with the same cosignature.
+        and the checkpoint in one transaction, durably, and only then answers its timestamped
+        cosignature. A checkpoint it already cosigned is answered with the same cosignature.
         FAILED_PRECONDITION  old_size is not the size last cosigned; metadata "known-size".
-        ABORTED              the checkpoint contradicts one cosigned (a split view) or the
-        consistency proof does not verify: both are kept as evidence.
+        ABORTED              the checkpoint contradicts one cosigned (a split view: both
+        are kept as evidence and logged at ERROR), or the consistency
+        proof does not verify.
         PERMISSION_DENIED    the log key did not sign it; NOT_FOUND: unknown gateway or log.
         INVALID_ARGUMENT     malformed, or the leaves do not give the checkpoint's root.
         """
@@ -112,7 +85,8 @@ class LedgerServiceServicer:
         """The latest checkpoint of a gateway's log this node cosigned (the signed note with the
         node's cosignature line) and the RFC 9162 consistency proof to it from old_size, from
         the node's own copy of the log: what a device that kept an older checkpoint (its last
-        receipt's) needs to check its transaction is still in the log.
+        receipt's) needs to check its transaction is still in the log, and what an auditor
+        checks a node's copy against the gateway's.
         NOT_FOUND     unknown gateway, or the node cosigned no checkpoint of its log.
         OUT_OF_RANGE  old_size is 0 or larger than the latest cosigned size.
         """
@@ -123,20 +97,10 @@ class LedgerServiceServicer:
 
 def add_LedgerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'SubmitBatch': grpc.unary_unary_rpc_method_handler(
-                    servicer.SubmitBatch,
-                    request_deserializer=edgegateway_dot_v1_dot_ledger__pb2.SubmitBatchRequest.FromString,
-                    response_serializer=edgegateway_dot_v1_dot_batch__pb2.Receipt.SerializeToString,
-            ),
             'GetHead': grpc.unary_unary_rpc_method_handler(
                     servicer.GetHead,
                     request_deserializer=edgegateway_dot_v1_dot_ledger__pb2.GetHeadRequest.FromString,
                     response_serializer=edgegateway_dot_v1_dot_ledger__pb2.Head.SerializeToString,
-            ),
-            'ListBatches': grpc.unary_stream_rpc_method_handler(
-                    servicer.ListBatches,
-                    request_deserializer=edgegateway_dot_v1_dot_ledger__pb2.ListBatchesRequest.FromString,
-                    response_serializer=edgegateway_dot_v1_dot_batch__pb2.SignedBatch.SerializeToString,
             ),
             'AddCheckpoint': grpc.unary_unary_rpc_method_handler(
                     servicer.AddCheckpoint,
@@ -160,33 +124,6 @@ class LedgerService:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
-    def SubmitBatch(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/edgegateway.v1.LedgerService/SubmitBatch',
-            edgegateway_dot_v1_dot_ledger__pb2.SubmitBatchRequest.SerializeToString,
-            edgegateway_dot_v1_dot_batch__pb2.Receipt.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
     def GetHead(request,
             target,
             options=(),
@@ -203,33 +140,6 @@ class LedgerService:
             '/edgegateway.v1.LedgerService/GetHead',
             edgegateway_dot_v1_dot_ledger__pb2.GetHeadRequest.SerializeToString,
             edgegateway_dot_v1_dot_ledger__pb2.Head.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def ListBatches(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
-            target,
-            '/edgegateway.v1.LedgerService/ListBatches',
-            edgegateway_dot_v1_dot_ledger__pb2.ListBatchesRequest.SerializeToString,
-            edgegateway_dot_v1_dot_batch__pb2.SignedBatch.FromString,
             options,
             channel_credentials,
             insecure,
