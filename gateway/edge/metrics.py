@@ -67,20 +67,20 @@ sign_seconds = Histogram(
 )
 forward_seconds = Histogram(
     "edge_gateway_forward_seconds",
-    "SubmitBatch latency per node",
+    "AddCheckpoint latency per node (a checkpoint and its leaves, to its cosignature)",
     ["node"],
     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
     registry=REGISTRY,
 )
 forward_errors = Counter(
     "edge_gateway_forward_errors_total",
-    "Failed SubmitBatch calls",
+    "Failed GetHead and AddCheckpoint calls",
     ["node", "code"],
     registry=REGISTRY,
 )
 batches_committed = Counter(
     "edge_gateway_batches_committed_total",
-    "Batches that reached the receipt quorum",
+    "Batches a checkpoint cosigned by the quorum committed",
     registry=REGISTRY,
 )
 commit_latency = Histogram(
@@ -119,7 +119,8 @@ ledger_nodes_ok = Gauge(
 )
 forwarder_quorum = Gauge(
     "edge_gateway_forwarder_quorum",
-    "Receipts a batch needs to count committed (forwarder.quorum)",
+    "Ledger nodes whose cosignatures of a checkpoint commit the batches it covers "
+    "(forwarder.quorum)",
     registry=REGISTRY,
 )
 hsm_up = Gauge("edge_gateway_hsm_up", "1 while the HSM signer's state is ok", registry=REGISTRY)

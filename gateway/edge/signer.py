@@ -1,4 +1,4 @@
-"""The HSM: batch header signatures from a key that never leaves PKCS#11.
+"""The HSM: checkpoint signatures from a key that never leaves PKCS#11.
 
 Every PKCS#11 call runs on one worker thread through one session (python-pkcs11
 failed with GeneralError when two threads signed at once). SHA-256 is computed
@@ -351,12 +351,6 @@ class Signer:
 
     def sign_digest(self, digest: bytes) -> Future[bytes]:
         return self._call(lambda: self._sign_now(digest))
-
-    def sign_header(self, header: bytes, cka_id: bytes | None = None) -> Future[bytes]:
-        """DER low-S ECDSA over DOMAIN_TAG || header (by the key `cka_id`, default the
-        first key held)."""
-        digest = batchformat.signing_digest(header)
-        return self._call(lambda: self._sign_now(digest, cka_id))
 
     def note_signer(self, name: str, cka_id: bytes | None = None) -> note.EcdsaDigestSigner:
         """A signed-note signer (type 0x02, ECDSA) named `name` over an HSM key. Its

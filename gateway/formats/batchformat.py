@@ -1,8 +1,9 @@
-"""Batch header encoding, signing input and offline verification.
+"""The gateway's signing keys as verifiers see them: P-256 public keys, their key ids,
+and the HSM's raw ECDSA signatures made DER and low-S.
 
-The signature covers DOMAIN_TAG || header bytes exactly as they travel in
-SignedBatch.header. Verification here is what a ledger node, `edge-gateway
-proof` and an auditor run; it uses pyca/cryptography and never signs.
+A batch has no format of its own any more: it is the range of the gateway's log
+between two checkpoints (gateway.formats.checkpoint), and its one signature is the
+checkpoint's. Everything here uses pyca/cryptography and never signs.
 """
 
 from __future__ import annotations
@@ -24,12 +25,52 @@ from google.protobuf.message import DecodeError
 from gateway._pb.edgegateway.v1 import batch_pb2
 from gateway.formats import merkle
 
+# Order of the P-256 group, for the low-S rule.
+P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+
+
+def der_low_s(raw: bytes) -> bytes:
+    """PKCS#11 CKM_ECDSA returns r || s; make it DER with s in the lower half (low-S)."""
+    if len(raw) != 64:
+        raise ValueError(f"expected 64-byte r||s from the HSM, got {len(raw)}")
+    r = int.from_bytes(raw[:32], "big")
+    s = int.from_bytes(raw[32:], "big")
+    if s > P256_N // 2:
+        s = P256_N - s
+    return encode_dss_signature(r, s)
+
+
+def key_id_of(public_key: ec.EllipticCurvePublicKey) -> bytes:
+    spki = public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(spki).digest()
+
+
+def load_public_key(pem: bytes) -> ec.EllipticCurvePublicKey:
+    key = serialization.load_pem_public_key(pem)
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
+        raise ValueError("expected a P-256 public key")
+    return key
+
+
+def load_public_keys(pem: bytes) -> list[ec.EllipticCurvePublicKey]:
+    """Every PEM public key block of a file: a gateway's keys after a key rotation."""
+    blocks = re.findall(rb"-----BEGIN PUBLIC KEY-----.+?-----END PUBLIC KEY-----", pem, re.S)
+    if not blocks:
+        raise ValueError("no PEM public key in it")
+    return [load_public_key(b) for b in blocks]
+
+
+# ---- the retired batch header chain ---------------------------------------------------
+# Only the reference ledger node's SubmitBatch still reads signed batch headers; nothing
+# of the gateway writes them. This section, and protos/edgegateway/v1/batch.proto, go
+# when SubmitBatch leaves the node.
+
 DOMAIN_TAG = b"edge-ledger-gateway/batch/v1\x00"
 HEADER_VERSION = 1
 SIGNATURE_ALGORITHM = "ecdsa-p256-sha256"
 ZERO_HASH = b"\x00" * 32
-# Order of the P-256 group, for the low-S rule.
-P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 
 
 class BatchInvalid(ValueError):
@@ -90,49 +131,6 @@ def signing_input(header: bytes) -> bytes:
 def signing_digest(header: bytes) -> bytes:
     """SHA-256 of the domain-tagged header: what the HSM signs with CKM_ECDSA."""
     return hashlib.sha256(DOMAIN_TAG + header).digest()
-
-
-def der_low_s(raw: bytes) -> bytes:
-    """PKCS#11 CKM_ECDSA returns r || s; make it DER with s in the lower half (low-S)."""
-    if len(raw) != 64:
-        raise ValueError(f"expected 64-byte r||s from the HSM, got {len(raw)}")
-    r = int.from_bytes(raw[:32], "big")
-    s = int.from_bytes(raw[32:], "big")
-    if s > P256_N // 2:
-        s = P256_N - s
-    return encode_dss_signature(r, s)
-
-
-def key_id_of(public_key: ec.EllipticCurvePublicKey) -> bytes:
-    spki = public_key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return hashlib.sha256(spki).digest()
-
-
-def load_public_key(pem: bytes) -> ec.EllipticCurvePublicKey:
-    key = serialization.load_pem_public_key(pem)
-    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
-        raise ValueError("expected a P-256 public key")
-    return key
-
-
-def load_public_keys(pem: bytes) -> list[ec.EllipticCurvePublicKey]:
-    """Every PEM public key block of a file: a gateway's keys after a key rotation."""
-    blocks = re.findall(rb"-----BEGIN PUBLIC KEY-----.+?-----END PUBLIC KEY-----", pem, re.S)
-    if not blocks:
-        raise ValueError("no PEM public key in it")
-    return [load_public_key(b) for b in blocks]
-
-
-def key_for(
-    keys: ec.EllipticCurvePublicKey | Sequence[ec.EllipticCurvePublicKey], key_id: bytes
-) -> ec.EllipticCurvePublicKey | None:
-    """The key among `keys` whose key_id (SHA-256 of its SPKI) is `key_id`."""
-    for k in [keys] if isinstance(keys, ec.EllipticCurvePublicKey) else keys:
-        if key_id_of(k) == key_id:
-            return k
-    return None
 
 
 def parse_header(header: bytes) -> batch_pb2.BatchHeader:
