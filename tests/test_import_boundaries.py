@@ -147,3 +147,27 @@ def test_the_run_command_loads_no_lab_or_ledger_module() -> None:
     assert "gateway.edge.config" in out
     loaded = [m for m in out if m.startswith(("gateway.lab", "gateway.ledger"))]
     assert not loaded, f"parsing `run` loads {loaded}"
+
+
+def test_no_gateway_module_uses_the_retired_batch_header_format() -> None:
+    """A batch is a range of the log and its checkpoint is its one signature: nothing of
+    the gateway (edge, lab, cli, common) imports the signed-header messages (batch.proto)
+    or the header helpers the reference ledger node alone still reads."""
+    header_names = {"batch_pb2", "BatchInvalid", "HeaderFields", "encode_header"}
+    users = []
+    for path in modules():
+        if room_of_file(path) in ("ledger", "formats", "_pb"):
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            named = (
+                {a.name for a in node.names} if isinstance(node, ast.ImportFrom) else set()
+            ) | ({node.attr} if isinstance(node, ast.Attribute) else set())
+            if named & header_names or (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in ("batchformat", "bf")
+                and node.attr in ("parse_header", "header_hash", "verify_batch", "ZERO_HASH")
+            ):
+                users.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
+    assert not users, "the retired header format is used at:\n" + "\n".join(users)

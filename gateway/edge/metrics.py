@@ -61,8 +61,13 @@ batch_size = Histogram(
 )
 sign_seconds = Histogram(
     "edge_gateway_hsm_sign_seconds",
-    "HSM signing latency",
+    "HSM signing latency of a batch's checkpoint (one signature; two in a key rotation's overlap)",
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 1),
+    registry=REGISTRY,
+)
+hsm_signatures = Counter(
+    "edge_gateway_hsm_signatures_total",
+    "Signatures the HSM made (PKCS#11 C_Sign calls that returned one)",
     registry=REGISTRY,
 )
 forward_seconds = Histogram(

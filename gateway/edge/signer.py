@@ -27,6 +27,7 @@ from pkcs11 import exceptions as p11
 from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 
 from gateway.common.errors import HsmError, HsmPinError
+from gateway.edge import metrics
 from gateway.edge.config import HsmConfig
 from gateway.formats import batchformat, checkpoint, note
 
@@ -347,6 +348,7 @@ class Signer:
 
     def _finish(self, raw: Any) -> bytes:
         self.signatures += 1
+        metrics.hsm_signatures.inc()
         return batchformat.der_low_s(bytes(raw))
 
     def sign_digest(self, digest: bytes) -> Future[bytes]:

@@ -717,7 +717,7 @@ class Bench:
                 rss_peak_mb=round(watch.peak_rss / 2**20, 1),
                 signatures_per_s=round(sig_per_s, 2),
                 batches=int(m.get("edge_gateway_batches_signed_total", 0)),
-                signatures=int(m.get("edge_gateway_hsm_sign_seconds_count", 0)),
+                signatures=int(m.get("edge_gateway_hsm_signatures_total", 0)),
                 transactions=spool_tx,
                 gateway_cpu_share=round((end.cpu - mark.cpu) / span, 2),
                 broker_cpu_share=round((end.broker_cpu - mark.broker_cpu) / span, 2),

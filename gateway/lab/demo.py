@@ -418,12 +418,6 @@ def run_demo(
             sb.ledger(n, {GATEWAY_ID: pem}, port=p) for n, p in zip(names, ports, strict=True)
         ]
         say("ledger nodes: " + ", ".join(f"{lg.node_id}@{lg.address}" for lg in ledgers))
-        # The gateway checks each node's cosignature under its vkey, and an export names them.
-        with cfg.open("a") as f:
-            f.write(
-                "\n[log.witnesses]\n"
-                + "".join(f'"{lg.node_id}" = "{lg.witness_vkey}"\n' for lg in ledgers)
-            )
         gw = sb.gateway(GATEWAY_ID, cfg, pem)
         say(f"gateway {GATEWAY_ID} ready (sd_notify READY=1), API {gw.api_address}")
         say(
