@@ -15,8 +15,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway._pb.edgegateway.v1 import gateway_pb2, gateway_pb2_grpc
+from gateway.edge import client
 from gateway.edge.config import load_gateway_config
-from gateway.formats import note
+from gateway.formats import batchformat, note
 from gateway.lab import demo, simulate
 from gateway.lab.sandbox import TEST_PIN, Sandbox
 from tests.conftest import Deployment, deploy
@@ -269,7 +270,12 @@ def test_grpc_submit_dedup_status_health_and_reflection(deployment: Deployment) 
                 break
             time.sleep(0.1)
         assert tx.state == gateway_pb2.GetTransactionResponse.COMMITTED
-        assert len(tx.receipts) >= 2
+        # Its proof is the log's: the checkpoint signed by the gateway's key and cosigned
+        # by the quorum of ledger nodes, each under its witness vkey.
+        trust = client.LogTrust(witnesses=tuple(lg.witness_vkey for lg in d.ledgers), quorum=2)
+        key = batchformat.load_public_keys(d.public_key.read_bytes())
+        proved = client.verify_log_proof(tx, key, trust)
+        assert len(proved.cosigned_by) >= 2 and proved.index == tx.log_index
         with pytest.raises(grpc.RpcError) as e:
             stub.GetTransaction(gateway_pb2.GetTransactionRequest(tx_id="00" * 32), timeout=10)
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
@@ -278,6 +284,7 @@ def test_grpc_submit_dedup_status_health_and_reflection(deployment: Deployment) 
         assert st.gateway_id == d.gateway_id and st.key_id == d.key_id
         assert st.mqtt_connected and st.hsm_state == "ok"
         assert {n.node_id for n in st.ledger_nodes} == {"ledger-1", "ledger-2", "ledger-3"}
+        assert sum(n.log_size >= 2 for n in st.ledger_nodes) >= 2  # they cosigned the batch
 
         hs = health_pb2_grpc.HealthStub(ch)
         for name in ("", "edgegateway.v1.GatewayService"):

@@ -293,7 +293,10 @@ class Forwarder:
             return False
         cp, leaves, proof = loaded
         if cp is None:
-            self._forked(node, f"node cosigned a log of {old} leaves, beyond this gateway's")
+            self._forked(
+                node,
+                f"node cosigned a checkpoint of size {old}, which this gateway's log has not",
+            )
             return False
         if not leaves and cp.size > old:
             raise LedgerError(

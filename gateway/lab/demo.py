@@ -193,13 +193,12 @@ def spool_figures(spool: Path) -> tuple[int, int, int, list[float], list[str]]:
         conn.close()
 
 
-def check_ledger(
+def ledger_log(
     ledger: Ledger, key_pem: Path, gateway_id: str = GATEWAY_ID
-) -> tuple[int, int, set[tuple[str, int]]]:
-    """The leaves a ledger node holds of the gateway's log (read from its database): how
-    many the latest checkpoint it cosigned covers when they reproduce its root and that
-    checkpoint verifies under the gateway's key (-1 otherwise), duplicates applied, and
-    the (device, seq) set it holds."""
+) -> tuple[int, list[bytes]]:
+    """The leaves a ledger node holds of the gateway's log (one snapshot of its database),
+    and how many of them the latest checkpoint it cosigned covers when they reproduce its
+    root and that checkpoint verifies under the gateway's key (-1 otherwise)."""
     keys = batchformat.load_public_keys(key_pem.read_bytes())
     conn = sqlite3.connect(f"file:{ledger.db}?mode=ro", uri=True)
     try:
@@ -223,6 +222,15 @@ def check_ledger(
             continue  # another gateway's log, or a key not given
         if cp.size <= len(leaves) and cp.size > verified:
             verified = cp.size if merkle.root(leaves[: cp.size]) == cp.root_hash else -1
+    return verified, leaves
+
+
+def check_ledger(
+    ledger: Ledger, key_pem: Path, gateway_id: str = GATEWAY_ID
+) -> tuple[int, int, set[tuple[str, int]]]:
+    """ledger_log's verified size, the transactions the node applied twice, and the
+    (device, seq) set it holds."""
+    verified, leaves = ledger_log(ledger, key_pem, gateway_id)
     seen: Counter[tuple[str, int]] = Counter()
     for leaf in leaves:
         tx = transaction_pb2.Transaction.FromString(leaf)
