@@ -126,35 +126,36 @@ log_domain = "{LOG_DOMAIN}"
 
 
 AUDIT = """\
-import json, sys
+import json, sqlite3, sys
 from collections import Counter
-import grpc
-from gateway.formats import batchformat
-from gateway.edge import client
-from gateway._pb.edgegateway.v1 import ledger_pb2, ledger_pb2_grpc, transaction_pb2
+from gateway.formats import batchformat, checkpoint, merkle, note
+from gateway._pb.edgegateway.v1 import transaction_pb2
 
 gateway_id, ports = sys.argv[1], json.loads(sys.argv[2])
 key = batchformat.load_public_key(open("/etc/edge-gateway/batch-key.pem", "rb").read())
-tls = "/root/install/"
-creds = grpc.ssl_channel_credentials(
-    open(tls + "ca.crt", "rb").read(),
-    open(tls + "operator.key", "rb").read(),
-    open(tls + "operator.crt", "rb").read(),
-)
 out = {}
-for node, port in ports.items():
-    with grpc.secure_channel(f"127.0.0.1:{port}", creds) as ch:
-        stub = ledger_pb2_grpc.LedgerServiceStub(ch)
-        req = ledger_pb2.ListBatchesRequest(gateway_id=gateway_id)
-        batches = list(stub.ListBatches(req, timeout=120))
-    client.verify_chain(batches, key, gateway_id)
+for node in ports:
+    # The node's copy of the log, read from its database: the leaves it took in with the
+    # checkpoints it cosigned, the latest of which must be signed by the gateway's key and
+    # have those leaves' root.
+    db = sqlite3.connect(f"file:/var/lib/edge-ledger/{node}/ledger.db?mode=ro", uri=True)
+    db.execute("BEGIN")
+    leaves = [bytes(r[0]) for r in db.execute(
+        "SELECT leaf FROM log_leaf WHERE gateway_id = ? ORDER BY idx", (gateway_id,))]
+    last = db.execute(
+        "SELECT note FROM witness_cosigned ORDER BY size DESC LIMIT 1").fetchone()
+    db.close()
+    signed = bytes(last[0])
+    origin = checkpoint.checkpoint_of(note.parse_note(signed)).origin
+    cp = checkpoint.open_checkpoint(
+        signed, [note.EcdsaVerifier.from_public_key(origin, key)], origin).checkpoint
+    assert cp.size == len(leaves) and cp.root_hash == merkle.root(leaves), node
     seen = Counter()
-    for b in batches:
-        for leaf in b.transactions:
-            tx = transaction_pb2.Transaction.FromString(leaf)
-            seen[f"{tx.device_id}/{tx.device_seq}"] += 1
+    for leaf in leaves:
+        tx = transaction_pb2.Transaction.FromString(leaf)
+        seen[f"{tx.device_id}/{tx.device_seq}"] += 1
     out[node] = {
-        "batches": len(batches),
+        "leaves": len(leaves),
         "twice": sum(c - 1 for c in seen.values() if c > 1),
         "keys": sorted(seen),
     }
