@@ -317,9 +317,11 @@ class SpoolProbe:
         return int(self.conn.execute("SELECT coalesce(max(rowid), 0) FROM tx").fetchone()[0])
 
     def committed(self) -> int:
-        """Transactions in batches that reached the quorum (rowids are contiguous)."""
+        """Transactions in batches that reached the quorum (rowids are contiguous): those up
+        to the largest checkpoint the quorum cosigned."""
         row = self.conn.execute(
-            "SELECT last_rowid FROM batch WHERE committed_ms IS NOT NULL ORDER BY seq DESC LIMIT 1"
+            "SELECT last_rowid FROM log_checkpoint WHERE committed_ms IS NOT NULL"
+            " ORDER BY size DESC LIMIT 1"
         ).fetchone()
         return 0 if row is None else int(row[0])
 
@@ -367,7 +369,8 @@ class SpoolProbe:
 
 
 def get_tx_latencies(channel: grpc.Channel, tx_ids: Sequence[str]) -> list[float]:
-    """GetTransaction (with inclusion proof, header, signature, receipts) round trips, ms."""
+    """GetTransaction (with its tlog-proof bundle: inclusion proof, cosigned checkpoint)
+    round trips, ms."""
     out: list[float] = []
     with channel as ch:
         stub = gateway_pb2_grpc.GatewayServiceStub(ch)
