@@ -228,11 +228,18 @@ def test_a_node_that_cosigned_another_log_is_a_split_view_and_the_quorum_commits
             async with ledger_nodes(tmp_path, log.signer) as nodes:
                 await nodes.running[0].stub.AddCheckpoint(other.cosign_request(0, 0), timeout=10)
                 fwd = nodes.forwarder(log)
-                committed = await forward_until_committed(fwd, 1)
-                deadline = time.monotonic() + 5
-                while fwd.nodes[0].state != "forked" and time.monotonic() < deadline:
+                await fwd.resume()
+                stop = asyncio.Event()
+                task = asyncio.create_task(fwd.run(stop))
+                deadline = time.monotonic() + 8
+                while time.monotonic() < deadline and not task.done():
+                    states = [n.state for n in fwd.nodes]
+                    if fwd.last_committed_seq == 1 and states == ["forked", "ok", "ok"]:
+                        break
                     await asyncio.sleep(0.05)
-                return committed, {n.ref.node_id: n.state for n in fwd.nodes}
+                stop.set()
+                await task
+                return fwd.last_committed_seq, {n.ref.node_id: n.state for n in fwd.nodes}
 
         committed, states = arun(scenario())
         assert committed == 1
