@@ -71,4 +71,6 @@ def test_quick_bench_completes_and_prints_every_figure(tmp_path: Path) -> None:
     figures = json.loads(lines[-1])
     assert set(figures) >= REQUIRED_KEYS, REQUIRED_KEYS - set(figures)
     assert figures["scaling"] and figures["spool_tx_at_1m"] > 0
+    # One HSM signature per batch, the checkpoint's (no key rotation in the bench).
+    assert figures["signatures_per_batch"] == 1.0
     assert "ratio" in out.stdout and "GetTransaction" in out.stdout

@@ -118,12 +118,7 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     checkpoints), and 600 transactions committed."""
     sb = Sandbox(tmp_path_factory.mktemp("export") / "sb")
     try:
-        d = deploy(sb, batch="max_tx = 40\nmax_age_s = 0.2")
-        with d.config.open("a") as f:
-            f.write(
-                "\n[log.witnesses]\n"
-                + "".join(f'"{lg.node_id}" = "{lg.witness_vkey}"\n' for lg in d.ledgers)
-            )
+        d = deploy(sb, batch="max_tx = 40\nmax_age_s = 0.2")  # the sandbox lists the vkeys
         gw = d.start_gateway()
         yield Running(d, gw, load_gateway_config(d.config).log_origin)
     finally:

@@ -1,23 +1,23 @@
-"""The forwarder against real ledger nodes on loopback: what a restart finds in the spool
-and on the nodes decides what is sent again, so a kill at any point loses no commitment
-(a batch is committed once `quorum` nodes cosigned a checkpoint covering it)."""
+"""The forwarder against real ledger nodes on loopback: a node gets the gateway's log only
+through AddCheckpoint, and what a restart finds in the spool and on the nodes decides what
+is sent again, so a kill at any point loses no commitment (a batch is committed once
+`quorum` nodes cosigned a checkpoint covering it)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway._pb.edgegateway.v1 import batch_pb2, ledger_pb2
+from gateway._pb.edgegateway.v1 import ledger_pb2
 from gateway.edge import tlog
 from gateway.edge.config import ForwarderConfig, LedgerNodeRef
 from gateway.edge.forwarder import Forwarder
-from gateway.edge.spool import Spool, StoredBatch, StoredCheckpoint, prune
-from gateway.formats import batchformat, checkpoint, merkle, note
+from gateway.edge.spool import Spool, StoredCheckpoint, prune
+from gateway.formats import checkpoint, merkle, note
 from gateway.ledger import witness
 from gateway.ledger.config import LedgerNodeConfig, WitnessConfig
 from tests.test_ledger import GW, Node, SoftSigner, arun, running
@@ -31,54 +31,43 @@ QUORUM = 2
 
 @dataclass
 class Log:
-    """A gateway's spool with batches cut as the batcher cuts them: each batch's header and
-    checkpoint (signed by a software key standing in for the HSM) and the log's tiles in
-    one spool transaction."""
+    """A gateway's spool with batches cut as the batcher cuts them: each batch's checkpoint
+    (signed by a software key standing in for the HSM) and the log's tiles in one spool
+    transaction. `device` names the devices' transactions (another device, another log)."""
 
     spool: Spool
     signer: SoftSigner
-    batches: list[batch_pb2.SignedBatch] = field(default_factory=list)
+    device: str = "meter-1"
     sizes: list[int] = field(default_factory=list)  # the checkpoints' sizes, by seq
     notes: list[bytes] = field(default_factory=list)
     leaves: list[bytes] = field(default_factory=list)
     edge: tlog.LogEdge = field(default_factory=lambda: tlog.LogEdge(0))
-    prev: bytes = batchformat.ZERO_HASH
 
     def cut(self, n: int) -> None:
-        """Spool `n` transactions and store them as the next batch with its checkpoint."""
+        """Spool `n` transactions and store them as the next batch: its checkpoint."""
         key = self.signer.key
         log_key = note.EcdsaDigestSigner(
             ORIGIN, note.spki_der(key.public_key()), digest_signer(key)
         )
-        items = [tx("meter-1", len(self.leaves) + i + 1) for i in range(n)]
+        items = [tx(self.device, len(self.leaves) + i + 1) for i in range(n)]
         for item in items:
             self.spool.append(item).result()
         # Rowids follow the transactions one to one: nothing else is spooled here.
         first_rowid = len(self.leaves) + 1
-        seq = len(self.batches)
-        b = self.signer.batch(seq, self.prev, [i.leaf for i in items])
+        seq = len(self.sizes)
         grown, writes = self.edge.append([i.tx_id for i in items])
         signed = checkpoint.sign_checkpoint(
             checkpoint.Checkpoint(ORIGIN, grown.size, grown.root()), [log_key]
         )
-        hh = batchformat.header_hash(b.header)
         rowids = (first_rowid, first_rowid + n - 1)
-        stored = StoredBatch(seq, b.header, b.signature, hh, *rowids, n, 0, None)
         cp = StoredCheckpoint(
             grown.size, seq, self.edge.size, *rowids, grown.root(), signed, 0, None
         )
-
-        def store(c: sqlite3.Connection) -> None:
-            Spool.w_store_batch(c, stored)
-            Spool.w_store_checkpoint(c, cp, writes)
-
-        self.spool.write(store).result()
-        self.batches.append(b)
+        self.spool.write(lambda c: Spool.w_store_checkpoint(c, cp, writes)).result()
         self.sizes.append(grown.size)
         self.notes.append(signed)
         self.leaves += [i.leaf for i in items]
         self.edge = grown
-        self.prev = hh
 
     def cosign_request(self, old: int, seq: int) -> ledger_pb2.AddCheckpointRequest:
         """The AddCheckpoint the forwarder sends a node that cosigned `old` leaves, for the
@@ -99,11 +88,6 @@ class Log:
             lambda c: Spool.w_store_cosignature(c, size, node_id, line, QUORUM)
         ).result()
 
-    def record_receipt(self, seq: int, receipt: batch_pb2.Receipt) -> None:
-        self.spool.write(
-            lambda c: Spool.w_store_receipt(c, seq, receipt.node_id, receipt.SerializeToString())
-        ).result()
-
     def committed_seq(self) -> int:
         return self.spool.read(Spool.q_last_committed_seq).result()
 
@@ -112,11 +96,13 @@ class Log:
 
 
 @contextlib.contextmanager
-def gateway_log(tmp_path: Path) -> Iterator[Log]:
-    spool = Spool(cfg(tmp_path / "spool.db"), GW)
+def gateway_log(
+    tmp_path: Path, signer: SoftSigner | None = None, device: str = "meter-1"
+) -> Iterator[Log]:
+    spool = Spool(cfg(tmp_path / f"spool-{device}.db"), GW)
     spool.open()
     try:
-        yield Log(spool, SoftSigner.new(GW))
+        yield Log(spool, signer or SoftSigner.new(GW), device)
     finally:
         spool.close()
 
@@ -195,38 +181,70 @@ async def forward_until_committed(fwd: Forwarder, seq: int, timeout: float = 8) 
     return fwd.last_committed_seq
 
 
-def test_batches_the_nodes_hold_without_receipts_commit_once_their_checkpoint_is_cosigned(
+def test_nodes_that_hold_nothing_get_the_log_through_add_checkpoint_alone(
     tmp_path: Path,
 ) -> None:
-    """Killed after the nodes stored the last batch and before the spool stored their
-    receipts (and before any checkpoint went out): every node's head is past that batch
-    after the restart. Receipts commit nothing; the batch is committed by the quorum's
-    cosignatures of the checkpoint that covers it, which the forwarder still gets."""
+    """Fresh nodes: one AddCheckpoint each carries both batches' leaves up to the latest
+    checkpoint (no batch is sent otherwise), and the quorum's cosignatures commit both."""
     with gateway_log(tmp_path) as log:
         log.cut(3)
         log.cut(3)
 
-        async def scenario() -> tuple[int, dict[str, str]]:
+        async def scenario() -> tuple[int, dict[str, str], list[int], list[int]]:
             async with ledger_nodes(tmp_path, log.signer) as nodes:
-                for node in nodes.running:
-                    for b in log.batches:
-                        receipt = await node.submit(b)
-                        if receipt.seq == 0:  # only batch 0's receipts reached the spool
-                            log.record_receipt(0, receipt)
-                assert log.committed_seq() == -1  # three receipts of batch 0: not committed
-                heads = [await n.head() for n in nodes.running]
-                assert {(h.next_seq, h.log_size) for h in heads} == {(2, 0)}
-                return await forward_until_committed(nodes.forwarder(log), 1), nodes.vkeys
+                assert {(await n.head()).log_size for n in nodes.running} == {0}
+                fwd = nodes.forwarder(log)
+                committed = await forward_until_committed(fwd, 1)
+                sizes = [(await n.head()).log_size for n in nodes.running]
+                return committed, nodes.vkeys, sizes, [n.cosigned for n in fwd.nodes]
 
-        committed, vkeys = arun(scenario())
+        committed, vkeys, sizes, calls = arun(scenario())
         assert committed == 1
         assert log.committed_seq() == 1
+        assert sizes.count(6) >= QUORUM and set(sizes) <= {0, 6}
+        assert all(c <= 1 for c in calls)  # one call covered both batches
         last = log.spool.read(Spool.q_last_committed_checkpoint).result()
         assert last is not None and last.size == 6
+        assert log.cosignatures(0) == []  # checkpoint 3 was skipped, not cosigned
         lines = log.cosignatures(1)
         signed = cosigned_by(log.notes[1], lines, list(vkeys.values()))
         assert signed == {witness_name(node_id) for node_id, _line in lines}
         assert len(signed) >= QUORUM
+
+
+def test_a_node_that_cosigned_another_log_is_a_split_view_and_the_quorum_commits_without_it(
+    tmp_path: Path,
+) -> None:
+    """A node cosigned a checkpoint of another log under this gateway's name and key (a
+    second gateway on a copy of the spool, say): the forwarder's AddCheckpoint is refused
+    as a split view, the node is marked forked, and the others commit the batch."""
+    signer = SoftSigner.new(GW)
+    with gateway_log(tmp_path, signer) as log, gateway_log(tmp_path, signer, "rogue-1") as other:
+        log.cut(3)
+        log.cut(3)
+        other.cut(3)
+
+        async def scenario() -> tuple[int, dict[str, str]]:
+            async with ledger_nodes(tmp_path, log.signer) as nodes:
+                await nodes.running[0].stub.AddCheckpoint(other.cosign_request(0, 0), timeout=10)
+                fwd = nodes.forwarder(log)
+                await fwd.resume()
+                stop = asyncio.Event()
+                task = asyncio.create_task(fwd.run(stop))
+                deadline = time.monotonic() + 8
+                while time.monotonic() < deadline and not task.done():
+                    states = [n.state for n in fwd.nodes]
+                    if fwd.last_committed_seq == 1 and states == ["forked", "ok", "ok"]:
+                        break
+                    await asyncio.sleep(0.05)
+                stop.set()
+                await task
+                return fwd.last_committed_seq, {n.ref.node_id: n.state for n in fwd.nodes}
+
+        committed, states = arun(scenario())
+        assert committed == 1
+        assert states == {"ledger-1": "forked", "ledger-2": "ok", "ledger-3": "ok"}
+        assert [node for node, _line in log.cosignatures(1)] == ["ledger-2", "ledger-3"]
 
 
 def test_a_checkpoint_every_node_cosigned_before_a_kill_is_committed_after_restart(
@@ -242,9 +260,6 @@ def test_a_checkpoint_every_node_cosigned_before_a_kill_is_committed_after_resta
 
         async def scenario() -> tuple[int, int, dict[str, str], dict[str, str]]:
             async with ledger_nodes(tmp_path, log.signer) as nodes:
-                for node in nodes.running:
-                    for seq, b in enumerate(log.batches):
-                        log.record_receipt(seq, await node.submit(b))
                 for node_id, line in (await nodes.cosign(log.cosign_request(0, 0))).items():
                     log.record(0, node_id, line)
                 given = await nodes.cosign(log.cosign_request(3, 1))  # lost to the kill
@@ -270,17 +285,14 @@ def test_a_checkpoint_the_nodes_skipped_does_not_hold_back_their_cosigning_after
 ) -> None:
     """A node catching up cosigns only the latest checkpoint (the ones between are never
     cosigned nor committed themselves; the latest commits their batches). After a
-    restart, with those batches pruned by retention, the nodes' cosigning goes on from
-    their head: the next batch is committed."""
+    restart, with those batches' transactions pruned by retention, the nodes' cosigning
+    goes on from their head: the next batch is committed."""
     with gateway_log(tmp_path) as log:
         for _ in range(3):
             log.cut(3)
 
         async def scenario() -> int:
             async with ledger_nodes(tmp_path, log.signer) as nodes:
-                for node in nodes.running:
-                    for seq, b in enumerate(log.batches):
-                        log.record_receipt(seq, await node.submit(b))
                 for node_id, line in (await nodes.cosign(log.cosign_request(0, 0))).items():
                     log.record(0, node_id, line)
                 # Checkpoint 6 skipped: 3 -> 9.

@@ -147,3 +147,35 @@ def test_the_run_command_loads_no_lab_or_ledger_module() -> None:
     assert "gateway.edge.config" in out
     loaded = [m for m in out if m.startswith(("gateway.lab", "gateway.ledger"))]
     assert not loaded, f"parsing `run` loads {loaded}"
+
+
+def test_the_retired_batch_header_format_is_gone() -> None:
+    """A batch is a range of the log and its checkpoint is its one signature: no module
+    names the signed-header messages (batch.proto) or the header helpers they had."""
+    header_names = {
+        "batch_pb2",
+        "BatchHeader",
+        "SignedBatch",
+        "BatchInvalid",
+        "HeaderFields",
+        "encode_header",
+        "parse_header",
+        "header_hash",
+        "verify_batch",
+        "sign_header",
+        "SubmitBatch",
+        "ListBatches",
+    }
+    users = []
+    for path in modules():
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            named = (
+                {a.name for a in node.names} if isinstance(node, ast.ImportFrom) else set()
+            ) | ({node.attr} if isinstance(node, ast.Attribute) else set())
+            if isinstance(node, ast.FunctionDef):
+                named.add(node.name)
+            if named & header_names:
+                users.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
+    assert not users, "the retired header format is used at:\n" + "\n".join(users)
+    assert not list((PACKAGE.parent / "protos").rglob("batch.proto"))

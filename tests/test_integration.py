@@ -16,10 +16,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway._pb.edgegateway.v1 import gateway_pb2, gateway_pb2_grpc
-from gateway.formats import batchformat
+from gateway.edge import client
+from gateway.edge.config import load_gateway_config
+from gateway.formats import batchformat, note
 from gateway.lab import demo, simulate
 from gateway.lab.sandbox import TEST_PIN, Sandbox
 from tests.conftest import Deployment, deploy
+from tests.test_receipts import metric
 
 pytestmark = pytest.mark.integration
 
@@ -73,17 +76,27 @@ def test_ten_thousand_transactions_committed_exactly_once_with_verifying_proofs(
 
 
 def test_batch_signature_verifies_with_openssl(deployment: Deployment, tmp_path: Path) -> None:
+    """A batch's one signature is its checkpoint's (C2SP signed note, type 0x02: DER ECDSA
+    over SHA-256 of the note text, after a 4-byte key ID): openssl checks it with nothing
+    but the gateway's public key."""
     d = deployment
     gw = d.start_gateway()
     publish_load(d, devices=5, count=10)
     demo.wait_drained(gw, 50, timeout=60)
+    origin = load_gateway_config(d.config).log_origin
     with gw.channel() as ch:
         stub = gateway_pb2_grpc.GatewayServiceStub(ch)
         b = stub.GetBatch(gateway_pb2.GetBatchRequest(seq=0), timeout=10)
-    signed = tmp_path / "signed.bin"
-    signed.write_bytes(batchformat.signing_input(b.batch.header))
+    assert b.seq == 0 and b.first_index == 0 and b.tx_count > 0 and b.committed
+    signed_note = note.parse_note(b.checkpoint)
+    assert signed_note.text.startswith(origin + "\n")
+    own = [sig for sig in signed_note.signatures if sig.name == origin]
+    assert len(own) == 1  # the gateway's one signature; the rest are cosignatures
+    assert len(signed_note.signatures) >= 1 + 2  # the quorum's cosignatures beside it
+    signed = tmp_path / "note.txt"
+    signed.write_bytes(signed_note.text.encode())
     sig = tmp_path / "sig.der"
-    sig.write_bytes(b.batch.signature)
+    sig.write_bytes(own[0].signature)
 
     def openssl_verify(data: Path) -> subprocess.CompletedProcess[str]:
         argv = ["openssl", "dgst", "-sha256", "-verify", str(d.public_key)]
@@ -92,9 +105,24 @@ def test_batch_signature_verifies_with_openssl(deployment: Deployment, tmp_path:
 
     out = openssl_verify(signed)
     assert out.returncode == 0 and "Verified OK" in out.stdout, out.stdout + out.stderr
-    tampered = tmp_path / "tampered.bin"
-    tampered.write_bytes(signed.read_bytes()[:-1] + bytes([signed.read_bytes()[-1] ^ 1]))
+    tampered = tmp_path / "tampered.txt"
+    tampered.write_bytes(signed.read_bytes()[:-2] + bytes([signed.read_bytes()[-2] ^ 1]) + b"\n")
     assert openssl_verify(tampered).returncode != 0
+
+
+def test_a_batch_costs_exactly_one_hsm_signature(sandbox: Sandbox) -> None:
+    """Outside a key rotation, the gateway's SoftHSM makes one signature (one C_Sign) per
+    batch it stores: the checkpoint's, nothing else."""
+    d = deploy(sandbox, batch="max_tx = 40\nmax_age_s = 0.3")
+    gw = d.start_gateway()
+    publish_load(d, devices=10, count=40)
+    st = demo.wait_drained(gw, 400, timeout=60)
+    _stored, committed, batches, _lat, _ids = demo.spool_figures(gw.spool)
+    assert committed == 400 and batches >= 10
+    assert batches == st.last_signed_seq + 1
+    assert metric(gw, "edge_gateway_batches_signed_total") == batches
+    assert metric(gw, "edge_gateway_hsm_signatures_total") == batches
+    assert gw.proc.terminate(30) == 0
 
 
 def test_unacknowledged_message_comes_back_after_kill(sandbox: Sandbox) -> None:
@@ -243,7 +271,12 @@ def test_grpc_submit_dedup_status_health_and_reflection(deployment: Deployment) 
                 break
             time.sleep(0.1)
         assert tx.state == gateway_pb2.GetTransactionResponse.COMMITTED
-        assert len(tx.receipts) >= 2
+        # Its proof is the log's: the checkpoint signed by the gateway's key and cosigned
+        # by the quorum of ledger nodes, each under its witness vkey.
+        trust = client.LogTrust(witnesses=tuple(lg.witness_vkey for lg in d.ledgers), quorum=2)
+        key = batchformat.load_public_keys(d.public_key.read_bytes())
+        proved = client.verify_log_proof(tx, key, trust)
+        assert len(proved.cosigned_by) >= 2 and proved.index == tx.log_index
         with pytest.raises(grpc.RpcError) as e:
             stub.GetTransaction(gateway_pb2.GetTransactionRequest(tx_id="00" * 32), timeout=10)
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
@@ -252,6 +285,7 @@ def test_grpc_submit_dedup_status_health_and_reflection(deployment: Deployment) 
         assert st.gateway_id == d.gateway_id and st.key_id == d.key_id
         assert st.mqtt_connected and st.hsm_state == "ok"
         assert {n.node_id for n in st.ledger_nodes} == {"ledger-1", "ledger-2", "ledger-3"}
+        assert sum(n.log_size >= 2 for n in st.ledger_nodes) >= 2  # they cosigned the batch
 
         hs = health_pb2_grpc.HealthStub(ch)
         for name in ("", "edgegateway.v1.GatewayService"):
@@ -384,12 +418,12 @@ def test_demo_json_summary(tmp_path: Path) -> None:
         "duplicates_applied",
         "batches",
         "proofs_verified",
-        "chains_verified",
+        "logs_verified",
         "tx_per_s",
         "p99_ms",
     ):
         assert key in summary
-    assert summary["duplicates_applied"] == 0 and summary["chains_verified"] == 3
+    assert summary["duplicates_applied"] == 0 and summary["logs_verified"] == 3
     assert summary["committed"] == summary["acknowledged"] - summary["rejected_published"]
     assert summary["proofs_verified"] > 0
     # The log: a checkpoint per batch, cosigned by every node, successive ones consistent.

@@ -467,13 +467,17 @@ def test_a_key_rotation_mid_run_under_load_leaves_every_proof_verifiable(
     assert (sandbox.root / "export" / "gateway.pem").read_bytes() == both
     report = auditdir.audit(sandbox.root / "export", min_proofs=300)
     assert report.ok, report.summary()
-    # With the new key alone, transactions batched before the rotation do not verify (their
-    # batch headers are the old key's).
+    # A transaction's proof is against the latest committed checkpoint, which the new key
+    # alone signs now: those batched before the rotation verify with the new key alone,
+    # and no longer with the old one.
     d.public_key.write_bytes(new_pem_path.read_bytes())
     ok, bad = demo.verify_proofs(gw, tx_ids[:200], sample=200)
-    assert bad == 200
+    assert (ok, bad) == (200, 0)
+    d.public_key.write_bytes(old_pem)
+    ok, bad = demo.verify_proofs(gw, tx_ids[:200], sample=200)
+    assert (ok, bad) == (0, 200)
     d.public_key.write_bytes(both)
-    # The status reports the key the headers now carry.
+    # The status reports the key that now signs the checkpoints.
     assert demo.gateway_status(gw).key_id == batchformat.key_id_of(new_key).hex()
     assert gw.proc.terminate(30) == 0
 
@@ -486,21 +490,21 @@ def test_the_rotation_stages_decide_which_keys_sign_each_batch() -> None:
     entry_id = b"\xee" * 32
     r = rotation.Rotation(1, old, new, entry_id, 2, 10, "spooled")
     state = rotation.KeyState(active=old, rotation=r)
-    assert rotation.plan(state) == rotation.Plan((old,), old)
+    assert rotation.plan(state) == rotation.Plan((old,))
     # Batches without the entry change nothing.
     assert rotation.after_checkpoint(state, [b"\x00" * 32], 5, 1000) == state
     # The batch holding the entry is signed by the old key alone; then the overlap.
     state = rotation.after_checkpoint(state, [b"\x00" * 32, entry_id], 7, 1000)
     assert state.rotation is not None and state.rotation.stage == "overlap"
     assert state.rotation.entry_size == 7
-    assert rotation.plan(state) == rotation.Plan((old, new), old)
+    assert rotation.plan(state) == rotation.Plan((old, new))
     state = rotation.after_checkpoint(state, [b"\x01" * 32], 8, 2000)
     state = rotation.after_checkpoint(state, [b"\x02" * 32], 9, 5000)
     # Two checkpoints, but not yet ten seconds: both keys still.
     assert state.rotation is not None and state.rotation.stage == "overlap"
     state = rotation.after_checkpoint(state, [b"\x03" * 32], 10, 12_000)
     assert state.rotation is not None and state.rotation.stage == "done"
-    assert state.active == new and rotation.plan(state) == rotation.Plan((new,), new)
+    assert state.active == new and rotation.plan(state) == rotation.Plan((new,))
     # The state survives its text form (the spool's meta table).
     assert rotation.KeyState.from_text(state.to_text()) == state
     # No overlap at all: the new key alone right after the entry's checkpoint.

@@ -1,6 +1,7 @@
 """Spools and ledger databases of the format before the log (one Merkle tree per batch,
-chained by header hashes), and ledger databases of schema 2 (the log beside that chain),
-are refused at start with one line and exit 65, and left byte for byte as they were:
+chained by header hashes), and spools and ledger databases of schema 2 (the log with the
+header chain beside it), are refused at start with one line and exit 65, and left byte for
+byte as they were:
 nothing misreads them, nothing upgrades them."""
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from gateway.lab.sandbox import Sandbox, free_port
 from gateway.ledger import witness
@@ -30,6 +33,34 @@ CREATE TABLE batch (
     tx_count INTEGER NOT NULL, created_ms INTEGER NOT NULL, committed_ms INTEGER
 );
 """
+
+# Schema 2: the log's tables beside the header chain's batch and receipt tables (a
+# transaction, its signed batch and checkpoint, and a receipt).
+OLD_SPOOL_2 = (
+    OLD_SPOOL
+    + """
+CREATE TABLE receipt (
+    seq INTEGER NOT NULL, node_id TEXT NOT NULL, receipt BLOB NOT NULL,
+    received_ms INTEGER NOT NULL, PRIMARY KEY (seq, node_id)
+) WITHOUT ROWID;
+CREATE TABLE log_tile (
+    level INTEGER NOT NULL, idx INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (level, idx)
+) WITHOUT ROWID;
+CREATE TABLE log_checkpoint (
+    size INTEGER PRIMARY KEY, seq INTEGER NOT NULL UNIQUE, first_index INTEGER NOT NULL,
+    first_rowid INTEGER NOT NULL, last_rowid INTEGER NOT NULL, root BLOB NOT NULL,
+    note BLOB NOT NULL, created_ms INTEGER NOT NULL, committed_ms INTEGER
+);
+CREATE TABLE log_cosignature (
+    size INTEGER NOT NULL, node_id TEXT NOT NULL, line TEXT NOT NULL,
+    received_ms INTEGER NOT NULL, PRIMARY KEY (size, node_id)
+) WITHOUT ROWID;
+INSERT INTO tx VALUES (1, 'meter-1', 1, x'00', x'00', x'00', 1, 0);
+INSERT INTO batch VALUES (0, x'08', x'30', x'00', 1, 1, 1, 0, NULL);
+INSERT INTO log_checkpoint VALUES (1, 0, 0, 1, 1, x'00', x'00', 0, NULL);
+INSERT INTO receipt VALUES (0, 'ledger-1', x'00', 0);
+"""
+)
 
 OLD_LEDGER = """
 CREATE TABLE batches (
@@ -71,16 +102,22 @@ def tables(path: Path) -> set[str]:
         conn.close()
 
 
-def test_a_spool_of_the_per_batch_format_is_refused_with_exit_65(sandbox: Sandbox) -> None:
+@pytest.mark.parametrize(
+    ("schema", "script"), [(1, OLD_SPOOL), (2, OLD_SPOOL_2)], ids=["per-batch", "header-chain"]
+)
+def test_a_spool_of_an_earlier_schema_is_refused_with_exit_65(
+    sandbox: Sandbox, schema: int, script: str
+) -> None:
     cfg = gateway_with_key(sandbox)
     import tomllib
 
     spool = Path(tomllib.loads(cfg.read_text())["spool"]["path"])
     spool.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(spool)
-    conn.executescript(OLD_SPOOL)
+    conn.executescript(script)
     conn.executemany(
-        "INSERT INTO meta VALUES (?, ?)", [("schema_version", "1"), ("gateway_id", "edge-once")]
+        "INSERT INTO meta VALUES (?, ?)",
+        [("schema_version", str(schema)), ("gateway_id", "edge-once")],
     )
     conn.commit()
     conn.close()
@@ -88,9 +125,9 @@ def test_a_spool_of_the_per_batch_format_is_refused_with_exit_65(sandbox: Sandbo
     out = sandbox.run_gateway_once(cfg)
     assert out.returncode == 65, out.stdout[-2000:] + out.stderr[-2000:]
     line = one_line(out)
-    assert "schema 1" in line and "reads 2" in line and "left untouched" in line, line
+    assert f"schema {schema}" in line and "reads 3" in line and "left untouched" in line, line
     assert digest(spool) == before
-    assert "log_tile" not in tables(spool)
+    assert "tx_key" not in tables(spool)  # nothing of schema 3 was created in it
 
 
 def _start_ledger_node(tmp_path: Path, db: Path) -> subprocess.CompletedProcess[str]:

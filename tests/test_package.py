@@ -358,6 +358,6 @@ def test_the_packaged_venv_runs_the_demo_from_a_read_only_opt(
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-3000:]
     assert VERSION in r.stdout.splitlines()[0], r.stdout[:200]
-    assert re.search(r"ledger chains\s+3 of 3 verified, 0 duplicates applied", out), out[-3000:]
+    assert re.search(r"ledger logs\s+3 of 3 verified, 0 duplicates applied", out), out[-3000:]
     assert re.search(r"proofs verified\s+[1-9]\d* of a sample \(0 failed\)", out), out[-3000:]
     assert list(empty.iterdir()) == [], "the demo left files in its working directory"

@@ -95,11 +95,6 @@ def opted_in(sandbox: Sandbox, tmp_path: Path) -> Deployment:
         batch="max_tx = 40\nmax_age_s = 0.2",
         extra=f'\n[profiles]\ndir = "{profiles}"\n',
     )
-    with d.config.open("a") as f:
-        f.write(
-            "\n[log.witnesses]\n"
-            + "".join(f'"{lg.node_id}" = "{lg.witness_vkey}"\n' for lg in d.ledgers)
-        )
     return d
 
 

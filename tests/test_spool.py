@@ -1,4 +1,5 @@
-"""The spool on a real SQLite file: durability rules, dedup, batches, receipts."""
+"""The spool on a real SQLite file: durability rules, dedup, batches (the log's
+checkpoints) and their cosignatures."""
 
 from __future__ import annotations
 
@@ -21,10 +22,31 @@ from gateway.edge.spool import (
     PendingTx,
     RejectRecord,
     Spool,
-    StoredBatch,
     StoredCheckpoint,
     prune,
 )
+
+
+def batch(
+    seq: int, first_rowid: int, last_rowid: int, committed_ms: int | None = None
+) -> StoredCheckpoint:
+    """Batch `seq` over spool rowids first..last, the log's leaves [first - 1, last) when
+    every row since the first is batched (as in these tests)."""
+    return StoredCheckpoint(
+        last_rowid,
+        seq,
+        first_rowid - 1,
+        first_rowid,
+        last_rowid,
+        bytes(32),
+        b"note",
+        0,
+        committed_ms,
+    )
+
+
+def store(spool: Spool, b: StoredCheckpoint) -> None:
+    spool.write(lambda c: Spool.w_store_checkpoint(c, b, [])).result()
 
 
 def cfg(path: Path) -> SpoolConfig:
@@ -98,31 +120,23 @@ def test_batches_must_come_in_order_and_not_overlap(spool: Spool) -> None:
     for i in range(10):
         spool.append(tx("d", i)).result()
 
-    def batch(seq: int, first: int, last: int) -> StoredBatch:
-        return StoredBatch(seq, b"h", b"s", bytes(32), first, last, last - first + 1, 0, None)
-
-    spool.write(lambda c: Spool.w_store_batch(c, batch(0, 1, 5))).result()
+    store(spool, batch(0, 1, 5))
     with pytest.raises(SpoolError, match="out of order"):
-        spool.write(lambda c: Spool.w_store_batch(c, batch(2, 6, 10))).result()
+        store(spool, batch(2, 6, 10))
     with pytest.raises(SpoolError, match="overlaps"):
-        spool.write(lambda c: Spool.w_store_batch(c, batch(1, 5, 10))).result()
-    spool.write(lambda c: Spool.w_store_batch(c, batch(1, 6, 10))).result()
-    assert spool.read(lambda c: Spool.q_batch_of_rowid(c, 6)).result().seq == 1  # type: ignore[union-attr]
+        overlap = StoredCheckpoint(10, 1, 5, 5, 10, bytes(32), b"note", 0, None)
+        store(spool, overlap)
+    with pytest.raises(SpoolError, match="starts the log at 4"):
+        store(spool, StoredCheckpoint(10, 1, 4, 6, 10, bytes(32), b"note", 0, None))
+    store(spool, batch(1, 6, 10))
+    found = spool.read(lambda c: Spool.q_leaf_index(c, 6)).result()
+    assert found is not None and found[0] == 5 and found[1].seq == 1
+    assert found[1].tx_count == 5
     assert spool.read(lambda c: Spool.q_pending(c, 10, 100)).result() == []
-
-    # A receipt says a node stored the batch; it commits nothing.
-    spool.write(lambda c: Spool.w_store_receipt(c, 0, "n1", b"r1")).result()
-    spool.write(lambda c: Spool.w_store_receipt(c, 0, "n2", b"r2")).result()
     assert spool.read(Spool.q_last_committed_seq).result() == -1
 
-    # Checkpoints of both batches; quorum of 2 distinct nodes cosigning one commits it
-    # and every batch it covers, at the second cosignature, not the first.
-    def checkpoint(seq: int, first: int, size: int, rowids: tuple[int, int]) -> None:
-        cp = StoredCheckpoint(size, seq, first, *rowids, bytes(32), b"note", 0, None)
-        spool.write(lambda c: Spool.w_store_checkpoint(c, cp, [])).result()
-
-    checkpoint(0, 0, 5, (1, 5))
-    checkpoint(1, 5, 10, (6, 10))
+    # A quorum of 2 distinct nodes cosigning a checkpoint commits it and every batch it
+    # covers, at the second cosignature, not the first.
     assert spool.write(lambda c: Spool.w_store_cosignature(c, 10, "n1", "l1", 2)).result() == (
         NewlyCommitted()
     )
@@ -131,6 +145,9 @@ def test_batches_must_come_in_order_and_not_overlap(spool: Spool) -> None:
     new = spool.write(lambda c: Spool.w_store_cosignature(c, 10, "n2", "l2", 2)).result()
     assert (new.batches, new.last_seq, len(new.received_ms)) == (2, 1, 10)
     assert spool.read(Spool.q_last_committed_seq).result() == 1
+    assert spool.read(lambda c: Spool.q_committed(c, 5)).result()
+    view = "SELECT seq, tx_count, committed_ms IS NOT NULL FROM batch ORDER BY seq"
+    assert spool.read(lambda c: c.execute(view).fetchall()).result() == [(0, 5, 1), (1, 5, 1)]
     last = spool.read(Spool.q_last_committed_checkpoint).result()
     assert last is not None and last.size == 10
     lines = spool.read(lambda c: Spool.q_cosignatures(c, 10)).result()
@@ -201,11 +218,12 @@ def test_retention_prunes_old_batches_and_refuses_their_seqs(tmp_path: Path) -> 
         s.append(tx("d", i)).result()
     for seq in range(10):
         first, last = seq * 10 + 1, seq * 10 + 10
-        b = StoredBatch(seq, b"h", b"s", bytes(32), first, last, 10, 0, 1)
-        s.write(lambda c, b=b: Spool.w_store_batch(c, b)).result()
+        store(s, batch(seq, first, last, committed_ms=1))
     assert prune(s, keep_from_seq=5) == 5
-    assert s.read(lambda c: c.execute("SELECT min(seq) FROM batch").fetchone()[0]).result() == 5
+    assert prune(s, keep_from_seq=5) == 0  # their transactions are gone already
     assert s.read(lambda c: c.execute("SELECT min(rowid) FROM tx").fetchone()[0]).result() == 51
+    # The log's checkpoints outlive their transactions: the log's history stays whole.
+    assert s.read(lambda c: c.execute("SELECT min(seq) FROM batch").fetchone()[0]).result() == 0
     assert s.append(tx("d", 50)).result().outcome is Outcome.BEYOND_RETENTION
     assert s.append(tx("d", 51)).result().outcome is Outcome.DUPLICATE
     assert s.append(tx("d", 101)).result().outcome is Outcome.STORED
@@ -213,7 +231,8 @@ def test_retention_prunes_old_batches_and_refuses_their_seqs(tmp_path: Path) -> 
     again = Spool(cfg(tmp_path / "s.db"), "gw-1")
     again.open()
     assert again.append(tx("d", 7)).result().outcome is Outcome.BEYOND_RETENTION
-    assert again.read(Spool.q_last_batch).result().seq == 9  # type: ignore[union-attr]
+    assert again.read(Spool.q_last_checkpoint).result().seq == 9  # type: ignore[union-attr]
+    assert prune(again, keep_from_seq=7) == 2
     again.close()
 
 
@@ -227,8 +246,7 @@ def test_a_second_writer_refuses_seqs_another_process_pruned(tmp_path: Path) -> 
     for i in range(1, 21):
         other.append(tx("d", i)).result()
     for seq in range(2):
-        b = StoredBatch(seq, b"h", b"s", bytes(32), seq * 10 + 1, seq * 10 + 10, 10, 0, 1)
-        s.write(lambda c, b=b: Spool.w_store_batch(c, b)).result()
+        store(s, batch(seq, seq * 10 + 1, seq * 10 + 10, committed_ms=1))
     assert prune(s, keep_from_seq=1) == 1
     # Alone (slow path) and in a group of new transactions (executemany path).
     assert other.append(tx("d", 3)).result().outcome is Outcome.BEYOND_RETENTION
@@ -267,11 +285,9 @@ def test_a_transaction_is_found_by_tx_id_before_and_after_its_batch(
 
     assert [find(i.tx_id) for i in items] == list(range(1, 9))
     assert find(twin.tx_id) == 9
-    b0 = StoredBatch(0, b"h", b"s", bytes(32), 1, 4, 4, 0, None)
-    spool.write(lambda c: Spool.w_store_batch(c, b0)).result()
+    store(spool, batch(0, 1, 4))
     assert spool.read(lambda c: c.execute(count_keys).fetchone()[0]).result() == 0
-    b1 = StoredBatch(1, b"h", b"s", bytes(32), 5, 9, 5, 0, None)
-    spool.write(lambda c: Spool.w_store_batch(c, b1)).result()
+    store(spool, batch(1, 5, 9))
     assert spool.read(lambda c: c.execute(count_keys).fetchone()[0]).result() == 9
     assert [find(i.tx_id) for i in items] == list(range(1, 9))
     assert find(twin.tx_id) == 9
@@ -281,10 +297,8 @@ def test_a_transaction_is_found_by_tx_id_before_and_after_its_batch(
     spool.append(late).result()
     assert find(late.tx_id) == 10
     # Pruning a batch takes its keys with it.
-    spool.write(lambda c: c.execute("UPDATE batch SET committed_ms = 1")).result()
-    spool.write(
-        lambda c: Spool.w_store_batch(c, StoredBatch(2, b"h", b"s", bytes(32), 10, 10, 1, 0, 1))
-    ).result()
+    spool.write(lambda c: c.execute("UPDATE log_checkpoint SET committed_ms = 1")).result()
+    store(spool, batch(2, 10, 10, committed_ms=1))
     assert prune(spool, keep_from_seq=1) == 1
     assert spool.read(lambda c: c.execute(count_keys).fetchone()[0]).result() == 5
     assert find(items[0].tx_id) is None and find(twin.tx_id) == 9 and find(late.tx_id) == 10
@@ -299,9 +313,7 @@ def test_a_spool_with_the_tx_id_index_is_converted_at_open(tmp_path: Path) -> No
     items = [tx("d", i) for i in range(1, 11)]
     for item in items:
         s.append(item).result()
-    s.write(
-        lambda c: Spool.w_store_batch(c, StoredBatch(0, b"h", b"s", bytes(32), 1, 6, 6, 0, None))
-    ).result()
+    store(s, batch(0, 1, 6))
     s.close()
     conn = sqlite3.connect(path)
     conn.execute("DROP TABLE tx_key")

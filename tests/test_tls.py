@@ -401,8 +401,8 @@ def test_api_reader_sees_status_admin_may_submit_and_no_certificate_no_handshake
         tx_id = r.results[0].tx_id
         stub = gateway_pb2_grpc.GatewayServiceStub(ch)
         assert stub.GetTransaction(gateway_pb2.GetTransactionRequest(tx_id=tx_id), timeout=10)
-        demo.wait_drained(gw, 1, timeout=30)
-        assert stub.GetBatch(gateway_pb2.GetBatchRequest(seq=0), timeout=10).batch.header
+        demo.wait_drained(gw, 1, timeout=30, all_nodes=True)
+        assert stub.GetBatch(gateway_pb2.GetBatchRequest(seq=0), timeout=10).checkpoint
 
     for role in ("reader", "device"):
         with gw.channel(role) as ch:

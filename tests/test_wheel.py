@@ -87,7 +87,7 @@ def test_wheel_alone_in_an_empty_venv_runs_the_demo_from_an_empty_directory(
         "gateway/_share/examples/gateway.toml",
         "gateway/_share/systemd/edge-gateway.service",
         "gateway/_share/dashboards/edge-gateway.json",
-        "gateway/_share/protos/edgegateway/v1/batch.proto",
+        "gateway/_share/protos/edgegateway/v1/ledger.proto",
         "gateway/common/resources.py",
     ):
         assert must in names, must
@@ -121,7 +121,7 @@ def test_wheel_alone_in_an_empty_venv_runs_the_demo_from_an_empty_directory(
     demo = [str(venv / "bin" / "edge-gateway"), "demo", "--seconds", "5", "--no-rotate"]
     r = run(demo, 300, cwd=empty, env=env)
     out = r.stdout + r.stderr
-    assert re.search(r"ledger chains\s+3 of 3 verified, 0 duplicates applied", out), out[-3000:]
+    assert re.search(r"ledger logs\s+3 of 3 verified, 0 duplicates applied", out), out[-3000:]
     assert re.search(r"proofs verified\s+[1-9]\d* of a sample \(0 failed\)", out), out[-3000:]
     assert re.search(r"by firmware profile\s+\S+@1 [1-9]", out), out[-3000:]
     assert list(empty.iterdir()) == [], "the demo left files in its working directory"

@@ -17,14 +17,14 @@ from typing import Any
 
 import grpc
 
-from gateway._pb.edgegateway.v1 import batch_pb2, gateway_pb2, gateway_pb2_grpc
+from gateway._pb.edgegateway.v1 import gateway_pb2, gateway_pb2_grpc
 from gateway.common import grpcutil
 from gateway.common.errors import Rejected
 from gateway.edge import tlog
 from gateway.edge.config import GatewayConfig
 from gateway.edge.ingest import INVALID_DEVICE, Intake, valid_device
 from gateway.edge.spool import AppendResult, Outcome, Spool, StoredCheckpoint
-from gateway.formats import merkle, tlogproof
+from gateway.formats import tlogproof
 
 MAX_PAYLOADS_PER_CALL = 10_000
 # What a DevicePayload adds around its payload: device id, topic, profile and framing.
@@ -58,26 +58,15 @@ def _proof_view(
     resp = gateway_pb2.GetTransactionResponse(
         tx_id=tx_id.hex(), transaction=tx.leaf, state=gateway_pb2.GetTransactionResponse.PENDING
     )
-    batch = Spool.q_batch_of_rowid(conn, tx.rowid)
-    if batch is None:
-        return resp
-    hashes = Spool.q_tx_ids(conn, batch.first_rowid, batch.last_rowid)
-    index = hashes.index(tx_id)
-    resp.batch_seq = batch.seq
-    resp.leaf_index = index
-    resp.tree_size = len(hashes)
-    resp.inclusion_proof.extend(merkle.inclusion_proof_from_hashes(hashes, index))
-    resp.header = batch.header
-    resp.signature = batch.signature
-    for _node, raw in Spool.q_receipts(conn, batch.seq):
-        resp.receipts.add().ParseFromString(raw)
     in_log = Spool.q_leaf_index(conn, tx.rowid)
-    if in_log is not None:
-        resp.log_index, own = in_log
-        resp.tlog_proof = log_proof(conn, resp.log_index, own)
+    if in_log is None:
+        return resp
+    resp.log_index, own = in_log
+    resp.batch_seq = own.seq
+    resp.tlog_proof = log_proof(conn, resp.log_index, own)
     resp.state = (
         gateway_pb2.GetTransactionResponse.COMMITTED
-        if batch.committed_ms is not None
+        if Spool.q_committed(conn, own.size)
         else gateway_pb2.GetTransactionResponse.BATCHED
     )
     return resp
@@ -90,24 +79,31 @@ def log_proof(conn: sqlite3.Connection, index: int, own: StoredCheckpoint) -> by
     target = Spool.q_last_committed_checkpoint(conn)
     if target is None or target.size <= index:
         target = own
-    lines = "".join(line + "\n" for _node, line in Spool.q_cosignatures(conn, target.size))
-    signed = target.note + lines.encode()
     reader = tlog.TileReader(target.size, tlog.sqlite_fetch(conn))
-    return tlogproof.make_tlog_proof(index, reader, signed).serialise()
+    return tlogproof.make_tlog_proof(index, reader, cosigned_note(conn, target)).serialise()
+
+
+def cosigned_note(conn: sqlite3.Connection, cp: StoredCheckpoint) -> bytes:
+    """A checkpoint's signed note with the cosignature lines the spool holds appended."""
+    lines = "".join(line + "\n" for _node, line in Spool.q_cosignatures(conn, cp.size))
+    return cp.note + lines.encode()
 
 
 def _batch_view(
     conn: sqlite3.Connection, seq: int, with_txs: bool
 ) -> gateway_pb2.GetBatchResponse | None:
-    b = Spool.q_batch(conn, seq)
+    b = Spool.q_checkpoint_of_seq(conn, seq)
     if b is None:
         return None
-    sb = batch_pb2.SignedBatch(header=b.header, signature=b.signature)
+    resp = gateway_pb2.GetBatchResponse(
+        seq=b.seq,
+        checkpoint=cosigned_note(conn, b),
+        first_index=b.first_index,
+        tx_count=b.tx_count,
+        committed=Spool.q_committed(conn, b.size),
+    )
     if with_txs:
-        sb.transactions.extend(Spool.q_leaves(conn, b.first_rowid, b.last_rowid))
-    resp = gateway_pb2.GetBatchResponse(batch=sb, committed=b.committed_ms is not None)
-    for _node, raw in Spool.q_receipts(conn, seq):
-        resp.receipts.add().ParseFromString(raw)
+        resp.transactions.extend(Spool.q_leaves(conn, b.first_rowid, b.last_rowid))
     return resp
 
 

@@ -1,8 +1,10 @@
-"""The batcher: cuts spooled transactions into batches, signs each header in the HSM.
+"""The batcher: cuts spooled transactions into batches of the gateway's log and signs
+each batch's checkpoint in the HSM, the batch's one signature.
 
 A batch is cut by whichever comes first of max_tx, max_bytes and max_age (the
-age of its oldest transaction). Header, signature and the tx-to-batch
-assignment are stored in one spool transaction, so a crash between signing
+age of its oldest transaction); it is the log's leaves between the previous
+checkpoint and its own. The checkpoint, the tx-to-batch assignment and the
+log's new tiles are stored in one spool transaction, so a crash between signing
 and storing leaves no trace but an unused signature: the same transactions
 are batched again under the same seq (promise 2).
 """
@@ -22,8 +24,8 @@ from gateway.common.errors import HsmError
 from gateway.edge import metrics, rotation, tlog
 from gateway.edge.config import BatchConfig
 from gateway.edge.signer import Signer
-from gateway.edge.spool import PendingTx, Spool, StoredBatch, StoredCheckpoint, now_ms
-from gateway.formats import batchformat, checkpoint, merkle
+from gateway.edge.spool import PendingTx, Spool, StoredCheckpoint, now_ms
+from gateway.formats import checkpoint
 
 log = logging.getLogger("gateway.edge.batcher")
 HSM_RETRY_MAX_S = 15.0
@@ -95,7 +97,6 @@ class Batcher:
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.next_seq = 0
-        self.prev_hash = batchformat.ZERO_HASH
         self.cursor = 0  # last rowid already in a batch
         self.last_progress = time.monotonic()
         self.oldest_pending_ms: int | None = None
@@ -110,12 +111,11 @@ class Batcher:
         self.keys = rotation.KeyState()  # which keys sign, as the next batch is cut
 
     async def resume(self) -> None:
-        """Continue the chain from the spool's last batch."""
+        """Continue the log from the spool's last batch."""
         self._loop = asyncio.get_running_loop()
-        last = await asyncio.wrap_future(self.spool.read(Spool.q_last_batch))
+        last = await asyncio.wrap_future(self.spool.read(Spool.q_last_checkpoint))
         if last is not None:
             self.next_seq = last.seq + 1
-            self.prev_hash = last.header_hash
             self.cursor = last.last_rowid
         self.log = await asyncio.wrap_future(self.spool.read(_load_log))
         self.keys = await asyncio.wrap_future(self.spool.read(rotation.read_state))
@@ -256,57 +256,16 @@ class Batcher:
     async def _cut(self, rows: Sequence[PendingTx], reason: str) -> None:
         while self._stores and self._stores[0].done():
             await self._stores.popleft()  # raises a store's spool error here
-        root = merkle.root_from_hashes([r.tx_id for r in rows])
         log_after, tile_writes = self.log.append([r.tx_id for r in rows])
         cp = checkpoint.Checkpoint(self.origin, log_after.size, log_after.root())
         created = now_ms()
-        header_cka: bytes | None = None
         cp_ckas: list[bytes | None] = [None]
-        key_id = self.key_id
         if self.default_key is not None:
-            plan = rotation.plan(self.keys)
-            header_cka = self.key(plan.header).cka_id
-            cp_ckas = [self.key(k).cka_id for k in plan.checkpoint]
-            held = self.signer.infos.get(header_cka)
-            if held is None:
-                raise HsmError(f"hsm key with CKA_ID {header_cka.hex()} is not loaded")
-            key_id = held.key_id
-        header = batchformat.encode_header(
-            batchformat.HeaderFields(
-                gateway_id=self.gateway_id,
-                seq=self.next_seq,
-                prev_header_hash=self.prev_hash,
-                merkle_root=root,
-                tx_count=len(rows),
-                byte_count=sum(r.size for r in rows),
-                first_received_ms=min(r.received_ms for r in rows),
-                last_received_ms=max(r.received_ms for r in rows),
-                created_ms=created,
-                key_id=key_id,
-            )
-        )
+            cp_ckas = [self.key(k).cka_id for k in rotation.plan(self.keys).checkpoint]
         t0 = time.perf_counter()
-        # Two signatures per batch while the header chain and the log run side by side:
-        # the header's (what ledger nodes verify today) and the checkpoint's. Both are
-        # queued at once on the HSM worker.
-        header_sig = self.signer.sign_header(header, header_cka)
-        cp_note = self.signer.sign_checkpoint(cp, cp_ckas)
-        signature = await asyncio.wrap_future(header_sig)
+        # The batch's one signature (during a key rotation's overlap, one by each key).
+        signed_cp = await asyncio.wrap_future(self.signer.sign_checkpoint(cp, cp_ckas))
         metrics.sign_seconds.observe(time.perf_counter() - t0)
-        signed_cp = await asyncio.wrap_future(cp_note)
-        metrics.sign_seconds.observe(time.perf_counter() - t0)  # one observation a signature
-        hh = batchformat.header_hash(header)
-        stored = StoredBatch(
-            seq=self.next_seq,
-            header=header,
-            signature=signature,
-            header_hash=hh,
-            first_rowid=rows[0].rowid,
-            last_rowid=rows[-1].rowid,
-            tx_count=len(rows),
-            created_ms=created,
-            committed_ms=None,
-        )
         seq = self.next_seq
         stored_cp = StoredCheckpoint(
             size=cp.size,
@@ -324,26 +283,25 @@ class Batcher:
         changed = keys_after != self.keys
 
         def store_op(c: sqlite3.Connection) -> None:
-            Spool.w_store_batch(c, stored)
             Spool.w_store_checkpoint(c, stored_cp, tile_writes)
             if changed:  # a rotation's stage moves with the checkpoint that moves it
                 rotation.write_state(c, keys_after)
 
-        # Header, signature and the tx-to-batch assignment are stored in one spool
+        # The checkpoint, the tx-to-batch assignment and the tiles are stored in one spool
         # transaction; the next batch is cut meanwhile. Stores run in seq order on the
-        # spool's writer, and one that fails makes every later one fail (w_store_batch
-        # refuses a gap), so nothing is forwarded that is not durable behind it.
+        # spool's writer, and one that fails makes every later one fail
+        # (w_store_checkpoint refuses a gap), so nothing is forwarded that is not durable
+        # behind it.
         store = asyncio.wrap_future(self.spool.write(store_op))
         self.next_seq += 1
         self.log = log_after
         done = changed and keys_after.rotation is not None and keys_after.rotation.stage == "done"
         if changed:
             self.keys = keys_after
-            # The key_id the next headers carry (what GetStatus reports).
-            nxt = self.signer.infos.get(self.key(rotation.plan(keys_after).header).cka_id)
+            # The key that signs the next checkpoints first (what GetStatus reports).
+            nxt = self.signer.infos.get(self.key(rotation.plan(keys_after).checkpoint[0]).cka_id)
             if nxt is not None:
                 self.key_id = nxt.key_id
-        self.prev_hash = hh
         self.cursor = rows[-1].rowid
         self.last_progress = time.monotonic()
         log.debug("batch %d cut (%s): %d txs", seq, reason, len(rows))

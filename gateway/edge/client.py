@@ -1,7 +1,8 @@
-"""Client side of the gateway API: status table, offline proof and chain checks.
+"""Client side of the gateway API: status table and offline proof checks.
 
-Verification trusts nothing the gateway says but its public key: the header
-signature, the inclusion proof against the signed Merkle root, the leaf bytes.
+Verification trusts nothing the gateway says but its public key(s) and the witnesses'
+vkeys: the c2sp.org/tlog-proof bundle's checkpoint signature and cosignatures, the
+inclusion proof against the checkpoint's root, the leaf bytes.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,12 +18,7 @@ import grpc
 from cryptography.hazmat.primitives.asymmetric import ec
 from google.protobuf.message import Message
 
-from gateway._pb.edgegateway.v1 import (
-    batch_pb2,
-    gateway_pb2,
-    gateway_pb2_grpc,
-    transaction_pb2,
-)
+from gateway._pb.edgegateway.v1 import gateway_pb2, gateway_pb2_grpc, transaction_pb2
 from gateway.common.errors import EXIT_DEGRADED, EXIT_OK, GatewayError, Unreachable
 from gateway.common.grpcutil import aio_channel
 from gateway.common.tomlconfig import TlsClient
@@ -48,61 +44,7 @@ class ClientOptions:
 
 
 class ProofInvalid(GatewayError):
-    """A proof, header signature or chain link does not verify."""
-
-
-def verify_transaction(
-    resp: gateway_pb2.GetTransactionResponse,
-    keys: ec.EllipticCurvePublicKey | Sequence[ec.EllipticCurvePublicKey],
-) -> batch_pb2.BatchHeader:
-    """Signature over the header (by the key among `keys` it names: several after a key
-    rotation), then the leaf's inclusion under its Merkle root."""
-    if resp.state == gateway_pb2.GetTransactionResponse.PENDING:
-        raise ProofInvalid(f"transaction {resp.tx_id} is not in a batch yet")
-    try:
-        header = batchformat.parse_header(resp.header)
-        key = batchformat.key_for(keys, header.key_id)
-        if key is None:
-            raise ProofInvalid("batch was signed by another key than the one(s) given")
-        batchformat.verify_signature(resp.header, resp.signature, key)
-    except batchformat.BatchInvalid as e:
-        raise ProofInvalid(f"batch header: {e}") from None
-    if merkle.leaf_hash(resp.transaction).hex() != resp.tx_id:
-        raise ProofInvalid("transaction bytes do not hash to the tx_id")
-    if resp.tree_size != header.tx_count:
-        raise ProofInvalid("tree size differs from the header's tx_count")
-    if not merkle.verify_inclusion(
-        resp.transaction,
-        resp.leaf_index,
-        resp.tree_size,
-        list(resp.inclusion_proof),
-        header.merkle_root,
-    ):
-        raise ProofInvalid("inclusion proof does not lead to the signed Merkle root")
-    return header
-
-
-def verify_chain(
-    batches: Iterable[batch_pb2.SignedBatch],
-    keys: ec.EllipticCurvePublicKey | Sequence[ec.EllipticCurvePublicKey],
-    gateway_id: str,
-) -> int:
-    """Every batch verifies (under the key among `keys` its header names) and links to the
-    one before, from seq 0. Returns the count."""
-    prev = batchformat.ZERO_HASH
-    n = 0
-    for b in batches:
-        try:
-            named = batchformat.key_for(keys, batchformat.parse_header(b.header).key_id)
-            key = named or (keys if isinstance(keys, ec.EllipticCurvePublicKey) else keys[0])
-            h = batchformat.verify_batch(b, key)
-        except batchformat.BatchInvalid as e:
-            raise ProofInvalid(f"batch {n}: {e}") from None
-        if h.gateway_id != gateway_id or h.seq != n or h.prev_header_hash != prev:
-            raise ProofInvalid(f"batch {n}: chain link broken (seq {h.seq})")
-        prev = batchformat.header_hash(b.header)
-        n += 1
-    return n
+    """A proof, checkpoint signature or cosignature does not verify."""
 
 
 def _rpc_error(what: str, e: grpc.aio.AioRpcError) -> GatewayError:
@@ -120,7 +62,7 @@ def degraded(st: gateway_pb2.GatewayStatus) -> list[str]:
         reasons.append(f"{ok} of {len(st.ledger_nodes)} ledger nodes ok, quorum {st.quorum}")
     forked = [n.node_id for n in st.ledger_nodes if n.state == "forked"]
     if forked:
-        reasons.append("ledger forked: " + ", ".join(forked))
+        reasons.append("ledger split view: " + ", ".join(forked))
     if st.intake_paused:
         reasons.append(f"intake paused: {st.intake_paused_reason}")
     if st.hsm_state != "ok":
@@ -191,7 +133,7 @@ def _print_table(st: gateway_pb2.GatewayStatus) -> None:
         rows.append(
             (
                 f"ledger {n.node_id}",
-                f"{n.state} at {n.address}, next seq {n.next_seq}"
+                f"{n.state} at {n.address}, cosigned log size {n.log_size}"
                 + (f" ({n.last_error})" if n.last_error else ""),
             )
         )
@@ -239,8 +181,10 @@ def verify_log_proof(
 ) -> tlogproof.VerifiedProof:
     """The c2sp.org/tlog-proof bundle: the checkpoint signed by one of the gateway's keys
     under its origin, cosigned by the quorum of witnesses, and the leaf included in it."""
-    if not resp.tlog_proof:
-        raise ProofInvalid(f"transaction {resp.tx_id} has no log proof yet")
+    if resp.state == gateway_pb2.GetTransactionResponse.PENDING or not resp.tlog_proof:
+        raise ProofInvalid(f"transaction {resp.tx_id} is not in a batch yet")
+    if merkle.leaf_hash(resp.transaction).hex() != resp.tx_id:
+        raise ProofInvalid("transaction bytes do not hash to the tx_id")
     try:
         bundle = tlogproof.parse_tlog_proof(resp.tlog_proof)
         origin = trust.origin
@@ -275,25 +219,17 @@ async def check_proof(
             )
         except grpc.aio.AioRpcError as e:
             raise _rpc_error(f"GetTransaction {tx_id}", e) from None
-    header = verify_transaction(resp, key)
     logged = verify_log_proof(resp, key, trust)
     tx = transaction_pb2.Transaction.FromString(resp.transaction)
     state = gateway_pb2.GetTransactionResponse.State.Name(resp.state)
-    print(f"tx {tx_id}: {state}, device {tx.device_id} seq {tx.device_seq}")
-    print(
-        f"batch {header.seq} of gateway {header.gateway_id}: leaf {resp.leaf_index} of "
-        f"{resp.tree_size}, root {header.merkle_root.hex()}"
-    )
-    print(
-        f"signature verified with key_id {header.key_id.hex()}; inclusion proof verified; "
-        f"{len(resp.receipts)} ledger receipt(s)"
-    )
+    print(f"tx {tx_id}: {state}, device {tx.device_id} seq {tx.device_seq}, batch {resp.batch_seq}")
     cp = logged.checkpoint
     cosigners = ", ".join(name for name, _t in logged.cosigned_by) or "none"
     print(
-        f"log {cp.origin}: leaf {logged.index} of checkpoint {cp.size}, signed by the "
-        f"gateway's key; cosigned by {len(logged.cosigned_by)} of "
-        f"{len(policy.witnesses)} witness(es), {policy.threshold} required ({cosigners})"
+        f"log {cp.origin}: leaf {logged.index} of checkpoint {cp.size} (root "
+        f"{cp.root_hash.hex()}), signed by the gateway's key; inclusion proof verified; "
+        f"cosigned by {len(logged.cosigned_by)} of {len(policy.witnesses)} witness(es), "
+        f"{policy.threshold} required ({cosigners})"
     )
     sys.stdout.flush()
     return 0

@@ -1,16 +1,18 @@
-"""The forwarder: signed batches to ledger nodes over gRPC, in seq order.
+"""The forwarder: the gateway's log to ledger nodes over gRPC, one checkpoint at a time.
 
-Each node has its own loop and position. On start (and after a gap answer) it
-asks the node for its head and resends from there; a batch counts committed
-once `quorum` nodes cosigned a checkpoint of the log that covers it. Transient failures back off
-exponentially with jitter; a fork answer stops forwarding to that node and is
-reported loudly, since the gateway never rewrites its own chain.
+A batch is the log's leaves between two checkpoints. Each node has its own loop and
+position, the size of the last checkpoint it cosigned: on start (and after it answers
+that it holds another size) the loop asks the node for its head, then sends it, with
+AddCheckpoint, the leaves since that size up to the latest checkpoint and a consistency
+proof; the node answers its witness cosignature. A batch counts committed once `quorum`
+nodes cosigned a checkpoint covering it. Transient failures back off exponentially with
+jitter; a split view (the node cosigned another log under this gateway's name) stops
+forwarding to that node and is reported loudly, since the gateway never rewrites its log.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import random
@@ -22,18 +24,16 @@ from typing import Any
 
 import grpc
 
-from gateway._pb.edgegateway.v1 import batch_pb2, ledger_pb2, ledger_pb2_grpc
+from gateway._pb.edgegateway.v1 import ledger_pb2, ledger_pb2_grpc
 from gateway.common.errors import LedgerError
 from gateway.common.grpcutil import aio_channel
 from gateway.edge import metrics, rotation, tlog
 from gateway.edge.config import ForwarderConfig, LedgerNodeRef
-from gateway.edge.spool import NewlyCommitted, Spool, StoredBatch, StoredCheckpoint, now_ms
+from gateway.edge.spool import NewlyCommitted, Spool, StoredCheckpoint, now_ms
 from gateway.formats import cosignature, note
 
 log = logging.getLogger("gateway.edge.forwarder")
 
-# Receipts on their way into the spool, per node, while the next batch goes out.
-RECEIPTS_IN_FLIGHT = 4
 TRANSIENT = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -48,20 +48,17 @@ TRANSIENT = {
 class NodeState:
     ref: LedgerNodeRef
     state: str = "connecting"
-    next_seq: int | None = None
     last_error: str = ""
-    sent: int = 0
     failures: int = 0
     # Since when (monotonic) and after how many failed attempts the node has been
     # unreachable or refusing; None while it answers.
     down_since: float | None = None
     down_attempts: int = 0
-    # The size of the last checkpoint of this gateway's log the node cosigned (its
-    # GetHead); None until asked.
+    # The size of the last checkpoint of this gateway's log the node cosigned (from its
+    # GetHead, then from its cosignatures); None until asked, and after it answered
+    # that it holds another size than this one without saying which.
     log_size: int | None = None
     cosigned: int = 0
-    # The batch last forwarded and its leaves, for the checkpoint that follows it.
-    recent: tuple[int, list[bytes]] | None = None
 
 
 def backoff_delay(attempt: int, initial: float, maximum: float, rng: random.Random) -> float:
@@ -92,14 +89,9 @@ class Forwarder:
         self.last_committed_seq = -1
         self.last_progress = time.monotonic()
         self._wakes = [asyncio.Event() for _ in self.nodes]
-        # Each node's checkpoints go out from a loop of their own, beside its batches.
-        self._cosign_wakes = [asyncio.Event() for _ in self.nodes]
         self._beats = [time.monotonic() for _ in self.nodes]
         self._rng = random.Random()
         self._channels: list[grpc.aio.Channel] = []
-        self._receipts: dict[str, collections.deque[asyncio.Future[None]]] = {
-            n.ref.node_id: collections.deque() for n in self.nodes
-        }
         self._commit_listeners: list[Callable[[], None]] = []
         metrics.forwarder_quorum.set(cfg.quorum)
         for n in self.nodes:
@@ -117,9 +109,9 @@ class Forwarder:
             self._publish_state(node)
 
     def _working(self, node: NodeState) -> None:
-        """The node took a batch, or holds every one: state ok, and if it was unreachable
-        or refusing, one line saying it is back. (Answering GetHead alone is not enough: a
-        node that needs a pruned batch answers it, then refuses again.)"""
+        """The node cosigned a checkpoint, or has cosigned the latest: state ok, and if it
+        was unreachable or refusing, one line saying it is back. (Answering GetHead alone
+        is not enough: a node that needs pruned leaves answers it, then refuses again.)"""
         if node.down_since is not None:
             log.info(
                 "ledger node %s reachable again at %s after %.0f s (%d failed attempts)",
@@ -141,12 +133,13 @@ class Forwarder:
         self._commit_listeners.append(listener)
 
     def notify_signed(self, seq: int) -> None:
+        """Batch `seq` (its checkpoint) is durable in the spool."""
         self.last_signed_seq = max(self.last_signed_seq, seq)
         for w in self._wakes:
             w.set()
 
     async def resume(self) -> None:
-        last = await asyncio.wrap_future(self.spool.read(Spool.q_last_batch))
+        last = await asyncio.wrap_future(self.spool.read(Spool.q_last_checkpoint))
         self.last_signed_seq = -1 if last is None else last.seq
         self.last_committed_seq = await asyncio.wrap_future(
             self.spool.read(Spool.q_last_committed_seq)
@@ -175,7 +168,6 @@ class Forwarder:
             await ch.close(None)
 
     async def _wait(self, i: int, stop: asyncio.Event, timeout: float) -> None:
-        self._wakes[i].clear()
         waits = [asyncio.ensure_future(self._wakes[i].wait()), asyncio.ensure_future(stop.wait())]
         try:
             await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -186,97 +178,28 @@ class Forwarder:
     async def _node_loop(
         self, i: int, node: NodeState, stub: ledger_pb2_grpc.LedgerServiceStub, stop: asyncio.Event
     ) -> None:
-        pending = self._receipts[node.ref.node_id]
-        try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._turns(i, node, stub, stop, pending))
-                tg.create_task(self._cosign_turns(i, node, stub, stop))
-        finally:
-            while pending:
-                await pending.popleft()
-
-    async def _cosign_turns(
-        self,
-        i: int,
-        node: NodeState,
-        stub: ledger_pb2_grpc.LedgerServiceStub,
-        stop: asyncio.Event,
-    ) -> None:
-        """Checkpoints to one node, pipelined with its batches: whenever the node holds
-        batches beyond the log size it last cosigned, one AddCheckpoint up to the latest
-        (several batches at once when it is behind)."""
-        wake = self._cosign_wakes[i]
+        """One node: one AddCheckpoint in flight at a time, from the size it last cosigned
+        up to the latest checkpoint (several batches in one call when it is behind)."""
         attempt = 0
         while not stop.is_set():
-            if node.state == "forked":
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 10)
-                continue
-            try:
-                wake.clear()
-                if await self._cosign(node, stub):
-                    attempt = 0
-                    continue
-                attempt = 0
-                waits = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stop.wait())]
-                try:
-                    await asyncio.wait(waits, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    for w in waits:
-                        w.cancel()
-                continue
-            except LedgerError as e:
-                node.last_error = str(e)
-                attempt += 1
-                if attempt == 1 or attempt % 10 == 0:
-                    log.error("%s", e)
-            except grpc.aio.AioRpcError as e:
-                code = e.code()
-                metrics.forward_errors.labels(node.ref.node_id, code.name).inc()
-                node.last_error = f"{code.name}: {e.details()}"
-                if code is grpc.StatusCode.ABORTED:  # a split view: the node cosigned another log
-                    self._forked(node, e.details() or "")
-                    continue
-                attempt += 1
-                if attempt == 1 or attempt % 10 == 0:
-                    log.warning(
-                        "ledger %s refused or missed checkpoint (%s, attempt %d)",
-                        node.ref.node_id,
-                        node.last_error,
-                        attempt,
-                    )
-            delay = backoff_delay(
-                attempt, self.cfg.backoff_initial_s, self.cfg.backoff_max_s, self._rng
-            )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
-
-    async def _turns(
-        self,
-        i: int,
-        node: NodeState,
-        stub: ledger_pb2_grpc.LedgerServiceStub,
-        stop: asyncio.Event,
-        pending: collections.deque[asyncio.Future[None]],
-    ) -> None:
-        attempt = 0
-        while not stop.is_set():
-            while pending and pending[0].done():
-                await pending.popleft()  # a receipt store's spool error ends the loop here
             self._beats[i] = time.monotonic()
             if node.state == "forked":
+                self._wakes[i].clear()
                 await self._wait(i, stop, 10)
                 continue
             try:
-                if node.next_seq is None:
+                if node.log_size is None:
                     await self._sync_head(node, stub)
-                if node.next_seq is None or node.next_seq > self.last_signed_seq:
-                    if node.state not in ("forked",):
-                        self._working(node)
-                    await self._wait(i, stop, 1.0)
+                    if node.state == "forked":
+                        continue
+                self._wakes[i].clear()
+                if await self._cosign(node, stub):
+                    attempt = 0
                     continue
-                await self._send(node, stub, node.next_seq)
+                if node.state != "forked":
+                    self._working(node)  # it has cosigned every checkpoint there is
                 attempt = 0
+                await self._wait(i, stop, 1.0)
                 continue
             except LedgerError as e:
                 self._set_state(node, "refused")
@@ -291,16 +214,20 @@ class Forwarder:
                 node.failures += 1
                 node.last_error = f"{code.name}: {e.details()}"
                 if code is grpc.StatusCode.FAILED_PRECONDITION:
-                    # A gap: the node is behind or ahead of what we thought. Ask again.
+                    # The node cosigned another size than we thought (it lost state, or
+                    # the spool lacks its last cosignature): continue from the size it
+                    # names, or ask its head again.
+                    known = _metadata(e, "known-size")
                     log.warning(
-                        "ledger %s answered a gap (%s); resyncing from its head",
+                        "ledger %s holds another log size (%s); resyncing from %s",
                         node.ref.node_id,
                         e.details(),
+                        f"size {known}" if known and known.isdigit() else "its head",
                     )
                     self._set_state(node, "resyncing")
-                    node.next_seq = None
+                    node.log_size = int(known) if known is not None and known.isdigit() else None
                     attempt += 1
-                elif code is grpc.StatusCode.ABORTED:  # the node holds another batch at this seq
+                elif code is grpc.StatusCode.ABORTED:  # a split view
                     self._forked(node, e.details() or "")
                     continue
                 else:
@@ -324,9 +251,9 @@ class Forwarder:
         self._set_state(node, "forked")
         node.last_error = detail
         log.error(
-            "LEDGER FORK: node %s holds a different batch than this gateway (%s); "
-            "forwarding to it stopped, the gateway's chain is unchanged. An operator "
-            "must compare the node's chain with this gateway's spool.",
+            "LEDGER SPLIT VIEW: node %s holds a different log for this gateway than its "
+            "spool (%s); forwarding to it stopped, the gateway's log is unchanged. An "
+            "operator must compare the node's checkpoints with this gateway's spool.",
             node.ref.node_id,
             detail,
         )
@@ -337,111 +264,45 @@ class Forwarder:
             timeout=self.cfg.call_timeout_s,
             wait_for_ready=False,
         )
-        if head.next_seq > 0:
-            ours = await asyncio.wrap_future(
-                self.spool.read(lambda c: Spool.q_batch(c, head.next_seq - 1))
-            )
-            if ours is None and head.next_seq - 1 > self.last_signed_seq:
-                self._forked(
-                    node,
-                    f"node is at seq {head.next_seq - 1}, beyond this gateway's "
-                    f"last signed seq {self.last_signed_seq}",
-                )
-                return
-            if ours is not None and ours.header_hash != head.header_hash:
-                self._forked(node, f"header hash at seq {head.next_seq - 1} differs")
-                return
-        # A batch the node already holds may still lack its receipt here (the gateway
-        # was killed between the node's answer and the receipt's store): send it again,
-        # the node answers a re-sent batch with its receipt.
-        unreceipted = await asyncio.wrap_future(
-            self.spool.read(lambda c: _first_unreceipted(c, node.ref.node_id, head.next_seq))
-        )
-        node.next_seq = head.next_seq if unreceipted is None else unreceipted
-        # Likewise a checkpoint the node cosigned may lack its cosignature here: start the
-        # node's cosigning from before the first such checkpoint, so the node answers it (or
-        # a later one covering it) again and the quorum can still be reached when no new
-        # batch follows.
+        # A checkpoint the node cosigned may lack its cosignature here (the gateway was
+        # killed between the node's answer and the store): start from before the first
+        # such checkpoint, so the node answers it (or a later one covering it) again and
+        # the quorum can still be reached when no new batch follows.
         uncosigned = await asyncio.wrap_future(
             self.spool.read(lambda c: _before_uncosigned(c, node.ref.node_id, head.log_size))
         )
         node.log_size = head.log_size if uncosigned is None else uncosigned
-        self._set_state(node, "ok")
-        self._cosign_wakes[self.nodes.index(node)].set()
         log.info(
-            "ledger %s head: next seq %d, log size %d; sending from seq %d, cosigning from %d",
+            "ledger %s head: log size %d; cosigning from %d",
             node.ref.node_id,
-            head.next_seq,
             head.log_size,
-            node.next_seq,
             node.log_size,
         )
 
-    async def _send(
-        self, node: NodeState, stub: ledger_pb2_grpc.LedgerServiceStub, seq: int
-    ) -> None:
-        loaded = await asyncio.wrap_future(self.spool.read(lambda c: _load(c, seq)))
-        if loaded is None:
-            node.next_seq = None
-            raise LedgerError(
-                f"ledger {node.ref.node_id} needs batch {seq}, which the spool no longer keeps: "
-                "raise spool.retention_batches or restore the node from a peer"
-            )
-        stored, leaves, _received = loaded
-        req = ledger_pb2.SubmitBatchRequest(
-            batch=batch_pb2.SignedBatch(
-                header=stored.header, signature=stored.signature, transactions=leaves
-            )
-        )
-        t0 = time.perf_counter()
-        receipt: batch_pb2.Receipt = await stub.SubmitBatch(req, timeout=self.cfg.call_timeout_s)
-        metrics.forward_seconds.labels(node.ref.node_id).observe(time.perf_counter() - t0)
-        if receipt.seq != seq or receipt.header_hash != stored.header_hash:
-            raise LedgerError(
-                f"ledger {node.ref.node_id} answered a receipt for seq "
-                f"{receipt.seq} that does not match batch {seq}"
-            )
-        # The receipt is stored while the next batch goes out: the node loop does not
-        # wait for the spool writers' turn. A store that fails ends the loop (and the
-        # gateway) as before, at the next turn of this node's loop at the latest.
-        store = asyncio.wrap_future(
-            self.spool.write(
-                lambda c: Spool.w_store_receipt(
-                    c, seq, node.ref.node_id, receipt.SerializeToString(deterministic=True)
-                )
-            )
-        )
-        node.next_seq = seq + 1
-        node.sent += 1
-        self._working(node)
-        node.last_error = ""
-        self.last_progress = time.monotonic()
-        pending = self._receipts[node.ref.node_id]
-        pending.append(asyncio.ensure_future(store))
-        while len(pending) >= RECEIPTS_IN_FLIGHT or (pending and pending[0].done()):
-            await pending.popleft()
-        node.recent = (seq, leaves)
-        self._cosign_wakes[self.nodes.index(node)].set()
-
     async def _cosign(self, node: NodeState, stub: ledger_pb2_grpc.LedgerServiceStub) -> bool:
-        """Bring the node's cosigned view of the log up to the last batch it holds: one
+        """Bring the node's cosigned view of the log up to the latest checkpoint: one
         AddCheckpoint from the size it last cosigned, with the leaves since and a
-        consistency proof from the tiles (the leaves of the batch just forwarded are not
-        read again when they are what the node needs). True if it sent one."""
-        if node.log_size is None or node.next_seq is None or node.next_seq == 0:
-            return False
-        held = node.next_seq - 1
+        consistency proof from the tiles. True if it sent one."""
         old = node.log_size
-        sent = node.recent
+        if old is None:
+            return False
         loaded = await asyncio.wrap_future(
-            self.spool.read(lambda c: _load_cosign(c, old, held, MAX_COSIGN_LEAVES, sent))
+            self.spool.read(lambda c: _load_cosign(c, old, MAX_COSIGN_LEAVES))
         )
         if loaded is None:
             return False
         cp, leaves, proof = loaded
         if cp is None:
-            self._forked(node, f"node cosigned a log of {old} leaves, beyond this gateway's")
+            self._forked(
+                node,
+                f"node cosigned a checkpoint of size {old}, which this gateway's log has not",
+            )
             return False
+        if not leaves and cp.size > old:
+            raise LedgerError(
+                f"ledger {node.ref.node_id} needs the log's leaves from {old}, which the spool "
+                "no longer keeps: raise spool.retention_batches or restore the node from a peer"
+            )
         req = ledger_pb2.AddCheckpointRequest(
             gateway_id=self.gateway_id,
             old_size=old,
@@ -450,16 +311,9 @@ class Forwarder:
             leaves=leaves,
         )
         t0 = time.perf_counter()
-        try:
-            answer: ledger_pb2.Cosignature = await stub.AddCheckpoint(
-                req, timeout=self.cfg.call_timeout_s
-            )
-        except grpc.aio.AioRpcError as e:
-            if e.code() is grpc.StatusCode.FAILED_PRECONDITION:
-                known = _metadata(e, "known-size")
-                if known is not None and known.isdigit():
-                    node.log_size = int(known)
-            raise
+        answer: ledger_pb2.Cosignature = await stub.AddCheckpoint(
+            req, timeout=self.cfg.call_timeout_s
+        )
         metrics.forward_seconds.labels(node.ref.node_id).observe(time.perf_counter() - t0)
         line = self._checked_line(node, cp, answer)
         new = await asyncio.wrap_future(
@@ -471,6 +325,8 @@ class Forwarder:
         )
         node.log_size = cp.size
         node.cosigned += 1
+        node.last_error = ""
+        self._working(node)
         self.last_progress = time.monotonic()
         self._committed(new)
         return True
@@ -525,29 +381,23 @@ def _metadata(e: grpc.aio.AioRpcError, key: str) -> str | None:
 
 
 def _load_cosign(
-    conn: sqlite3.Connection,
-    old_size: int,
-    max_seq: int,
-    max_leaves: int,
-    sent: tuple[int, list[bytes]] | None = None,
+    conn: sqlite3.Connection, old_size: int, max_leaves: int
 ) -> tuple[StoredCheckpoint | None, list[bytes], list[bytes]] | None:
-    """What a node that cosigned `old_size` is sent next: the latest checkpoint of a batch
-    it holds (seq <= max_seq) within `max_leaves` of it (at least the next one), the
-    leaves since `old_size` and the consistency proof. None when it is up to date;
-    (None, [], []) when old_size is no checkpoint of this log."""
+    """What a node that cosigned `old_size` is sent next: the latest checkpoint within
+    `max_leaves` of it (at least the next one), the leaves since `old_size` and the
+    consistency proof. None when it is up to date; (None, [], []) when old_size is no
+    checkpoint of this log; leaves empty when retention pruned some of them."""
     if old_size:
         known = Spool.q_checkpoint(conn, old_size)
         if known is None:
             return None, [], []
     row = conn.execute(
-        "SELECT size FROM log_checkpoint WHERE size > ? AND seq <= ? AND size <= ?"
-        " ORDER BY size DESC LIMIT 1",
-        (old_size, max_seq, old_size + max_leaves),
+        "SELECT size FROM log_checkpoint WHERE size > ? AND size <= ? ORDER BY size DESC LIMIT 1",
+        (old_size, old_size + max_leaves),
     ).fetchone()
     if row is None:
         row = conn.execute(
-            "SELECT size FROM log_checkpoint WHERE size > ? AND seq <= ? ORDER BY size LIMIT 1",
-            (old_size, max_seq),
+            "SELECT size FROM log_checkpoint WHERE size > ? ORDER BY size LIMIT 1", (old_size,)
         ).fetchone()
     if row is None:
         return None
@@ -559,42 +409,22 @@ def _load_cosign(
         size = rotated
     cp = Spool.q_checkpoint(conn, size)
     assert cp is not None
-    if sent is not None and sent[0] == cp.seq and cp.first_index == old_size:
-        leaves = sent[1]  # the batch just forwarded: its leaves are this checkpoint's
-    else:
-        first = Spool.q_checkpoint_covering_index(conn, old_size)
-        if first is None:
-            return None
-        leaves = Spool.q_leaves(conn, first.first_rowid, cp.last_rowid)
+    first = Spool.q_checkpoint_covering_index(conn, old_size)
+    assert first is not None
+    leaves = Spool.q_leaves(conn, first.first_rowid, cp.last_rowid)
     if len(leaves) != cp.size - old_size:
-        return None  # pruned: the node cannot be brought up to date from this spool
+        return cp, [], []  # pruned: the node cannot be brought up to date from this spool
     reader = tlog.TileReader(cp.size, tlog.sqlite_fetch(conn))
     proof = reader.consistency_proof(old_size) if old_size else []
     return cp, leaves, proof
 
 
-def _first_unreceipted(conn: object, node_id: str, below_seq: int) -> int | None:
-    """The lowest uncommitted batch below `below_seq` without a receipt from `node_id`."""
-    import sqlite3
-
-    assert isinstance(conn, sqlite3.Connection)
-    row = conn.execute(
-        "SELECT min(seq) FROM batch WHERE seq < ? AND committed_ms IS NULL AND NOT EXISTS"
-        " (SELECT 1 FROM receipt WHERE receipt.seq = batch.seq AND receipt.node_id = ?)",
-        (below_seq, node_id),
-    ).fetchone()
-    return None if row is None or row[0] is None else int(row[0])
-
-
-def _before_uncosigned(conn: object, node_id: str, size: int) -> int | None:
+def _before_uncosigned(conn: sqlite3.Connection, node_id: str, size: int) -> int | None:
     """Where the cosigning of a node that last cosigned checkpoint `size` (its head) starts
     when the spool lacks that cosignature and no checkpoint from `size` on is committed: the
     size of the checkpoint before it (0 if none), so the node is sent it again. None
     otherwise. Only its last cosignature can be missing (each is stored before the node is
     sent the next checkpoint); the checkpoints it skipped lack its cosignature for good."""
-    import sqlite3
-
-    assert isinstance(conn, sqlite3.Connection)
     row = conn.execute(
         "SELECT 1 FROM log_checkpoint WHERE size = ? AND size > (SELECT coalesce(max(size), 0)"
         " FROM log_checkpoint WHERE committed_ms IS NOT NULL) AND NOT EXISTS"
@@ -605,19 +435,3 @@ def _before_uncosigned(conn: object, node_id: str, size: int) -> int | None:
         return None
     before = conn.execute("SELECT max(size) FROM log_checkpoint WHERE size < ?", (size,)).fetchone()
     return 0 if before is None or before[0] is None else int(before[0])
-
-
-def _load(conn: object, seq: int) -> tuple[StoredBatch, list[bytes], list[int]] | None:
-    import sqlite3
-
-    assert isinstance(conn, sqlite3.Connection)
-    b = Spool.q_batch(conn, seq)
-    if b is None:
-        return None
-    rows = conn.execute(
-        "SELECT leaf, received_ms FROM tx WHERE rowid BETWEEN ? AND ? ORDER BY rowid",
-        (b.first_rowid, b.last_rowid),
-    ).fetchall()
-    if len(rows) != b.tx_count:
-        return None
-    return b, [r[0] for r in rows], [r[1] for r in rows]

@@ -61,26 +61,31 @@ batch_size = Histogram(
 )
 sign_seconds = Histogram(
     "edge_gateway_hsm_sign_seconds",
-    "HSM signing latency",
+    "HSM signing latency of a batch's checkpoint (one signature; two in a key rotation's overlap)",
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 1),
+    registry=REGISTRY,
+)
+hsm_signatures = Counter(
+    "edge_gateway_hsm_signatures_total",
+    "Signatures the HSM made (PKCS#11 C_Sign calls that returned one)",
     registry=REGISTRY,
 )
 forward_seconds = Histogram(
     "edge_gateway_forward_seconds",
-    "SubmitBatch latency per node",
+    "AddCheckpoint latency per node (a checkpoint and its leaves, to its cosignature)",
     ["node"],
     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
     registry=REGISTRY,
 )
 forward_errors = Counter(
     "edge_gateway_forward_errors_total",
-    "Failed SubmitBatch calls",
+    "Failed GetHead and AddCheckpoint calls",
     ["node", "code"],
     registry=REGISTRY,
 )
 batches_committed = Counter(
     "edge_gateway_batches_committed_total",
-    "Batches that reached the receipt quorum",
+    "Batches a checkpoint cosigned by the quorum committed",
     registry=REGISTRY,
 )
 commit_latency = Histogram(
@@ -119,7 +124,8 @@ ledger_nodes_ok = Gauge(
 )
 forwarder_quorum = Gauge(
     "edge_gateway_forwarder_quorum",
-    "Receipts a batch needs to count committed (forwarder.quorum)",
+    "Ledger nodes whose cosignatures of a checkpoint commit the batches it covers "
+    "(forwarder.quorum)",
     registry=REGISTRY,
 )
 hsm_up = Gauge("edge_gateway_hsm_up", "1 while the HSM signer's state is ok", registry=REGISTRY)

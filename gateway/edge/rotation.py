@@ -1,4 +1,4 @@
-"""Rotation of the log's key: which HSM keys sign the next checkpoint and batch header.
+"""Rotation of the log's key: which HSM keys sign the next checkpoint (a batch's signature).
 
 `edge-gateway hsm rotate` creates the new key on the token and leaves a request in the
 spool's meta table (`log_key_request`); the service picks it up at start or on SIGHUP,
@@ -153,21 +153,20 @@ class KeyState:
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """Keys for the next batch: the checkpoint's signers (in order) and the header's key.
-    None stands for the configured key."""
+    """Keys for the next batch: its checkpoint's signers, in order. None stands for the
+    configured key."""
 
     checkpoint: tuple[TokenKey | None, ...]
-    header: TokenKey | None
 
 
 def plan(state: KeyState) -> Plan:
     r = state.rotation
     if r is None or r.stage == "done":
-        return Plan((state.active,), state.active)
+        return Plan((state.active,))
     old = state.active
     if r.stage == "spooled":
-        return Plan((old,), old)
-    return Plan((old, r.new), old)  # overlap: headers stay with the old key until it ends
+        return Plan((old,))
+    return Plan((old, r.new))  # overlap: both keys sign
 
 
 def after_checkpoint(state: KeyState, tx_ids: Sequence[bytes], size: int, now_ms: int) -> KeyState:

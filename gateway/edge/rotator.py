@@ -32,11 +32,10 @@ log = logging.getLogger("gateway.edge.rotator")
 
 
 def signer_keys(cfg: GatewayConfig, state: rotation.KeyState) -> list[tuple[str, bytes]]:
-    """(label, CKA_ID) of the keys the signer opens: the header's key first, then every
-    other key a checkpoint is signed with, and a rotation's new key."""
+    """(label, CKA_ID) of the keys the signer opens: the keys the next checkpoint is
+    signed with, in order, and a rotation's new key."""
     default = rotation.TokenKey(cfg.hsm.key_label, cfg.hsm.key_id)
-    plan = rotation.plan(state)
-    keys = [plan.header or default, *(k or default for k in plan.checkpoint)]
+    keys = [k or default for k in rotation.plan(state).checkpoint]
     if state.in_progress():
         assert state.rotation is not None
         keys.append(state.rotation.new)

@@ -121,7 +121,7 @@ class Gateway:
                     node_id=n.ref.node_id,
                     address=n.ref.address,
                     state=n.state,
-                    next_seq=n.next_seq or 0,
+                    log_size=n.log_size or 0,
                     last_error=n.last_error,
                 )
         if self.signer is not None:

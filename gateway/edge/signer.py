@@ -1,4 +1,4 @@
-"""The HSM: batch header signatures from a key that never leaves PKCS#11.
+"""The HSM: checkpoint signatures from a key that never leaves PKCS#11.
 
 Every PKCS#11 call runs on one worker thread through one session (python-pkcs11
 failed with GeneralError when two threads signed at once). SHA-256 is computed
@@ -27,6 +27,7 @@ from pkcs11 import exceptions as p11
 from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 
 from gateway.common.errors import HsmError, HsmPinError
+from gateway.edge import metrics
 from gateway.edge.config import HsmConfig
 from gateway.formats import batchformat, checkpoint, note
 
@@ -347,16 +348,11 @@ class Signer:
 
     def _finish(self, raw: Any) -> bytes:
         self.signatures += 1
+        metrics.hsm_signatures.inc()
         return batchformat.der_low_s(bytes(raw))
 
     def sign_digest(self, digest: bytes) -> Future[bytes]:
         return self._call(lambda: self._sign_now(digest))
-
-    def sign_header(self, header: bytes, cka_id: bytes | None = None) -> Future[bytes]:
-        """DER low-S ECDSA over DOMAIN_TAG || header (by the key `cka_id`, default the
-        first key held)."""
-        digest = batchformat.signing_digest(header)
-        return self._call(lambda: self._sign_now(digest, cka_id))
 
     def note_signer(self, name: str, cka_id: bytes | None = None) -> note.EcdsaDigestSigner:
         """A signed-note signer (type 0x02, ECDSA) named `name` over an HSM key. Its

@@ -33,7 +33,7 @@ from gateway.edge.config import SpoolConfig
 log = logging.getLogger("gateway.edge.spool")
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 -- AUTOINCREMENT keeps rowids monotonic, so "pending" is simply rowid > the last batch's last_rowid.
@@ -52,25 +52,6 @@ CREATE TABLE IF NOT EXISTS device (
     device_id TEXT PRIMARY KEY,
     last_seq INTEGER NOT NULL,
     last_seen_ms INTEGER NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS batch (
-    seq INTEGER PRIMARY KEY,
-    header BLOB NOT NULL,
-    signature BLOB NOT NULL,
-    header_hash BLOB NOT NULL,
-    first_rowid INTEGER NOT NULL,
-    last_rowid INTEGER NOT NULL,
-    tx_count INTEGER NOT NULL,
-    created_ms INTEGER NOT NULL,
-    committed_ms INTEGER
-);
-CREATE INDEX IF NOT EXISTS batch_by_last_rowid ON batch (last_rowid);
-CREATE TABLE IF NOT EXISTS receipt (
-    seq INTEGER NOT NULL,
-    node_id TEXT NOT NULL,
-    receipt BLOB NOT NULL,
-    received_ms INTEGER NOT NULL,
-    PRIMARY KEY (seq, node_id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS reject (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -100,7 +81,10 @@ CREATE TABLE IF NOT EXISTS log_tile (
     data BLOB NOT NULL,
     PRIMARY KEY (level, idx)
 ) WITHOUT ROWID;
--- One signed checkpoint per batch: the tree after the batch's leaves [first_index, size).
+-- The batches: one row each, the log's leaves [first_index, size) (spool rowids
+-- first_rowid..last_rowid) and the signed checkpoint of the tree after them, the batch's
+-- only signature. committed_ms: when the forwarder's quorum cosigned this checkpoint; a
+-- batch is committed once any checkpoint at or beyond its size is.
 CREATE TABLE IF NOT EXISTS log_checkpoint (
     size INTEGER PRIMARY KEY,
     seq INTEGER NOT NULL UNIQUE,
@@ -113,6 +97,15 @@ CREATE TABLE IF NOT EXISTS log_checkpoint (
     committed_ms INTEGER
 );
 CREATE INDEX IF NOT EXISTS log_checkpoint_by_last_rowid ON log_checkpoint (last_rowid);
+-- The batches as readers (status, the lab's tools) count them: when each was committed,
+-- that is when the first checkpoint at or beyond it was cosigned by the quorum.
+CREATE VIEW IF NOT EXISTS batch AS
+SELECT seq, size, first_index, first_rowid, last_rowid, size - first_index AS tx_count,
+    created_ms,
+    (SELECT c.committed_ms FROM log_checkpoint AS c
+        WHERE c.size >= b.size AND c.committed_ms IS NOT NULL ORDER BY c.size LIMIT 1)
+        AS committed_ms
+FROM log_checkpoint AS b;
 -- Witness cosignatures of a checkpoint: the signature line a ledger node returned.
 CREATE TABLE IF NOT EXISTS log_cosignature (
     size INTEGER NOT NULL,
@@ -264,19 +257,6 @@ class PendingTx:
 
 
 @dataclass(frozen=True, slots=True)
-class StoredBatch:
-    seq: int
-    header: bytes
-    signature: bytes
-    header_hash: bytes
-    first_rowid: int
-    last_rowid: int
-    tx_count: int
-    created_ms: int
-    committed_ms: int | None
-
-
-@dataclass(frozen=True, slots=True)
 class TxRecord:
     rowid: int
     tx_id: bytes
@@ -298,8 +278,9 @@ class NewlyCommitted:
 
 @dataclass(frozen=True, slots=True)
 class StoredCheckpoint:
-    """The log after batch `seq`: leaves [first_index, size) are its transactions
-    (spool rowids first_rowid..last_rowid), `note` the signed checkpoint."""
+    """Batch `seq`: the log's leaves [first_index, size) are its transactions (spool rowids
+    first_rowid..last_rowid); `note` is the signed checkpoint of the log after them, the
+    batch's one signature; `committed_ms` is set once the quorum cosigned this checkpoint."""
 
     size: int
     seq: int
@@ -311,15 +292,13 @@ class StoredCheckpoint:
     created_ms: int
     committed_ms: int | None
 
+    @property
+    def tx_count(self) -> int:
+        return self.size - self.first_index
+
 
 _CHECKPOINT_COLS = (
     "size, seq, first_index, first_rowid, last_rowid, root, note, created_ms, committed_ms"
-)
-
-
-_BATCH_COLS = (
-    "seq, header, signature, header_hash, first_rowid, last_rowid, tx_count, created_ms, "
-    "committed_ms"
 )
 
 
@@ -395,7 +374,7 @@ _STOP = object()
 def claim_instance(path: Path) -> int:
     """One gateway per spool: take an exclusive, non-blocking flock on `<spool>.instance`
     and return its descriptor, held until the process closes it or dies. A second
-    gateway on the same spool would sign the same seqs (a fork at the ledger), so it
+    gateway on the same spool would sign the same seqs (a split view at the ledger), so it
     must stop before it touches anything. `<spool>.lock` is not this lock: the writers
     of one gateway take turns on it.
 
@@ -432,7 +411,7 @@ def claim_instance(path: Path) -> int:
 
 class Spool:
     def __init__(self, cfg: SpoolConfig, gateway_id: str, write_priority: bool = False) -> None:
-        """`write_priority`: this process's writes (a batch, its receipts: few and short)
+        """`write_priority`: this process's writes (a batch, its cosignatures: few and short)
         go ahead of the intake processes' group commits waiting for the same turn."""
         self._priority = write_priority
         self.cfg = cfg
@@ -531,9 +510,10 @@ class Spool:
             )
 
     def _refuse_other_schema(self) -> None:
-        """A spool written by another schema (the per-batch trees before the log, or a
-        newer gateway) stops the start through a read-only connection, before anything
-        is written to it: misreading it would sign a history it does not hold."""
+        """A spool written by another schema (per-batch trees before the log, the header
+        chain beside it, or a newer gateway) stops the start through a read-only
+        connection, before anything is written to it: misreading it would sign a history
+        it does not hold."""
         try:
             ro = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30.0)
             try:
@@ -554,7 +534,8 @@ class Spool:
         if row is not None and row[0] != str(SCHEMA_VERSION):
             raise SpoolIntegrityError(
                 f"spool {self.path} has schema {row[0]}, this gateway reads {SCHEMA_VERSION} "
-                "(one append-only log per gateway); it was left untouched: move it aside to "
+                "(batches are checkpoints of one append-only log, no header chain); it was "
+                "left untouched: move it aside to "
                 "start with an empty spool"
             )
 
@@ -571,7 +552,7 @@ class Spool:
         if rows.get("gateway_id") != self.gateway_id:
             raise SpoolError(
                 f"spool {self.path} belongs to gateway {rows.get('gateway_id')!r}, not "
-                f"{self.gateway_id!r}: a spool carries one gateway's chain; point spool.path "
+                f"{self.gateway_id!r}: a spool carries one gateway's log; point spool.path "
                 "elsewhere or fix gateway.id"
             )
         if rows.get("schema_version") != str(SCHEMA_VERSION):
@@ -769,7 +750,7 @@ class Spool:
         so a writer committing back to back starves the others; a waiter on the flock is
         woken the moment it is free. A second lock, <spool>.lock-next, is the queue's
         head: the priority writer holds it while it waits, and the others pass through it
-        before they queue, so batches and receipts are never stuck behind group commits."""
+        before they queue, so batches and cosignatures are never stuck behind group commits."""
         fd, nxt = self._lock_fd, self._next_fd
         if fd is None or nxt is None:
             yield
@@ -1000,16 +981,6 @@ class Spool:
     # ---- queries (run them through read() or write()) ---------------------
 
     @staticmethod
-    def q_last_batch(conn: sqlite3.Connection) -> StoredBatch | None:
-        row = conn.execute(f"SELECT {_BATCH_COLS} FROM batch ORDER BY seq DESC LIMIT 1").fetchone()
-        return StoredBatch(*row) if row else None
-
-    @staticmethod
-    def q_batch(conn: sqlite3.Connection, seq: int) -> StoredBatch | None:
-        row = conn.execute(f"SELECT {_BATCH_COLS} FROM batch WHERE seq = ?", (seq,)).fetchone()
-        return StoredBatch(*row) if row else None
-
-    @staticmethod
     def q_pending(conn: sqlite3.Connection, after_rowid: int, limit: int) -> list[PendingTx]:
         return [
             PendingTx(*r)
@@ -1057,29 +1028,20 @@ class Spool:
         return TxRecord(*row) if row else None
 
     @staticmethod
-    def q_batch_of_rowid(conn: sqlite3.Connection, rowid: int) -> StoredBatch | None:
-        row = conn.execute(
-            f"SELECT {_BATCH_COLS} FROM batch WHERE last_rowid >= ? ORDER BY last_rowid LIMIT 1",
-            (rowid,),
-        ).fetchone()
-        if row is None:
-            return None
-        b = StoredBatch(*row)
-        return b if b.first_rowid <= rowid else None
-
-    @staticmethod
-    def q_receipts(conn: sqlite3.Connection, seq: int) -> list[tuple[str, bytes]]:
-        return [
-            (r[0], r[1])
-            for r in conn.execute(
-                "SELECT node_id, receipt FROM receipt WHERE seq = ? ORDER BY node_id", (seq,)
-            )
-        ]
-
-    @staticmethod
     def q_last_committed_seq(conn: sqlite3.Connection) -> int:
-        row = conn.execute("SELECT max(seq) FROM batch WHERE committed_ms IS NOT NULL").fetchone()
-        return -1 if row is None or row[0] is None else int(row[0])
+        """The last committed batch: that of the largest checkpoint the quorum cosigned."""
+        cp = Spool.q_last_committed_checkpoint(conn)
+        return -1 if cp is None else cp.seq
+
+    @staticmethod
+    def q_committed(conn: sqlite3.Connection, size: int) -> bool:
+        """Whether the batch whose checkpoint has `size` is committed: a checkpoint at or
+        beyond it was cosigned by the quorum (its tree holds the batch's)."""
+        row = conn.execute(
+            "SELECT 1 FROM log_checkpoint WHERE size >= ? AND committed_ms IS NOT NULL LIMIT 1",
+            (size,),
+        ).fetchone()
+        return row is not None
 
     # ---- the log (gateway.edge.tlog) --------------------------------------
 
@@ -1171,55 +1133,26 @@ class Spool:
     # ---- writes ----------------------------------------------------------
 
     @staticmethod
-    def w_store_batch(conn: sqlite3.Connection, b: StoredBatch) -> None:
-        """Header, signature and tx-to-batch assignment (a rowid range): one transaction."""
-        prev = conn.execute("SELECT max(seq), max(last_rowid) FROM batch").fetchone()
-        expected = 0 if prev[0] is None else prev[0] + 1
-        if b.seq != expected:
-            raise SpoolError(f"batch seq {b.seq} out of order: the spool expects {expected}")
-        if prev[1] is not None and b.first_rowid <= prev[1]:
-            raise SpoolError(f"batch {b.seq} overlaps the previous batch's transactions")
-        conn.execute(
-            f"INSERT INTO batch ({_BATCH_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                b.seq,
-                b.header,
-                b.signature,
-                b.header_hash,
-                b.first_rowid,
-                b.last_rowid,
-                b.tx_count,
-                b.created_ms,
-                b.committed_ms,
-            ),
-        )
-        _key_rows(conn, b.last_rowid)
-
-    @staticmethod
-    def w_store_receipt(conn: sqlite3.Connection, seq: int, node_id: str, receipt: bytes) -> None:
-        """Store a node's receipt for a batch: that it stored the batch. A batch is
-        committed by cosignatures of a checkpoint covering it (w_store_cosignature)."""
-        conn.execute(
-            "INSERT INTO receipt (seq, node_id, receipt, received_ms) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT (seq, node_id) DO NOTHING",
-            (seq, node_id, receipt, now_ms()),
-        )
-
-    @staticmethod
     def w_store_checkpoint(
         conn: sqlite3.Connection, cp: StoredCheckpoint, tiles: Sequence[Any]
     ) -> None:
-        """A batch's checkpoint and the log tiles it adds (gateway.edge.tlog.TileWrite),
-        in the batch's spool transaction; the log only grows by whole batches."""
-        prev = conn.execute("SELECT max(size), max(seq) FROM log_checkpoint").fetchone()
+        """A batch: its checkpoint, its tx-to-batch assignment (a rowid range) and the log
+        tiles it adds (gateway.edge.tlog.TileWrite), in one spool transaction; the log only
+        grows by whole batches, in seq order."""
+        prev = conn.execute(
+            "SELECT max(size), max(seq), max(last_rowid) FROM log_checkpoint"
+        ).fetchone()
         size = 0 if prev[0] is None else int(prev[0])
         if cp.first_index != size or cp.size <= size:
             raise SpoolError(
                 f"checkpoint of batch {cp.seq} starts the log at {cp.first_index}, "
                 f"the spool's log has {size} leaves"
             )
-        if prev[1] is not None and cp.seq != prev[1] + 1:
-            raise SpoolError(f"checkpoint of batch {cp.seq} out of order after batch {prev[1]}")
+        expected = 0 if prev[1] is None else prev[1] + 1
+        if cp.seq != expected:
+            raise SpoolError(f"batch seq {cp.seq} out of order: the spool expects {expected}")
+        if prev[2] is not None and cp.first_rowid <= prev[2]:
+            raise SpoolError(f"batch {cp.seq} overlaps the previous batch's transactions")
         tlog.write_tiles(conn, tiles)
         conn.execute(
             f"INSERT INTO log_checkpoint ({_CHECKPOINT_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -1235,6 +1168,7 @@ class Spool:
                 cp.committed_ms,
             ),
         )
+        _key_rows(conn, cp.last_rowid)
 
     @staticmethod
     def w_store_cosignature(
@@ -1253,25 +1187,22 @@ class Spool:
         ]
         if n < quorum:
             return NewlyCommitted()
-        now = now_ms()
+        before = conn.execute(
+            "SELECT coalesce(max(size), 0) FROM log_checkpoint WHERE committed_ms IS NOT NULL"
+        ).fetchone()[0]
         conn.execute(
             "UPDATE log_checkpoint SET committed_ms = ? WHERE size = ? AND committed_ms IS NULL",
-            (now, size),
+            (now_ms(), size),
         )
-        cp = conn.execute("SELECT seq FROM log_checkpoint WHERE size = ?", (size,)).fetchone()
-        if cp is None:
+        if size <= before:
             return NewlyCommitted()
         rows = conn.execute(
-            "SELECT seq, first_rowid, last_rowid FROM batch WHERE seq <= ? AND committed_ms IS NULL"
-            " ORDER BY seq",
-            (cp[0],),
+            "SELECT seq, first_rowid, last_rowid FROM log_checkpoint WHERE size > ? AND size <= ?"
+            " ORDER BY size",
+            (before, size),
         ).fetchall()
         if not rows:
             return NewlyCommitted()
-        conn.execute(
-            "UPDATE batch SET committed_ms = ? WHERE seq <= ? AND committed_ms IS NULL",
-            (now, cp[0]),
-        )
         received = [
             r[0]
             for r in conn.execute(
@@ -1286,16 +1217,24 @@ class Spool:
         conn.executemany("UPDATE reject SET published = 1 WHERE id = ?", [(i,) for i in ids])
 
 
+def _pruned_below(conn: sqlite3.Connection) -> int:
+    """The first batch whose transactions retention has not deleted."""
+    row = conn.execute("SELECT value FROM meta WHERE key = 'pruned_below_seq'").fetchone()
+    return 0 if row is None else int(row[0])
+
+
 def prune(spool: Spool, keep_from_seq: int, max_batches: int = 200) -> int:
-    """Delete batches below `keep_from_seq` (and their transactions and receipts), a
+    """Delete the transactions of batches below `keep_from_seq` (their checkpoints,
+    cosignatures and the log's tiles stay: the log's history and proofs outlive them), a
     bounded number per call so the writer is never held for long. Returns batches pruned.
     Runs on the writer thread through Spool.write()."""
 
     def op(conn: sqlite3.Connection) -> tuple[int, dict[str, int]]:
         row = conn.execute(
             "SELECT min(seq), max(seq), max(last_rowid) FROM"
-            " (SELECT seq, last_rowid FROM batch WHERE seq < ? ORDER BY seq LIMIT ?)",
-            (keep_from_seq, max_batches),
+            " (SELECT seq, last_rowid FROM log_checkpoint WHERE seq >= ? AND seq < ?"
+            " ORDER BY seq LIMIT ?)",
+            (_pruned_below(conn), keep_from_seq, max_batches),
         ).fetchone()
         if row[0] is None:
             return 0, {}
@@ -1317,8 +1256,11 @@ def prune(spool: Spool, keep_from_seq: int, max_batches: int = 200) -> int:
         )
         conn.executemany("DELETE FROM tx_key WHERE k = ? AND tx_rowid = ?", gone)
         conn.execute("DELETE FROM tx WHERE rowid <= ?", (last_rowid,))
-        conn.execute("DELETE FROM receipt WHERE seq <= ?", (last,))
-        conn.execute("DELETE FROM batch WHERE seq <= ?", (last,))
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('pruned_below_seq', ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (str(last + 1),),
+        )
         # Updated here, on the writer thread, so no append slips between.
         for device, seq in marks.items():
             if seq > spool._pruned.get(device, -1):
@@ -1352,11 +1294,13 @@ def prune_rejects(spool: Spool, older_than_ms: int, keep: int, max_rows: int = 1
     return spool.write(op).result()
 
 
-def stored_batches(conn: sqlite3.Connection, from_seq: int, limit: int) -> Sequence[StoredBatch]:
+def stored_batches(
+    conn: sqlite3.Connection, from_seq: int, limit: int
+) -> Sequence[StoredCheckpoint]:
     return [
-        StoredBatch(*r)
+        StoredCheckpoint(*r)
         for r in conn.execute(
-            f"SELECT {_BATCH_COLS} FROM batch WHERE seq >= ? ORDER BY seq LIMIT ?",
+            f"SELECT {_CHECKPOINT_COLS} FROM log_checkpoint WHERE seq >= ? ORDER BY seq LIMIT ?",
             (from_seq, limit),
         )
     ]

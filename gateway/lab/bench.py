@@ -317,9 +317,11 @@ class SpoolProbe:
         return int(self.conn.execute("SELECT coalesce(max(rowid), 0) FROM tx").fetchone()[0])
 
     def committed(self) -> int:
-        """Transactions in batches that reached the quorum (rowids are contiguous)."""
+        """Transactions in batches that reached the quorum (rowids are contiguous): those up
+        to the largest checkpoint the quorum cosigned."""
         row = self.conn.execute(
-            "SELECT last_rowid FROM batch WHERE committed_ms IS NOT NULL ORDER BY seq DESC LIMIT 1"
+            "SELECT last_rowid FROM log_checkpoint WHERE committed_ms IS NOT NULL"
+            " ORDER BY size DESC LIMIT 1"
         ).fetchone()
         return 0 if row is None else int(row[0])
 
@@ -367,7 +369,8 @@ class SpoolProbe:
 
 
 def get_tx_latencies(channel: grpc.Channel, tx_ids: Sequence[str]) -> list[float]:
-    """GetTransaction (with inclusion proof, header, signature, receipts) round trips, ms."""
+    """GetTransaction (with its tlog-proof bundle: inclusion proof, cosigned checkpoint)
+    round trips, ms."""
     out: list[float] = []
     with channel as ch:
         stub = gateway_pb2_grpc.GatewayServiceStub(ch)
@@ -717,7 +720,7 @@ class Bench:
                 rss_peak_mb=round(watch.peak_rss / 2**20, 1),
                 signatures_per_s=round(sig_per_s, 2),
                 batches=int(m.get("edge_gateway_batches_signed_total", 0)),
-                signatures=int(m.get("edge_gateway_hsm_sign_seconds_count", 0)),
+                signatures=int(m.get("edge_gateway_hsm_signatures_total", 0)),
                 transactions=spool_tx,
                 gateway_cpu_share=round((end.cpu - mark.cpu) / span, 2),
                 broker_cpu_share=round((end.broker_cpu - mark.broker_cpu) / span, 2),

@@ -29,7 +29,7 @@ from pathlib import Path
 import psutil
 
 # Innermost matching frame wins; checked in this order for each frame. Helpers (hashing,
-# canonical JSON, header bytes) count for the stage that called them, if any did.
+# canonical JSON, checkpoint notes) count for the stage that called them, if any did.
 DECODE = "decode"
 SPOOL = "spool"
 STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -50,7 +50,15 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
 ENTRY_POINTS = ("/gateway/edge/service.py", "/gateway/cli.py", "/gateway/__main__.py")
 HELPERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     (DECODE, ("/gateway/formats/canonical.py",)),
-    ("batch, Merkle, sign", ("/gateway/formats/merkle.py", "/gateway/formats/batchformat.py")),
+    (
+        "batch, Merkle, sign",
+        (
+            "/gateway/formats/merkle.py",
+            "/gateway/formats/checkpoint.py",
+            "/gateway/formats/note.py",
+            "/gateway/formats/batchformat.py",
+        ),
+    ),
 )
 # The spool's writer thread (group commit) apart from callers queueing rows for it.
 SPOOL_WRITER_THREAD = "spool-writer"

@@ -162,11 +162,12 @@ def lookup_latency(prefill: int, lookups: int, batch: int) -> dict[str, list[flo
                 _commit(conn, conflict, data[g : g + 5000])
             last = k + len(data)
             while (seq + 1) * batch <= min(last, prefill + tail_batched):
-                b = spoolmod.StoredBatch(
-                    seq, b"h", b"s", bytes(32), seq * batch + 1, (seq + 1) * batch, batch, 0, 1
+                first, last_rowid = seq * batch + 1, (seq + 1) * batch
+                b = spoolmod.StoredCheckpoint(
+                    last_rowid, seq, first - 1, first, last_rowid, bytes(32), b"", 0, 1
                 )
                 conn.execute("BEGIN IMMEDIATE")
-                spoolmod.Spool.w_store_batch(conn, b)
+                spoolmod.Spool.w_store_checkpoint(conn, b, [])
                 conn.execute("COMMIT")
                 seq += 1
         conn.close()

@@ -599,12 +599,8 @@ class Sandbox:
                 for g, k in gateway_keys.items()
             )
         # The node witnesses its gateways' logs with a key of its own (kept across restarts).
+        vkey = self.witness_vkey(node_id)
         key_file = d / "witness.key"
-        vkey_file = d / "witness.vkey"
-        if not key_file.exists():
-            vkey_file.write_text(
-                witness.keygen(checkpoint.witness_name(WITNESS_DOMAIN, node_id), key_file) + "\n"
-            )
         cfg.write_text(
             f'[node]\nid = "{node_id}"\nlisten = "127.0.0.1:{port}"\n'
             f'db_path = "{db}"\n{node_extra}{tls}\n[gateways]\n{keys}\n'
@@ -626,8 +622,22 @@ class Sandbox:
             db=db,
             proc=p,
             pki=self.pki,
-            witness_vkey=vkey_file.read_text().strip(),
+            witness_vkey=vkey,
         )
+
+    def witness_vkey(self, node_id: str) -> str:
+        """Ledger node `node_id`'s witness cosignature vkey, its key made on first use (in
+        the node's directory, where its [witness] key_file points): a gateway's
+        configuration can list it before the node starts."""
+        d = self.root / node_id
+        d.mkdir(exist_ok=True)
+        key_file = d / "witness.key"
+        vkey_file = d / "witness.vkey"
+        if not key_file.exists():
+            vkey_file.write_text(
+                witness.keygen(checkpoint.witness_name(WITNESS_DOMAIN, node_id), key_file) + "\n"
+            )
+        return vkey_file.read_text().strip()
 
     # ---- gateway ------------------------------------------------------------
 
@@ -646,7 +656,9 @@ class Sandbox:
         """The gateway's TOML. In TLS mode: its client certificate to MQTT and the ledger
         nodes, and an API that requires client certificates with the operator as admin.
         `mqtt_password` (user, password file) logs in to MQTT by password instead of a
-        certificate (a broker started with `passwords`)."""
+        certificate (a broker started with `passwords`). Each ledger node's witness vkey is
+        in [log.witnesses] (last in the file), so every cosignature the gateway stores is
+        checked."""
         d = self.root / gateway_id
         d.mkdir(exist_ok=True)
         nodes = ",\n".join(f'  {{ id = "{n}", address = "{a}" }}' for n, a in ledgers)
@@ -679,6 +691,7 @@ class Sandbox:
                 f'key_file = "{pki["gateway-api"].key}"\n'
                 f'client_ca_file = "{pki.ca.cert}"\n'
             )
+        witnesses = "".join(f'"{n}" = "{self.witness_vkey(n)}"\n' for n, _a in ledgers)
         cfg = d / "gateway.toml"
         cfg.write_text(f"""[gateway]
 id = "{gateway_id}"
@@ -722,7 +735,8 @@ listen = "127.0.0.1:{free_port()}"
 [metrics]
 listen = "127.0.0.1:{free_port()}"
 {extra}
-""")
+[log.witnesses]
+{witnesses}""")
         return cfg
 
     def hsm_init(self, config: Path, pem_out: Path) -> str:

@@ -86,8 +86,6 @@ def test_a_device_reads_its_own_receipts_only_and_they_verify(tmp_path: Path) ->
         pem = sb.root / f"{gid}.pem"
         sb.hsm_init(cfg, pem)
         ledger = sb.ledger("ledger-1", {gid: pem}, port=ledger_port)
-        with cfg.open("a") as f:
-            f.write(f'\n[log.witnesses]\n"ledger-1" = "{ledger.witness_vkey}"\n')
         gw = sb.gateway(gid, cfg, pem)
         device_trust = trust(load_gateway_config(cfg).log_origin, pem, [ledger.witness_vkey], 1)
 

@@ -22,42 +22,41 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from gateway._pb.edgegateway.v1 import batch_pb2 as edgegateway_dot_v1_dot_batch__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65\x64gegateway/v1/gateway.proto\x12\x0e\x65\x64gegateway.v1\x1a\x1a\x65\x64gegateway/v1/batch.proto\"S\n\rDevicePayload\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\r\n\x05topic\x18\x03 \x01(\t\x12\x0f\n\x07profile\x18\x04 \x01(\t\"L\n\x19SubmitTransactionsRequest\x12/\n\x08payloads\x18\x01 \x03(\x0b\x32\x1d.edgegateway.v1.DevicePayload\"\xc1\x01\n\x0cSubmitResult\x12\x35\n\x07outcome\x18\x01 \x01(\x0e\x32$.edgegateway.v1.SubmitResult.Outcome\x12\r\n\x05tx_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"K\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\n\n\x06STORED\x10\x01\x12\r\n\tDUPLICATE\x10\x02\x12\x0c\n\x08REJECTED\x10\x03\"K\n\x1aSubmitTransactionsResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.edgegateway.v1.SubmitResult\"&\n\x15GetTransactionRequest\x12\r\n\x05tx_id\x18\x01 \x01(\t\"\x8a\x03\n\x16GetTransactionResponse\x12;\n\x05state\x18\x01 \x01(\x0e\x32,.edgegateway.v1.GetTransactionResponse.State\x12\r\n\x05tx_id\x18\x02 \x01(\t\x12\x13\n\x0btransaction\x18\x03 \x01(\x0c\x12\x11\n\tbatch_seq\x18\x04 \x01(\x04\x12\x12\n\nleaf_index\x18\x05 \x01(\x04\x12\x11\n\ttree_size\x18\x06 \x01(\x04\x12\x17\n\x0finclusion_proof\x18\x07 \x03(\x0c\x12\x0e\n\x06header\x18\x08 \x01(\x0c\x12\x11\n\tsignature\x18\t \x01(\x0c\x12)\n\x08receipts\x18\n \x03(\x0b\x32\x17.edgegateway.v1.Receipt\x12\x11\n\tlog_index\x18\x0b \x01(\x04\x12\x12\n\ntlog_proof\x18\x0c \x01(\x0c\"G\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\x0b\n\x07\x42\x41TCHED\x10\x02\x12\r\n\tCOMMITTED\x10\x03\"<\n\x0fGetBatchRequest\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x1c\n\x14include_transactions\x18\x02 \x01(\x08\"|\n\x10GetBatchResponse\x12*\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x1b.edgegateway.v1.SignedBatch\x12\x11\n\tcommitted\x18\x02 \x01(\x08\x12)\n\x08receipts\x18\x03 \x03(\x0b\x32\x17.edgegateway.v1.Receipt\"\x12\n\x10GetStatusRequest\"i\n\x10LedgerNodeStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x10\n\x08next_seq\x18\x04 \x01(\x04\x12\x12\n\nlast_error\x18\x05 \x01(\t\"\xee\x03\n\rGatewayStatus\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0bspool_depth\x18\x03 \x01(\x04\x12\x1c\n\x14oldest_pending_age_s\x18\x04 \x01(\x01\x12\x17\n\x0flast_signed_seq\x18\x05 \x01(\x03\x12\x1a\n\x12last_committed_seq\x18\x06 \x01(\x03\x12\x11\n\thsm_state\x18\x07 \x01(\t\x12\x0e\n\x06key_id\x18\x08 \x01(\t\x12\x16\n\x0emqtt_connected\x18\t \x01(\x08\x12\x36\n\x0cledger_nodes\x18\n \x03(\x0b\x32 .edgegateway.v1.LedgerNodeStatus\x12\x13\n\x0b\x63pu_percent\x18\x0b \x01(\x01\x12\x16\n\x0ememory_percent\x18\x0c \x01(\x01\x12\x1d\n\x15spool_disk_free_bytes\x18\r \x01(\x01\x12\x15\n\rintake_paused\x18\x0e \x01(\x08\x12\x1c\n\x14intake_paused_reason\x18\x0f \x01(\t\x12\x1b\n\x13transactions_stored\x18\x10 \x01(\x04\x12\x1d\n\x15transactions_rejected\x18\x11 \x01(\x04\x12\x10\n\x08uptime_s\x18\x12 \x01(\x04\x12\x0e\n\x06quorum\x18\x13 \x01(\r2\xfb\x02\n\x0eGatewayService\x12k\n\x12SubmitTransactions\x12).edgegateway.v1.SubmitTransactionsRequest\x1a*.edgegateway.v1.SubmitTransactionsResponse\x12_\n\x0eGetTransaction\x12%.edgegateway.v1.GetTransactionRequest\x1a&.edgegateway.v1.GetTransactionResponse\x12M\n\x08GetBatch\x12\x1f.edgegateway.v1.GetBatchRequest\x1a .edgegateway.v1.GetBatchResponse\x12L\n\tGetStatus\x12 .edgegateway.v1.GetStatusRequest\x1a\x1d.edgegateway.v1.GatewayStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65\x64gegateway/v1/gateway.proto\x12\x0e\x65\x64gegateway.v1\"S\n\rDevicePayload\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\r\n\x05topic\x18\x03 \x01(\t\x12\x0f\n\x07profile\x18\x04 \x01(\t\"L\n\x19SubmitTransactionsRequest\x12/\n\x08payloads\x18\x01 \x03(\x0b\x32\x1d.edgegateway.v1.DevicePayload\"\xc1\x01\n\x0cSubmitResult\x12\x35\n\x07outcome\x18\x01 \x01(\x0e\x32$.edgegateway.v1.SubmitResult.Outcome\x12\r\n\x05tx_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"K\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\n\n\x06STORED\x10\x01\x12\r\n\tDUPLICATE\x10\x02\x12\x0c\n\x08REJECTED\x10\x03\"K\n\x1aSubmitTransactionsResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.edgegateway.v1.SubmitResult\"&\n\x15GetTransactionRequest\x12\r\n\x05tx_id\x18\x01 \x01(\t\"\xc7\x02\n\x16GetTransactionResponse\x12;\n\x05state\x18\x01 \x01(\x0e\x32,.edgegateway.v1.GetTransactionResponse.State\x12\r\n\x05tx_id\x18\x02 \x01(\t\x12\x13\n\x0btransaction\x18\x03 \x01(\x0c\x12\x11\n\tbatch_seq\x18\x04 \x01(\x04\x12\x11\n\tlog_index\x18\x0b \x01(\x04\x12\x12\n\ntlog_proof\x18\x0c \x01(\x0c\"G\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\x0b\n\x07\x42\x41TCHED\x10\x02\x12\r\n\tCOMMITTED\x10\x03J\x04\x08\x05\x10\x0bR\nleaf_indexR\ttree_sizeR\x0finclusion_proofR\x06headerR\tsignatureR\x08receipts\"<\n\x0fGetBatchRequest\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x1c\n\x14include_transactions\x18\x02 \x01(\x08\"\xa0\x01\n\x10GetBatchResponse\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12\x12\n\ncheckpoint\x18\x05 \x01(\x0c\x12\x13\n\x0b\x66irst_index\x18\x06 \x01(\x04\x12\x10\n\x08tx_count\x18\x07 \x01(\x04\x12\x11\n\tcommitted\x18\x02 \x01(\x08\x12\x14\n\x0ctransactions\x18\x08 \x03(\x0cJ\x04\x08\x01\x10\x02J\x04\x08\x03\x10\x04R\x05\x62\x61tchR\x08receipts\"\x12\n\x10GetStatusRequest\"y\n\x10LedgerNodeStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x12\n\nlast_error\x18\x05 \x01(\t\x12\x10\n\x08log_size\x18\x06 \x01(\x04J\x04\x08\x04\x10\x05R\x08next_seq\"\xee\x03\n\rGatewayStatus\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0bspool_depth\x18\x03 \x01(\x04\x12\x1c\n\x14oldest_pending_age_s\x18\x04 \x01(\x01\x12\x17\n\x0flast_signed_seq\x18\x05 \x01(\x03\x12\x1a\n\x12last_committed_seq\x18\x06 \x01(\x03\x12\x11\n\thsm_state\x18\x07 \x01(\t\x12\x0e\n\x06key_id\x18\x08 \x01(\t\x12\x16\n\x0emqtt_connected\x18\t \x01(\x08\x12\x36\n\x0cledger_nodes\x18\n \x03(\x0b\x32 .edgegateway.v1.LedgerNodeStatus\x12\x13\n\x0b\x63pu_percent\x18\x0b \x01(\x01\x12\x16\n\x0ememory_percent\x18\x0c \x01(\x01\x12\x1d\n\x15spool_disk_free_bytes\x18\r \x01(\x01\x12\x15\n\rintake_paused\x18\x0e \x01(\x08\x12\x1c\n\x14intake_paused_reason\x18\x0f \x01(\t\x12\x1b\n\x13transactions_stored\x18\x10 \x01(\x04\x12\x1d\n\x15transactions_rejected\x18\x11 \x01(\x04\x12\x10\n\x08uptime_s\x18\x12 \x01(\x04\x12\x0e\n\x06quorum\x18\x13 \x01(\r2\xfb\x02\n\x0eGatewayService\x12k\n\x12SubmitTransactions\x12).edgegateway.v1.SubmitTransactionsRequest\x1a*.edgegateway.v1.SubmitTransactionsResponse\x12_\n\x0eGetTransaction\x12%.edgegateway.v1.GetTransactionRequest\x1a&.edgegateway.v1.GetTransactionResponse\x12M\n\x08GetBatch\x12\x1f.edgegateway.v1.GetBatchRequest\x1a .edgegateway.v1.GetBatchResponse\x12L\n\tGetStatus\x12 .edgegateway.v1.GetStatusRequest\x1a\x1d.edgegateway.v1.GatewayStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'edgegateway.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DEVICEPAYLOAD']._serialized_start=76
-  _globals['_DEVICEPAYLOAD']._serialized_end=159
-  _globals['_SUBMITTRANSACTIONSREQUEST']._serialized_start=161
-  _globals['_SUBMITTRANSACTIONSREQUEST']._serialized_end=237
-  _globals['_SUBMITRESULT']._serialized_start=240
-  _globals['_SUBMITRESULT']._serialized_end=433
-  _globals['_SUBMITRESULT_OUTCOME']._serialized_start=358
-  _globals['_SUBMITRESULT_OUTCOME']._serialized_end=433
-  _globals['_SUBMITTRANSACTIONSRESPONSE']._serialized_start=435
-  _globals['_SUBMITTRANSACTIONSRESPONSE']._serialized_end=510
-  _globals['_GETTRANSACTIONREQUEST']._serialized_start=512
-  _globals['_GETTRANSACTIONREQUEST']._serialized_end=550
-  _globals['_GETTRANSACTIONRESPONSE']._serialized_start=553
-  _globals['_GETTRANSACTIONRESPONSE']._serialized_end=947
-  _globals['_GETTRANSACTIONRESPONSE_STATE']._serialized_start=876
-  _globals['_GETTRANSACTIONRESPONSE_STATE']._serialized_end=947
-  _globals['_GETBATCHREQUEST']._serialized_start=949
-  _globals['_GETBATCHREQUEST']._serialized_end=1009
-  _globals['_GETBATCHRESPONSE']._serialized_start=1011
-  _globals['_GETBATCHRESPONSE']._serialized_end=1135
-  _globals['_GETSTATUSREQUEST']._serialized_start=1137
-  _globals['_GETSTATUSREQUEST']._serialized_end=1155
-  _globals['_LEDGERNODESTATUS']._serialized_start=1157
-  _globals['_LEDGERNODESTATUS']._serialized_end=1262
-  _globals['_GATEWAYSTATUS']._serialized_start=1265
-  _globals['_GATEWAYSTATUS']._serialized_end=1759
-  _globals['_GATEWAYSERVICE']._serialized_start=1762
-  _globals['_GATEWAYSERVICE']._serialized_end=2141
+  _globals['_DEVICEPAYLOAD']._serialized_start=48
+  _globals['_DEVICEPAYLOAD']._serialized_end=131
+  _globals['_SUBMITTRANSACTIONSREQUEST']._serialized_start=133
+  _globals['_SUBMITTRANSACTIONSREQUEST']._serialized_end=209
+  _globals['_SUBMITRESULT']._serialized_start=212
+  _globals['_SUBMITRESULT']._serialized_end=405
+  _globals['_SUBMITRESULT_OUTCOME']._serialized_start=330
+  _globals['_SUBMITRESULT_OUTCOME']._serialized_end=405
+  _globals['_SUBMITTRANSACTIONSRESPONSE']._serialized_start=407
+  _globals['_SUBMITTRANSACTIONSRESPONSE']._serialized_end=482
+  _globals['_GETTRANSACTIONREQUEST']._serialized_start=484
+  _globals['_GETTRANSACTIONREQUEST']._serialized_end=522
+  _globals['_GETTRANSACTIONRESPONSE']._serialized_start=525
+  _globals['_GETTRANSACTIONRESPONSE']._serialized_end=852
+  _globals['_GETTRANSACTIONRESPONSE_STATE']._serialized_start=706
+  _globals['_GETTRANSACTIONRESPONSE_STATE']._serialized_end=777
+  _globals['_GETBATCHREQUEST']._serialized_start=854
+  _globals['_GETBATCHREQUEST']._serialized_end=914
+  _globals['_GETBATCHRESPONSE']._serialized_start=917
+  _globals['_GETBATCHRESPONSE']._serialized_end=1077
+  _globals['_GETSTATUSREQUEST']._serialized_start=1079
+  _globals['_GETSTATUSREQUEST']._serialized_end=1097
+  _globals['_LEDGERNODESTATUS']._serialized_start=1099
+  _globals['_LEDGERNODESTATUS']._serialized_end=1220
+  _globals['_GATEWAYSTATUS']._serialized_start=1223
+  _globals['_GATEWAYSTATUS']._serialized_end=1717
+  _globals['_GATEWAYSERVICE']._serialized_start=1720
+  _globals['_GATEWAYSERVICE']._serialized_end=2099
 # @@protoc_insertion_point(module_scope)

@@ -1,4 +1,3 @@
-from gateway._pb.edgegateway.v1 import batch_pb2 as _batch_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -61,7 +60,7 @@ class GetTransactionRequest(_message.Message):
     def __init__(self, tx_id: _Optional[str] = ...) -> None: ...
 
 class GetTransactionResponse(_message.Message):
-    __slots__ = ("state", "tx_id", "transaction", "batch_seq", "leaf_index", "tree_size", "inclusion_proof", "header", "signature", "receipts", "log_index", "tlog_proof")
+    __slots__ = ("state", "tx_id", "transaction", "batch_seq", "log_index", "tlog_proof")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[GetTransactionResponse.State]
@@ -76,27 +75,15 @@ class GetTransactionResponse(_message.Message):
     TX_ID_FIELD_NUMBER: _ClassVar[int]
     TRANSACTION_FIELD_NUMBER: _ClassVar[int]
     BATCH_SEQ_FIELD_NUMBER: _ClassVar[int]
-    LEAF_INDEX_FIELD_NUMBER: _ClassVar[int]
-    TREE_SIZE_FIELD_NUMBER: _ClassVar[int]
-    INCLUSION_PROOF_FIELD_NUMBER: _ClassVar[int]
-    HEADER_FIELD_NUMBER: _ClassVar[int]
-    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
-    RECEIPTS_FIELD_NUMBER: _ClassVar[int]
     LOG_INDEX_FIELD_NUMBER: _ClassVar[int]
     TLOG_PROOF_FIELD_NUMBER: _ClassVar[int]
     state: GetTransactionResponse.State
     tx_id: str
     transaction: bytes
     batch_seq: int
-    leaf_index: int
-    tree_size: int
-    inclusion_proof: _containers.RepeatedScalarFieldContainer[bytes]
-    header: bytes
-    signature: bytes
-    receipts: _containers.RepeatedCompositeFieldContainer[_batch_pb2.Receipt]
     log_index: int
     tlog_proof: bytes
-    def __init__(self, state: _Optional[_Union[GetTransactionResponse.State, str]] = ..., tx_id: _Optional[str] = ..., transaction: _Optional[bytes] = ..., batch_seq: _Optional[int] = ..., leaf_index: _Optional[int] = ..., tree_size: _Optional[int] = ..., inclusion_proof: _Optional[_Iterable[bytes]] = ..., header: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., receipts: _Optional[_Iterable[_Union[_batch_pb2.Receipt, _Mapping]]] = ..., log_index: _Optional[int] = ..., tlog_proof: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, state: _Optional[_Union[GetTransactionResponse.State, str]] = ..., tx_id: _Optional[str] = ..., transaction: _Optional[bytes] = ..., batch_seq: _Optional[int] = ..., log_index: _Optional[int] = ..., tlog_proof: _Optional[bytes] = ...) -> None: ...
 
 class GetBatchRequest(_message.Message):
     __slots__ = ("seq", "include_transactions")
@@ -107,32 +94,38 @@ class GetBatchRequest(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., include_transactions: _Optional[bool] = ...) -> None: ...
 
 class GetBatchResponse(_message.Message):
-    __slots__ = ("batch", "committed", "receipts")
-    BATCH_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("seq", "checkpoint", "first_index", "tx_count", "committed", "transactions")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    FIRST_INDEX_FIELD_NUMBER: _ClassVar[int]
+    TX_COUNT_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_FIELD_NUMBER: _ClassVar[int]
-    RECEIPTS_FIELD_NUMBER: _ClassVar[int]
-    batch: _batch_pb2.SignedBatch
+    TRANSACTIONS_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    checkpoint: bytes
+    first_index: int
+    tx_count: int
     committed: bool
-    receipts: _containers.RepeatedCompositeFieldContainer[_batch_pb2.Receipt]
-    def __init__(self, batch: _Optional[_Union[_batch_pb2.SignedBatch, _Mapping]] = ..., committed: _Optional[bool] = ..., receipts: _Optional[_Iterable[_Union[_batch_pb2.Receipt, _Mapping]]] = ...) -> None: ...
+    transactions: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, seq: _Optional[int] = ..., checkpoint: _Optional[bytes] = ..., first_index: _Optional[int] = ..., tx_count: _Optional[int] = ..., committed: _Optional[bool] = ..., transactions: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class GetStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class LedgerNodeStatus(_message.Message):
-    __slots__ = ("node_id", "address", "state", "next_seq", "last_error")
+    __slots__ = ("node_id", "address", "state", "last_error", "log_size")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
-    NEXT_SEQ_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    LOG_SIZE_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     state: str
-    next_seq: int
     last_error: str
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., next_seq: _Optional[int] = ..., last_error: _Optional[str] = ...) -> None: ...
+    log_size: int
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., last_error: _Optional[str] = ..., log_size: _Optional[int] = ...) -> None: ...
 
 class GatewayStatus(_message.Message):
     __slots__ = ("gateway_id", "version", "spool_depth", "oldest_pending_age_s", "last_signed_seq", "last_committed_seq", "hsm_state", "key_id", "mqtt_connected", "ledger_nodes", "cpu_percent", "memory_percent", "spool_disk_free_bytes", "intake_paused", "intake_paused_reason", "transactions_stored", "transactions_rejected", "uptime_s", "quorum")

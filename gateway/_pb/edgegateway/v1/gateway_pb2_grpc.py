@@ -68,7 +68,7 @@ class GatewayServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetTransaction(self, request, context):
-        """A transaction's state, its batch, inclusion proof and receipts.
+        """A transaction's state, its batch and its proof in the gateway's log.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
