@@ -380,7 +380,7 @@ def get_tx_latencies(channel: grpc.Channel, tx_ids: Sequence[str]) -> list[float
             t0 = time.perf_counter()
             resp = stub.GetTransaction(gateway_pb2.GetTransactionRequest(tx_id=tx_id), timeout=10)
             out.append((time.perf_counter() - t0) * 1000)
-            if not resp.inclusion_proof and resp.tree_size > 1:
+            if not resp.tlog_proof:
                 raise GatewayError(f"GetTransaction {tx_id} answered without a proof")
     return out
 
