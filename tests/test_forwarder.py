@@ -7,17 +7,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from gateway._pb.edgegateway.v1 import ledger_pb2
 from gateway.edge import tlog
 from gateway.edge.config import ForwarderConfig, LedgerNodeRef
 from gateway.edge.forwarder import Forwarder
-from gateway.edge.spool import Spool, StoredCheckpoint, prune
-from gateway.formats import checkpoint, merkle, note
+from gateway.edge.spool import Incoming, Spool, StoredCheckpoint, prune
+from gateway.formats import checkpoint, keyrotation, merkle, note
 from gateway.ledger import witness
 from gateway.ledger.config import LedgerNodeConfig, WitnessConfig
 from tests.test_ledger import GW, Node, SoftSigner, arun, running
@@ -43,13 +48,35 @@ class Log:
     leaves: list[bytes] = field(default_factory=list)
     edge: tlog.LogEdge = field(default_factory=lambda: tlog.LogEdge(0))
 
-    def cut(self, n: int) -> None:
-        """Spool `n` transactions and store them as the next batch: its checkpoint."""
-        key = self.signer.key
-        log_key = note.EcdsaDigestSigner(
-            ORIGIN, note.spki_der(key.public_key()), digest_signer(key)
-        )
-        items = [tx(self.device, len(self.leaves) + i + 1) for i in range(n)]
+    def cut(
+        self,
+        n: int,
+        keys: list[ec.EllipticCurvePrivateKey] | None = None,
+        entry: keyrotation.RotationEntry | None = None,
+        content: bytes = b"x",
+    ) -> None:
+        """Spool `n` transactions and store them as the next batch: its checkpoint, signed
+        by `keys` (the signer's key by default). `entry`: a key rotation entry spooled
+        first, as the service spools it (one more leaf)."""
+        log_keys = [
+            note.EcdsaDigestSigner(ORIGIN, note.spki_der(k.public_key()), digest_signer(k))
+            for k in keys or [self.signer.key]
+        ]
+        items = [tx(self.device, len(self.leaves) + i + 1, content) for i in range(n)]
+        if entry is not None:
+            leaf = entry.leaf()
+            items.insert(
+                0,
+                Incoming(
+                    device_id=keyrotation.RESERVED_DEVICE,
+                    device_seq=entry.rotation,
+                    payload_sha256=hashlib.sha256(entry.fields()).digest(),
+                    tx_id=merkle.leaf_hash(leaf),
+                    leaf=leaf,
+                    received_ms=1_790_000_000_000,
+                ),
+            )
+            n += 1
         for item in items:
             self.spool.append(item).result()
         # Rowids follow the transactions one to one: nothing else is spooled here.
@@ -57,7 +84,7 @@ class Log:
         seq = len(self.sizes)
         grown, writes = self.edge.append([i.tx_id for i in items])
         signed = checkpoint.sign_checkpoint(
-            checkpoint.Checkpoint(ORIGIN, grown.size, grown.root()), [log_key]
+            checkpoint.Checkpoint(ORIGIN, grown.size, grown.root()), log_keys
         )
         rowids = (first_rowid, first_rowid + n - 1)
         cp = StoredCheckpoint(
@@ -120,7 +147,7 @@ class Nodes:
             out[n.cfg.node_id] = answer.line
         return out
 
-    def forwarder(self, log: Log) -> Forwarder:
+    def forwarder(self, log: Log, max_call_bytes: int = 2 * 1024 * 1024) -> Forwarder:
         return Forwarder(
             ForwarderConfig(
                 nodes=tuple(
@@ -136,6 +163,7 @@ class Nodes:
             log.spool,
             GW,
             self.vkeys,
+            max_call_bytes=max_call_bytes,
         )
 
 
@@ -306,3 +334,67 @@ def test_a_checkpoint_the_nodes_skipped_does_not_hold_back_their_cosigning_after
         assert arun(scenario()) == 3
         assert log.committed_seq() == 3
         assert len(log.cosignatures(3)) >= QUORUM
+
+
+def rotation_entry(
+    number: int, old: ec.EllipticCurvePrivateKey, new: ec.EllipticCurvePrivateKey
+) -> keyrotation.RotationEntry:
+    return keyrotation.RotationEntry(
+        origin=ORIGIN,
+        gateway_id=GW,
+        rotation=number,
+        old_key_id=hashlib.sha256(note.spki_der(old.public_key())).digest(),
+        new_spki=note.spki_der(new.public_key()),
+        overlap_checkpoints=1,
+        overlap_seconds=0,
+        created_ms=1_790_000_000_000 + number,
+    )
+
+
+@pytest.mark.parametrize("max_bytes", [3 * 5 * 215, 2 * 1024 * 1024], ids=["3 batches", "2 MiB"])
+def test_a_node_two_rotations_behind_takes_them_one_at_a_time_in_calls_of_bounded_bytes(
+    tmp_path: Path, max_bytes: int
+) -> None:
+    """A node that was away through two key rotations trusts only the first key: it is
+    sent the checkpoint covering the first rotation's entry (the first key signed it),
+    then the one covering the second's (the second key signed it), then the rest; and
+    however far behind, no call carries more leaf bytes than max_call_bytes beyond one
+    checkpoint's. (Sent the latest checkpoint at once, it would refuse it for ever.)"""
+    signer = SoftSigner.new(GW)
+    k0, k1, k2 = signer.key, *(ec.generate_private_key(ec.SECP256R1()) for _ in range(2))
+    with gateway_log(tmp_path, signer) as log:
+        content = b"y" * 200  # leaves of about 210 bytes
+        log.cut(5, content=content)
+        log.cut(5, [k0], rotation_entry(1, k0, k1), content)  # covers entry 1: old key
+        log.cut(5, [k0, k1], content=content)  # the overlap
+        log.cut(5, [k1], content=content)
+        log.cut(5, [k1], rotation_entry(2, k1, k2), content)  # covers entry 2
+        log.cut(5, [k1, k2], content=content)
+        log.cut(5, [k2], content=content)
+        log.cut(5, [k2], content=content)
+        entries = {log.sizes[1], log.sizes[4]}
+
+        async def scenario() -> list[int]:
+            async with ledger_nodes(tmp_path, log.signer, n=2) as nodes:
+                fwd = nodes.forwarder(log, max_call_bytes=max_bytes)
+                await forward_until_committed(fwd, len(log.sizes) - 1)
+                cosigned = []
+                for n in nodes.running:
+                    conn = sqlite3.connect(f"file:{n.cfg.db_path}?mode=ro", uri=True)
+                    try:
+                        cosigned.append(
+                            [r[0] for r in conn.execute("SELECT size FROM witness_cosigned")]
+                        )
+                    finally:
+                        conn.close()
+                return cosigned
+
+        for sizes in arun(scenario()):
+            assert sizes[-1] == log.sizes[-1], sizes
+            assert entries <= set(sizes), (entries, sizes)
+            steps = list(zip([0, *sizes[:-1]], sizes, strict=True))
+            for old, new in steps:
+                leaf_bytes = sum(len(leaf) for leaf in log.leaves[old:new])
+                one_batch = log.sizes.index(new) == 0 or log.sizes[log.sizes.index(new) - 1] == old
+                assert leaf_bytes <= max_bytes or one_batch, (old, new, leaf_bytes)
+        assert log.committed_seq() == len(log.sizes) - 1

@@ -13,6 +13,7 @@ forwarding to that node and is reported loudly, since the gateway never rewrites
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
@@ -74,9 +75,16 @@ class Forwarder:
         spool: Spool,
         gateway_id: str,
         witnesses: Mapping[str, str] | None = None,
+        max_call_bytes: int = 2 * 1024 * 1024,
     ) -> None:
         """`witnesses`: node id -> witness cosignature vkey ([log] witnesses); a node's
-        cosignature is stored only if it verifies under its vkey, when it has one."""
+        cosignature is stored only if it verifies under its vkey, when it has one.
+        `max_call_bytes`: the leaf bytes one AddCheckpoint carries at most when a node
+        catches up over several checkpoints (batch.max_bytes: what a node takes anyway)."""
+        self._max_call_bytes = max_call_bytes
+        # The last few steps loaded, by the size they start from: the nodes usually ask
+        # for the same step one after the other, and the leaves are read once for all.
+        self._steps: collections.OrderedDict[int, _Step] = collections.OrderedDict()
         self._witnesses = {
             node_id: cosignature.parse_cosigner_vkey(vkey)
             for node_id, vkey in (witnesses or {}).items()
@@ -286,11 +294,18 @@ class Forwarder:
         old = node.log_size
         if old is None:
             return False
-        loaded = await asyncio.wrap_future(
-            self.spool.read(lambda c: _load_cosign(c, old, MAX_COSIGN_LEAVES))
-        )
-        if loaded is None:
-            return False
+        loaded = self._steps.get(old)
+        if loaded is None or loaded[0] is None:
+            loaded = await asyncio.wrap_future(
+                self.spool.read(
+                    lambda c: _load_cosign(c, old, MAX_COSIGN_LEAVES, self._max_call_bytes)
+                )
+            )
+            if loaded is None:
+                return False
+            self._steps[old] = loaded
+            while len(self._steps) > STEPS_KEPT:
+                self._steps.popitem(last=False)
         cp, leaves, proof = loaded
         if cp is None:
             self._forked(
@@ -368,7 +383,14 @@ class Forwarder:
             listener()
 
 
-# Leaves one AddCheckpoint carries at most when a node catches up (several checkpoints).
+# A step: the checkpoint a node is sent next, the leaves since the size it cosigned and
+# the consistency proof (see _load_cosign).
+_Step = tuple[StoredCheckpoint | None, list[bytes], list[bytes]]
+# Steps kept for the other nodes (one per node is enough when they keep up together).
+STEPS_KEPT = 8
+# Leaves one AddCheckpoint carries at most when a node catches up (several checkpoints);
+# their bytes are bounded by batch.max_bytes too (Forwarder max_call_bytes), so that a
+# catch-up call is never larger than the largest batch a node must take.
 MAX_COSIGN_LEAVES = 20_000
 
 
@@ -381,39 +403,61 @@ def _metadata(e: grpc.aio.AioRpcError, key: str) -> str | None:
 
 
 def _load_cosign(
-    conn: sqlite3.Connection, old_size: int, max_leaves: int
-) -> tuple[StoredCheckpoint | None, list[bytes], list[bytes]] | None:
-    """What a node that cosigned `old_size` is sent next: the latest checkpoint within
-    `max_leaves` of it (at least the next one), the leaves since `old_size` and the
-    consistency proof. None when it is up to date; (None, [], []) when old_size is no
-    checkpoint of this log; leaves empty when retention pruned some of them."""
+    conn: sqlite3.Connection, old_size: int, max_leaves: int, max_bytes: int
+) -> _Step | None:
+    """What a node that cosigned `old_size` is sent next: the latest checkpoint whose
+    leaves since `old_size` are at most `max_leaves` and `max_bytes` (at least the next
+    checkpoint, whatever its size), those leaves and the consistency proof. None when it
+    is up to date; (None, [], []) when old_size is no checkpoint of this log; leaves empty
+    when retention pruned some of them.
+
+    A node trusts a rotation's new key only from a checkpoint signed by the old key that
+    covers the rotation's entry: the step never goes past the first such checkpoint after
+    `old_size`, so a node behind several rotations takes them one at a time."""
     if old_size:
         known = Spool.q_checkpoint(conn, old_size)
         if known is None:
             return None, [], []
-    row = conn.execute(
-        "SELECT size FROM log_checkpoint WHERE size > ? AND size <= ? ORDER BY size DESC LIMIT 1",
-        (old_size, old_size + max_leaves),
-    ).fetchone()
-    if row is None:
-        row = conn.execute(
-            "SELECT size FROM log_checkpoint WHERE size > ? ORDER BY size LIMIT 1", (old_size,)
-        ).fetchone()
-    if row is None:
+    limit = old_size + max_leaves
+    entry = rotation.first_entry_size_after(conn, old_size)
+    if entry is not None:
+        limit = min(limit, entry)
+    steps = conn.execute(
+        "SELECT size, last_rowid FROM log_checkpoint WHERE size > ? AND size <= ? ORDER BY size",
+        (old_size, limit),
+    ).fetchall()
+    if not steps:
+        steps = conn.execute(
+            "SELECT size, last_rowid FROM log_checkpoint WHERE size > ? ORDER BY size LIMIT 1",
+            (old_size,),
+        ).fetchall()
+    if not steps:
         return None
-    size = int(row[0])
-    rotated = rotation.entry_size(conn)
-    if rotated is not None and old_size < rotated < size:
-        # A node trusts a rotation's new key only from a checkpoint signed by the old key
-        # that covers the entry: send that one first, not a later one only the new key signed.
-        size = rotated
-    cp = Spool.q_checkpoint(conn, size)
-    assert cp is not None
     first = Spool.q_checkpoint_covering_index(conn, old_size)
     assert first is not None
-    leaves = Spool.q_leaves(conn, first.first_rowid, cp.last_rowid)
-    if len(leaves) != cp.size - old_size:
-        return cp, [], []  # pruned: the node cannot be brought up to date from this spool
+    leaves: list[bytes] = []
+    total = 0
+    size = old_size
+    rows = conn.execute(
+        "SELECT leaf FROM tx WHERE rowid BETWEEN ? AND ? ORDER BY rowid",
+        (first.first_rowid, steps[-1][1]),
+    )
+    for step_size, _last_rowid in steps:
+        want = step_size - old_size - len(leaves)
+        more = [r[0] for r in rows.fetchmany(want)]
+        if len(more) != want:
+            if leaves:
+                break
+            return Spool.q_checkpoint(conn, step_size), [], []  # pruned
+        added = sum(len(leaf) for leaf in more)
+        if leaves and total + added > max_bytes:
+            break
+        leaves += more
+        total += added
+        size = step_size
+    rows.close()
+    cp = Spool.q_checkpoint(conn, size)
+    assert cp is not None
     reader = tlog.TileReader(cp.size, tlog.sqlite_fetch(conn))
     proof = reader.consistency_proof(old_size) if old_size else []
     return cp, leaves, proof

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from gateway.common.errors import GatewayError
+from gateway.formats import keyrotation
 
 STATE_KEY = "log_keys"
 REQUEST_KEY = "log_key_request"
@@ -221,6 +222,26 @@ def entry_size(conn: sqlite3.Connection) -> int | None:
     """The size of the checkpoint that covered the latest rotation entry (None before)."""
     r = read_state(conn).rotation
     return None if r is None else r.entry_size
+
+
+def first_entry_size_after(conn: sqlite3.Connection, size: int) -> int | None:
+    """The size of the first checkpoint beyond `size` that covers a rotation entry (one
+    per rotation: the log's transactions under the reserved device id), or None."""
+    out: int | None = None
+    for (rowid,) in conn.execute(
+        "SELECT rowid FROM tx WHERE device_id = ?", (keyrotation.RESERVED_DEVICE,)
+    ):
+        row = conn.execute(
+            "SELECT size FROM log_checkpoint WHERE last_rowid >= ? ORDER BY last_rowid LIMIT 1",
+            (rowid,),
+        ).fetchone()
+        if row is not None and int(row[0]) > size and (out is None or int(row[0]) < out):
+            out = int(row[0])
+    # The latest rotation's, should retention have pruned its entry from the spool.
+    latest = entry_size(conn)
+    if latest is not None and latest > size and (out is None or latest < out):
+        out = latest
+    return out
 
 
 def write_request(conn: sqlite3.Connection, req: Request) -> None:

@@ -325,6 +325,7 @@ class Gateway:
             self.spool,
             cfg.gateway_id,
             witnesses=cfg.log.witnesses if cfg.log is not None else None,
+            max_call_bytes=cfg.batch.max_bytes,
         )
         await self.forwarder.resume()
         self.batcher = Batcher(
