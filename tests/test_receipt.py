@@ -353,6 +353,7 @@ def test_the_device_verifier_imports_nothing_from_the_gateway() -> None:
         "__future__",
         "base64",
         "binascii",
+        "functools",
         "hashlib",
         "struct",
         "collections",

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import struct
 from collections.abc import Sequence
@@ -119,6 +120,11 @@ assert _GX is not None
 _G: _Point = (_GX, _GY, 1, _GX * _GY % _P)
 
 
+# A verify is a pure function of its inputs, and a few milliseconds of Python: receipts of
+# one checkpoint carry the same cosignatures, so a verifier checking many of them (an
+# auditor, the demo) checks each cosignature once. A device keeps one receipt and can drop
+# the cache.
+@functools.lru_cache(maxsize=256)
 def ed25519_verify(public_key: bytes, message: bytes, signature: bytes) -> bool:
     """RFC 8032 Ed25519 verification: [S]B = R + [SHA-512(R || A || M)]A."""
     if len(public_key) != 32 or len(signature) != 64:

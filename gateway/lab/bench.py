@@ -1392,20 +1392,20 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     o = Options()
     if a.quick:
         o = Options(
-            seconds=4.0,
-            warmup=2.0,
-            latency_seconds=3.0,
-            overload_seconds=3.0,
-            ceiling_seconds=2.0,
-            bare_seconds=3.0,
+            seconds=2.0,
+            warmup=1.0,
+            latency_seconds=1.5,
+            overload_seconds=1.5,
+            ceiling_seconds=1.0,
+            bare_seconds=1.5,
             scale_devices=(),
             scale_payloads=(1024,),
-            scale_seconds=3.0,
+            scale_seconds=1.5,
             spool_tx=10_000,
             lookups=200,
             quick=True,
-            limit_seconds=3.0,
-            stage_seconds=3.0,
+            limit_seconds=1.5,
+            stage_seconds=1.5,
         )
     for name in ("seconds", "overload_seconds", "devices", "payload_bytes", "processes"):
         if getattr(a, name) is not None:

@@ -237,10 +237,19 @@ def ledger_log(
                 "SELECT leaf FROM log_leaf WHERE gateway_id = ? ORDER BY idx", (gateway_id,)
             )
         ]
-        notes = [bytes(r[0]) for r in conn.execute("SELECT note FROM witness_cosigned")]
+        notes = [
+            bytes(r[0])
+            for r in conn.execute(
+                "SELECT note FROM witness_cosigned WHERE size <= ? ORDER BY size DESC",
+                (len(leaves),),
+            )
+        ]
     finally:
         conn.close()
-    verified = -1 if leaves else 0  # an empty log needs no checkpoint
+    if not leaves:
+        return 0, leaves  # an empty log needs no checkpoint
+    # The largest checkpoint of this log that verifies decides; the leaves are hashed
+    # into a root once, for it alone.
     for signed in notes:
         try:
             origin = checkpoint.checkpoint_of(note.parse_note(signed)).origin
@@ -248,9 +257,8 @@ def ledger_log(
             cp = checkpoint.open_checkpoint(signed, verifiers, origin).checkpoint
         except note.NoteError:
             continue  # another gateway's log, or a key not given
-        if cp.size <= len(leaves) and cp.size > verified:
-            verified = cp.size if merkle.root(leaves[: cp.size]) == cp.root_hash else -1
-    return verified, leaves
+        return (cp.size if merkle.root(leaves[: cp.size]) == cp.root_hash else -1), leaves
+    return -1, leaves
 
 
 def check_ledger(
