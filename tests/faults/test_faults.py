@@ -102,25 +102,25 @@ def test_one_of_three_ledger_nodes_down(sandbox: Sandbox) -> None:
     harness.record("1 of 3 ledger nodes down", a, time.monotonic() - t0)
 
 
-def test_all_ledger_nodes_down_for_30_seconds(sandbox: Sandbox) -> None:
+def test_all_ledger_nodes_down_for_20_seconds(sandbox: Sandbox) -> None:
     d = setup(sandbox)
     gw = d.start_gateway()
     for lg in d.ledgers:
         lg.proc.terminate()
     pub = harness.Publisher(d.broker.port, "all-down", devices=100, tls=d.sandbox.mqtt_tls())
-    t = load_in_background(pub, 6000, rate=1000)
+    t = load_in_background(pub, 4000, rate=1000)
     proc = psutil.Process(gw.proc.proc.pid)  # type: ignore[union-attr]
-    time.sleep(8)  # the load has finished by now; only the forwarder works
+    time.sleep(5)  # the load has finished by now; only the forwarder works
     t.join(30)
     cpu0 = sum(proc.cpu_times()[:2])
-    time.sleep(15)
+    time.sleep(10)
     idle_cpu = sum(proc.cpu_times()[:2]) - cpu0
     st = harness.status(gw)
     assert st.transactions_stored >= len(pub.acked) and st.last_committed_seq == -1
     assert all(n.state == "unreachable" for n in st.ledger_nodes)
     # No busy loop: backoff keeps the gateway nearly idle while nothing can be delivered.
-    assert idle_cpu < 1.5, f"gateway used {idle_cpu:.2f} CPU s in 15 s with all ledgers down"
-    time.sleep(7)
+    assert idle_cpu < 1.0, f"gateway used {idle_cpu:.2f} CPU s in 10 s with all ledgers down"
+    time.sleep(4)
     for lg in d.ledgers:
         sandbox.restart(lg.proc)
     t0 = time.monotonic()
@@ -129,7 +129,7 @@ def test_all_ledger_nodes_down_for_30_seconds(sandbox: Sandbox) -> None:
     harness.wait_all_nodes(gw, d.ledgers, pub.acked)
     a = harness.audit(gw, d.ledgers, pub.acked)
     assert all(v == len(pub.acked) for v in a.per_node.values())
-    harness.record("all ledger nodes down 30 s", a, time.monotonic() - t0)
+    harness.record("all ledger nodes down 20 s", a, time.monotonic() - t0)
 
 
 def test_ledger_node_returns_empty_and_is_resent_from_its_head(sandbox: Sandbox) -> None:
