@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.formats import checkpoint, merkle, note
 from gateway.lab.sandbox import GatewayProc, Hsm, Ledger, Proc, Sandbox, free_port
 
 
@@ -107,3 +109,25 @@ def deb_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if len(debs) != 1:
         pytest.fail(f"scripts/build-deb wrote {debs} to {out}, expected one .deb", pytrace=False)
     return debs[0]
+
+
+def every_leaf_included(spool: Path, verifiers: list[note.EcdsaVerifier], origin: str) -> int:
+    """Offline, from the spool: the latest checkpoint verifies under one of `verifiers`,
+    and every transaction's inclusion proof leads from its tx_id (the leaf hash, in log
+    order) to that checkpoint's root. Returns the number of leaves checked."""
+    conn = sqlite3.connect(f"file:{spool}?mode=ro", uri=True)
+    try:
+        conn.execute("BEGIN")
+        size, signed = conn.execute(
+            "SELECT size, note FROM log_checkpoint ORDER BY size DESC LIMIT 1"
+        ).fetchone()
+        hashes = [bytes(r[0]) for r in conn.execute("SELECT tx_id FROM tx ORDER BY rowid")]
+    finally:
+        conn.close()
+    assert size == len(hashes), f"the latest checkpoint covers {size} of {len(hashes)} leaves"
+    root = checkpoint.open_checkpoint(bytes(signed), verifiers, origin).checkpoint.root_hash
+    tree = merkle.subtree_hashes(hashes)
+    for i, h in enumerate(hashes):
+        proof = merkle.inclusion_proof_from_provider(i, size, tree)
+        assert merkle.root_from_inclusion_proof(h, i, size, proof) == root, f"leaf {i}"
+    return size
