@@ -137,15 +137,26 @@ def load_edge(size: int, fetch: TileFetch) -> LogEdge:
 
 class TileReader:
     """merkle.SubtreeHash for a tree of `size` leaves over stored tiles: each tile read
-    once (kept for the reader's life, which is one proof or a few). `reads` counts them."""
+    once and each subtree hash computed once (both kept for the reader's life, which is
+    one proof or the proofs of one chunk of receipts: neighbouring leaves share most of
+    their path). `reads` counts the tile reads."""
 
     def __init__(self, size: int, fetch: TileFetch) -> None:
         self.size = size
         self._fetch = fetch
         self._tiles: dict[tuple[int, int], bytes] = {}
+        self._hashes: dict[tuple[int, int], bytes] = {}
         self.reads = 0
 
     def __call__(self, level: int, index: int) -> bytes:
+        known = self._hashes.get((level, index))
+        if known is not None:
+            return known
+        h = self._hash(level, index)
+        self._hashes[(level, index)] = h
+        return h
+
+    def _hash(self, level: int, index: int) -> bytes:
         where = tiles.locate(level, index, self.size)
         key = (where.tile.level, where.tile.index)
         data = self._tiles.get(key)
