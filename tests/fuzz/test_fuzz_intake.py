@@ -231,6 +231,21 @@ def test_fuzzed_topics_and_payloads_never_stop_intake_and_every_message_is_accou
             return by_label(scrape(gw), "edge_gateway_received_total", "channel").get("mqtt", 0)
 
         wait_until("every published message received", lambda: received() >= published, 600)
+
+        def outcomes() -> float:
+            # A message counts as received when read, as stored or rejected once its group
+            # commit lands: the two meet a moment later, or never if one was lost.
+            s = scrape(gw)
+            return sum(
+                total(s, m)
+                for m in (
+                    "edge_gateway_stored_total",
+                    "edge_gateway_duplicates_total",
+                    "edge_gateway_rejected_total",
+                )
+            )
+
+        wait_until("every message stored or rejected", lambda: outcomes() >= MESSAGES, 60)
         took = time.monotonic() - t0
         samples = scrape(gw)
         rejected = by_label(samples, "edge_gateway_rejected_total", "reason")
