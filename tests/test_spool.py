@@ -330,3 +330,129 @@ def test_a_spool_with_the_tx_id_index_is_converted_at_open(tmp_path: Path) -> No
     rowids = [again.read(lambda c, i=i: Spool.q_tx(c, i.tx_id)).result() for i in items]
     assert [r.rowid if r else None for r in rowids] == list(range(1, 11))
     again.close()
+
+
+def _pairs_twice(s: Spool) -> int:
+    q = "SELECT count(*) FROM (SELECT 1 FROM tx GROUP BY device_id, device_seq HAVING count(*) > 1)"
+    return int(s.read(lambda c: c.execute(q).fetchone()[0]).result())
+
+
+def _count(s: Spool, table: str) -> int:
+    return int(s.read(lambda c: c.execute(f"SELECT count(*) FROM {table}").fetchone()[0]).result())
+
+
+def test_redeliveries_are_found_in_the_tail_in_tx_dev_and_after_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(device, seq) is stored once whether its first copy is in the unkeyed tail, keyed in
+    tx_dev, arrived out of order, or was stored before the writer restarted."""
+    monkeypatch.setattr(spoolmod, "DEV_KEY_CHUNK_ROWS", 8)
+    path = tmp_path / "s.db"
+    s = Spool(cfg(path), "gw-1")
+    s.open()
+    first = [s.append(tx(f"d{i % 3}", 10 + i)) for i in range(20)]
+    assert all(f.result().outcome is Outcome.STORED for f in first)
+    assert _count(s, "tx_dev") >= 16  # keyed in chunks of at least 8
+    # Out of order: a seq below its device's highest, never stored, is new.
+    assert s.append(tx("d0", 1)).result().outcome is Outcome.STORED
+    group = [s.append(tx(f"d{i % 3}", 10 + i)) for i in range(20)]
+    group += [s.append(tx("d0", 1)), s.append(tx("d0", 1, b"other"))]
+    outcomes = [f.result().outcome for f in group]
+    assert outcomes == [Outcome.DUPLICATE] * 21 + [Outcome.CONFLICT]
+    assert [f.result().tx_id for f in group[:20]] == [f.result().tx_id for f in first]
+    # Twice within one group: the second is a duplicate of the first.
+    same = [s.append(tx("d9", 5)), s.append(tx("d9", 5))]
+    assert [f.result().outcome for f in same] == [Outcome.STORED, Outcome.DUPLICATE]
+    s.close()
+    again = Spool(cfg(path), "gw-1")
+    again.open()
+    redo = [again.append(tx(f"d{i % 3}", 10 + i)) for i in range(20)]
+    redo += [again.append(tx("d0", 1)), again.append(tx("d9", 5))]
+    assert all(f.result().outcome is Outcome.DUPLICATE for f in redo)
+    assert again.append(tx("d0", 2)).result().outcome is Outcome.STORED
+    assert _count(again, "tx") == 23 and _pairs_twice(again) == 0
+    again.close()
+
+
+def test_two_writers_see_each_others_transactions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gateway and an intake process write one spool: what one stored, the other
+    answers as a duplicate, in its tail and once the other keyed it."""
+    monkeypatch.setattr(spoolmod, "DEV_KEY_CHUNK_ROWS", 4)
+    a = Spool(cfg(tmp_path / "s.db"), "gw-1", write_priority=True)
+    a.open()
+    b = Spool(cfg(tmp_path / "s.db"), "gw-1")
+    b.open(check_integrity=False)
+    assert b.append(tx("d", 5)).result().outcome is Outcome.STORED
+    assert a.append(tx("d", 5)).result().outcome is Outcome.DUPLICATE  # b's tail
+    assert a.append(tx("d", 3)).result().outcome is Outcome.STORED  # below b's highest
+    assert b.append(tx("d", 3)).result().outcome is Outcome.DUPLICATE
+    for seq in range(6, 16):  # b keys them (and a's) in tx_dev
+        assert b.append(tx("d", seq)).result().outcome is Outcome.STORED
+    assert _count(a, "tx_dev") >= 8
+    for seq in (3, 5, 6, 10, 15):
+        assert a.append(tx("d", seq)).result().outcome is Outcome.DUPLICATE
+    assert a.append(tx("d", 4)).result().outcome is Outcome.STORED
+    assert b.append(tx("d", 4)).result().outcome is Outcome.DUPLICATE
+    assert _pairs_twice(a) == 0 and _count(a, "tx") == 13
+    b.close(checkpoint=False)
+    a.close()
+
+
+# Schema 3's tx table: the unique index this schema replaced with tx_dev.
+SCHEMA_3_TX = """
+CREATE TABLE tx (
+    rowid INTEGER PRIMARY KEY AUTOINCREMENT,
+    device_id TEXT NOT NULL,
+    device_seq INTEGER NOT NULL,
+    payload_sha256 BLOB NOT NULL,
+    tx_id BLOB NOT NULL,
+    leaf BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL,
+    UNIQUE (device_id, device_seq)
+);
+"""
+
+
+def test_a_spool_of_schema_3_is_converted_at_open(tmp_path: Path) -> None:
+    """Schema 3 kept a unique index on tx (device_id, device_seq): opening it rebuilds tx
+    without it (rowids, AUTOINCREMENT's counter and the retention trigger kept) and keys
+    every row in tx_dev; its transactions are still found as duplicates."""
+    path = tmp_path / "s.db"
+    s = Spool(cfg(path), "gw-1")
+    s.open()
+    items = [tx(f"d{i % 4}", i) for i in range(1, 41)]
+    for item in items:
+        s.append(item).result()
+    store(s, batch(0, 1, 10, committed_ms=1))
+    store(s, batch(1, 11, 20, committed_ms=1))
+    s.close()
+    conn = sqlite3.connect(path)
+    rows = conn.execute("SELECT * FROM tx ORDER BY rowid").fetchall()
+    conn.executescript(
+        "DROP TABLE tx; DROP TABLE tx_dev; DELETE FROM meta WHERE key = 'dev_keyed_upto';"
+        + SCHEMA_3_TX
+        + "UPDATE meta SET value = '3' WHERE key = 'schema_version';"
+    )
+    conn.executemany(f"INSERT INTO tx VALUES ({', '.join('?' * 8)})", rows[:-2])
+    conn.execute("UPDATE sqlite_sequence SET seq = 40 WHERE name = 'tx'")  # two rows gone
+    conn.commit()
+    conn.close()
+    again = Spool(cfg(path), "gw-1")
+    again.open()
+    assert again.read(lambda c: c.execute("SELECT * FROM tx").fetchall()).result() == (rows[:-2])
+    q = "SELECT count(*) FROM sqlite_master WHERE name LIKE 'sqlite_autoindex_tx%'"
+    assert again.read(lambda c: c.execute(q).fetchone()[0]).result() == 0
+    meta = "SELECT value FROM meta WHERE key = 'schema_version'"
+    assert again.read(lambda c: c.execute(meta).fetchone()[0]).result() == "4"
+    assert _count(again, "tx_dev") == 38
+    assert all(again.append(i).result().outcome is Outcome.DUPLICATE for i in items[:38])
+    assert again.append(items[38]).result().outcome is Outcome.STORED
+    assert again.max_rowid == 41  # after AUTOINCREMENT's 40, not the 38 rows left
+    # The retention trigger came back with the table: a seq pruned here is refused.
+    assert prune(again, keep_from_seq=1) == 1
+    assert again.append(tx("d1", 1, b"again")).result().outcome is Outcome.BEYOND_RETENTION
+    assert _count(again, "tx_dev") == 28  # the 10 pruned rows went; the new one is in the tail
+    again.close()
