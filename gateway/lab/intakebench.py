@@ -28,6 +28,7 @@ import os
 import sqlite3
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from gateway.edge import spool as spoolmod
@@ -60,12 +61,11 @@ class _Shipped:
     writer connection (its writer thread idle), items as intake hands them over."""
 
     def __init__(self, path: Path) -> None:
-        self.spool = spoolmod.Spool(
-            SpoolConfig(path, 2000, 0, 10**9, 0, 600, 0), "intakebench"
-        )
+        self.spool = spoolmod.Spool(SpoolConfig(path, 2000, 0, 10**9, 0, 600, 0), "intakebench")
         self.spool.open(check_integrity=False)
-        self.conn = self.spool._wconn
-        assert self.conn is not None
+        conn = self.spool._wconn
+        assert conn is not None
+        self.conn: sqlite3.Connection = conn
 
     def commit(self, group: list[tuple[object, ...]]) -> None:
         def done(res: object) -> None:
@@ -133,13 +133,15 @@ def spool_variant(
     keyed = variant == SHIPPED
     with tempfile.TemporaryDirectory(prefix="intakebench-") as tmp:
         shipped = _Shipped(Path(tmp) / "spool.db") if keyed else None
+        conn: sqlite3.Connection
+        commit: Callable[[sqlite3.Connection, str, list[tuple[object, ...]]], None]
         if shipped is not None:
-            conn = shipped.conn
-            conflict = ""
+            conn, conflict = shipped.conn, ""
 
             def commit(_conn: sqlite3.Connection, _c: str, g: list[tuple[object, ...]]) -> None:
                 assert shipped is not None
                 shipped.commit(g)
+
         else:
             conn = spoolmod._connect(Path(tmp) / "spool.db")
             schema, conflict = _schema(variant)
