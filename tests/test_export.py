@@ -506,7 +506,7 @@ def spool_with_rotation(path: Path) -> tuple[list[Cosigner], ec.EllipticCurvePri
         [f"tx {i}".encode() for i in range(14, 30)],
     ]
     conn = sqlite3.connect(path, isolation_level=None)
-    conn.executescript(spool_mod.SCHEMA)
+    conn.executescript(spool_mod.SCHEMA + spool_mod.TX_KEY_SCHEMA + spool_mod.DEV_KEY_SCHEMA)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.executemany(
         "INSERT INTO meta VALUES (?, ?)",

@@ -331,10 +331,11 @@ def _rotation_entries(
     """Log index -> the key rotation entries of this log among its first `size` leaves
     that the spool still holds: each names a key that signs checkpoints from then on."""
     out: dict[int, keyrotation.RotationEntry] = {}
-    for rowid, leaf in conn.execute(
-        "SELECT rowid, leaf FROM tx WHERE device_id = ? ORDER BY rowid",
-        (keyrotation.RESERVED_DEVICE,),
-    ):
+    for rowid in Spool.q_device_rowids(conn, keyrotation.RESERVED_DEVICE):
+        row = conn.execute("SELECT leaf FROM tx WHERE rowid = ?", (rowid,)).fetchone()
+        if row is None:
+            continue  # pruned meanwhile
+        leaf = row[0]
         found = Spool.q_leaf_index(conn, int(rowid))
         if found is None or found[0] >= size:
             break

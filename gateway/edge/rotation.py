@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from gateway.common.errors import GatewayError
+from gateway.edge.spool import Spool
 from gateway.formats import keyrotation
 
 STATE_KEY = "log_keys"
@@ -228,9 +229,7 @@ def first_entry_size_after(conn: sqlite3.Connection, size: int) -> int | None:
     """The size of the first checkpoint beyond `size` that covers a rotation entry (one
     per rotation: the log's transactions under the reserved device id), or None."""
     out: int | None = None
-    for (rowid,) in conn.execute(
-        "SELECT rowid FROM tx WHERE device_id = ?", (keyrotation.RESERVED_DEVICE,)
-    ):
+    for rowid in Spool.q_device_rowids(conn, keyrotation.RESERVED_DEVICE):
         row = conn.execute(
             "SELECT size FROM log_checkpoint WHERE last_rowid >= ? ORDER BY last_rowid LIMIT 1",
             (rowid,),

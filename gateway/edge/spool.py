@@ -1219,6 +1219,24 @@ class Spool:
         ]
 
     @staticmethod
+    def q_device_rowids(conn: sqlite3.Connection, device_id: str) -> list[int]:
+        """The rowids of a device's transactions, in spool order: keyed ones from tx_dev,
+        the tail by a scan of it (the keyed mark is read first, so a chunk keyed between
+        the statements is found by one or both)."""
+        upto = _meta_int(conn, "dev_keyed_upto")
+        found = {
+            int(r[0])
+            for r in conn.execute("SELECT tx_rowid FROM tx_dev WHERE device_id = ?", (device_id,))
+        }
+        found.update(
+            int(r[0])
+            for r in conn.execute(
+                "SELECT rowid FROM tx WHERE rowid > ? AND device_id = ?", (upto, device_id)
+            )
+        )
+        return sorted(found)
+
+    @staticmethod
     def q_tx(conn: sqlite3.Connection, tx_id: bytes) -> TxRecord | None:
         """A transaction by tx_id: through tx_key, or if not keyed yet by a scan of the
         tail after the last keyed row. One statement, so one snapshot: keys stored in
