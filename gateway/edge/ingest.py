@@ -854,16 +854,36 @@ class MqttIngest:
 
     def release(self) -> None:
         """Let held messages in while under the flow window (called when a batch is cut)."""
-        if self.paused:
-            return
-        while True:
-            with self._lock:
-                if self.paused or not self._held:
-                    return
-                if self._window and self.load() >= self._window:
-                    return
-                device, topic, payload, mid, qos, gen = self._held.pop(0)
-            self._submit(device, topic, payload, mid, qos, gen)
+        self._let_in(resuming=False)
+
+    def _let_in(self, resuming: bool) -> None:
+        """Held messages in arrival order, as many as the flow window (and, resuming, the
+        depth limit) has room for, decoded and handed to the spool writer together as one
+        socket read's are. Resuming also pauses again at the depth limit, or unpauses."""
+        with self._lock:
+            if self.paused and not resuming:
+                return
+            load = self.load()
+            if resuming and self._max_depth and load >= self._max_depth:
+                self.paused = True
+                return
+            held = self._held
+            room = len(held)
+            if self._window:
+                room = min(room, max(0, self._window - load))
+            if resuming and self._max_depth:
+                room = min(room, self._max_depth - load)
+            take = held[:room]
+            del held[:room]
+            go = [(d, t, p, self._done_for(mid, qos, gen)) for d, t, p, mid, qos, gen in take]
+            self._inflight += len(go)
+            if resuming:
+                self.paused = bool(self._max_depth) and load + len(go) >= self._max_depth
+        if go:
+            try:
+                self.intake.submit_many(go, "mqtt", self._failed_message)
+            except Exception as e:
+                self.guard.fatal(e, "mqtt messages")
 
     def _submit(
         self, device: str | None, topic: str, payload: bytes, mid: int, qos: int, gen: int
@@ -971,13 +991,4 @@ class MqttIngest:
 
     def resume(self) -> None:
         """Release held messages while under the depth limit; pause again at it."""
-        while True:
-            with self._lock:
-                if self._max_depth and self.load() >= self._max_depth:
-                    self.paused = True
-                    return
-                if not self._held or (self._window and self.load() >= self._window):
-                    self.paused = False
-                    return
-                device, topic, payload, mid, qos, gen = self._held.pop(0)
-            self._submit(device, topic, payload, mid, qos, gen)
+        self._let_in(resuming=True)

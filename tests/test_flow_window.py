@@ -1,0 +1,138 @@
+"""MQTT intake's flow window and depth pause on a real Mosquitto and spool file: messages
+past the window wait unacknowledged, and are let in (in arrival order, each stored once)
+when a batch cut moves the cursor or intake resumes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.common.tomlconfig import TlsClient
+from gateway.edge.config import MqttConfig, SpoolConfig
+from gateway.edge.ingest import MqttIngest
+from gateway.edge.profiles import ProfileSet
+from gateway.edge.spool import Spool
+from gateway.lab.sandbox import Sandbox
+from tests.mqttkit import Publisher
+
+WINDOW = 40
+
+
+def wait_for(what: str, ok: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not ok():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+class Rig:
+    """MqttIngest over a real broker and spool; the test plays the batcher's cursor."""
+
+    def __init__(self, sb: Sandbox, tmp: Path, max_depth: int = 0) -> None:
+        self.broker = sb.mosquitto()
+        self.spool = Spool(SpoolConfig(tmp / "spool.db", 1000, 2.0, 10_000, 0, 600, 0), "gw-window")
+        self.spool.open()
+        self.cursor = 0
+        # The sandbox's broker: the gateway logs in on the gateways' listener.
+        login = sb.broker_logins[self.broker.port]
+        pki = sb.pki
+        assert pki is not None
+        cfg = MqttConfig(
+            host="127.0.0.1",
+            port=login.gateway_port,
+            client_id="gw-window",
+            topics=("devices/+/tx",),
+            device_id_level=1,
+            reject_topic_prefix="devices/rejected",
+            keepalive_s=30,
+            session_expiry_s=3600,
+            receive_maximum=1000,
+            max_payload_bytes=65536,
+            reconnect_min_s=0.2,
+            reconnect_max_s=2.0,
+            username=login.username,
+            password_file=login.password_file,
+            tls=TlsClient(pki.ca.cert, pki["gateway"].cert, pki["gateway"].key),
+            mount_point=login.mount_point,
+        )
+        self.mqtt = MqttIngest(
+            cfg,
+            self.spool,
+            ProfileSet(gateway_id="gw-window"),
+            lambda: max(0, self.spool.max_rowid - self.cursor),
+            max_depth,
+            window=WINDOW,
+        )
+        self.mqtt.start()
+        wait_for("the subscription", self.mqtt.subscribed.is_set)
+        self.device = Publisher(sb, self.broker.port, "window-device")
+
+    def publish(self, first: int, n: int) -> None:
+        self.device.publish_many(
+            (f"devices/d{s % 3}/tx", b'{"seq":%d,"v":1}' % s) for s in range(first, first + n)
+        )
+
+    def stored(self) -> list[tuple[str, int]]:
+        q = "SELECT device_id, device_seq FROM tx ORDER BY rowid"
+        return self.spool.read(lambda c: c.execute(q).fetchall()).result()
+
+    def stored_at_least(self, n: int) -> Callable[[], bool]:
+        return lambda: len(self.stored()) >= n
+
+    def close(self) -> None:
+        self.device.close()
+        self.mqtt.stop()
+        self.spool.close()
+
+
+@pytest.fixture
+def rig(sandbox: Sandbox, tmp_path: Path) -> Iterator[Rig]:
+    r = Rig(sandbox, tmp_path, max_depth=10_000)
+    yield r
+    r.close()
+
+
+def test_held_messages_are_let_in_in_order_as_batches_are_cut(rig: Rig) -> None:
+    rig.publish(0, 150)
+    wait_for("the window to fill", lambda: len(rig.stored()) == WINDOW)
+    wait_for("the rest to be held", lambda: len(rig.mqtt._held) == 150 - WINDOW)
+    time.sleep(0.3)
+    assert len(rig.stored()) == WINDOW  # nothing past the window while no batch is cut
+    for cut in (WINDOW, 2 * WINDOW, 3 * WINDOW, 150):
+        rig.cursor = cut
+        rig.mqtt.release()
+        want = min(150, cut + WINDOW)
+        wait_for(f"{want} stored", rig.stored_at_least(want))
+    wait_for("every PUBACK", lambda: rig.mqtt.acks == 150)
+    assert rig.stored() == [(f"d{s % 3}", s) for s in range(150)]
+    assert rig.mqtt._held == [] and rig.mqtt.inflight == 0
+
+
+def test_a_paused_intake_holds_everything_and_resume_lets_in_up_to_the_depth_limit(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    rig = Rig(sandbox, tmp_path, max_depth=30)  # below the window: the depth limit binds
+    try:
+        rig.mqtt.pause()
+        rig.publish(0, 300)
+        wait_for("every message to be held", lambda: len(rig.mqtt._held) == 300)
+        assert rig.stored() == []
+        rig.mqtt.resume()
+        wait_for("the depth limit", lambda: len(rig.stored()) == 30)
+        rig.mqtt.resume()  # still at the limit: nothing more, still paused
+        time.sleep(0.3)
+        assert rig.mqtt.paused and len(rig.mqtt._held) == 270 and len(rig.stored()) == 30
+        rig.cursor = 10**9  # batches cut: the spool's depth is back to zero
+
+        def resumed() -> bool:
+            rig.mqtt.resume()  # as the service's control loop does while paused
+            return len(rig.stored()) == 300
+
+        wait_for("the rest", resumed)
+        assert not rig.mqtt.paused and rig.mqtt._held == []
+        assert rig.stored() == [(f"d{s % 3}", s) for s in range(300)]
+    finally:
+        rig.close()
