@@ -217,7 +217,7 @@ CREATE TABLE IF NOT EXISTS tx_dev (
     PRIMARY KEY (device_id, device_seq)
 ) WITHOUT ROWID;
 """
-DEV_KEY_CHUNK_ROWS = 16384
+DEV_KEY_CHUNK_ROWS = 8192
 # Devices whose highest seq a writer keeps in memory; past this it starts again empty
 # (and reads each device's from the device table when next seen).
 DEV_LAST_SEQ_CACHE = 200_000
@@ -259,12 +259,14 @@ class _DeviceSeqs:
     write transaction; what a transaction adds is applied once it committed."""
 
     def __init__(self) -> None:
+        self.loaded = False  # read at a writer's first group commit, not at open
         self.upto = 0  # rows up to here are in tx_dev
         self.seen = 0  # every row up to here is reflected below
         self.tail: dict[tuple[str, int], int] = {}
         self.last: dict[str, int] = {}
 
     def load(self, conn: sqlite3.Connection) -> None:
+        self.loaded = True
         self.upto = _meta_int(conn, "dev_keyed_upto")
         self.seen = self.upto
         self.tail.clear()
@@ -494,19 +496,23 @@ _CHECKPOINT_COLS = (
 # 2 MiB makes inserts into the random-keyed tx_id index miss the cache once the
 # spool passes a few hundred thousand rows: 16 MiB took an insert from about 10 to
 # 6 us per row. The writer also checkpoints less often (WAL pages), which halves
-# the commit cost; the WAL stays below about 16 MiB.
+# the commit cost; the WAL stays below about 16 MiB. That is the gateway's writer (batches,
+# tx_key chunks, tiles). An intake process's writer appends to tx and keys tx_dev in sorted
+# chunks, whose pages it finds in the OS's cache when its own is smaller: 4 MiB each keeps
+# a 1,000,000-transaction gateway's RSS under its 200 MB budget.
 WRITER_CACHE_KIB = 16 * 1024
+INTAKE_WRITER_CACHE_KIB = 4 * 1024
 READER_CACHE_KIB = 8 * 1024
 WAL_AUTOCHECKPOINT_PAGES = 4000
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+def _connect(path: Path, cache_kib: int = WRITER_CACHE_KIB) -> sqlite3.Connection:
     conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30.0)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA busy_timeout=30000")
     conn.execute("PRAGMA foreign_keys=ON")
-    conn.execute(f"PRAGMA cache_size=-{WRITER_CACHE_KIB}")
+    conn.execute(f"PRAGMA cache_size=-{cache_kib}")
     conn.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
     return conn
 
@@ -651,7 +657,9 @@ class Spool:
         self._lock_fd = os.open(f"{self.path}.lock", flags, 0o600)
         self._next_fd = os.open(f"{self.path}.lock-next", flags, 0o600)
         try:
-            conn = _connect(self.path)
+            conn = _connect(
+                self.path, WRITER_CACHE_KIB if self._priority else INTAKE_WRITER_CACHE_KIB
+            )
         except sqlite3.DatabaseError as e:
             raise SpoolIntegrityError(
                 f"spool {self.path} cannot be opened as SQLite ({e}); it was left untouched: "
@@ -663,7 +671,6 @@ class Spool:
                 self._check_meta(conn)
                 _upgrade_tx_key(conn)
                 _upgrade_device_key(conn)
-                self._seqs.load(conn)
         except sqlite3.DatabaseError as e:
             conn.close()
             raise SpoolIntegrityError(f"spool {self.path} is not a gateway spool: {e}") from None
@@ -983,7 +990,10 @@ class Spool:
         fresh: list[tuple[int, Incoming]] = []  # (position, item) to store
         try:
             conn.execute("BEGIN IMMEDIATE")
-            seqs.sync(conn)
+            if seqs.loaded:
+                seqs.sync(conn)
+            else:  # a process that never appends (the gateway without gRPC) keeps no tail
+                seqs.load(conn)
             highest = seqs.highest(conn, [i.device_id for i, _cb in appends if type(i) is Incoming])
             in_group: dict[tuple[str, int], Incoming] = {}
             pruned = self._pruned
