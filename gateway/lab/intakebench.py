@@ -4,6 +4,7 @@ payload, not wall time: what each stage costs whatever else shares the machine.
     python -m gateway.lab.intakebench spool [--prefill 200000] [--rows 60000] [--group 500]
     python -m gateway.lab.intakebench decode
     python -m gateway.lab.intakebench lookup [--prefill 1000000] [--lookups 2000]
+    python -m gateway.lab.intakebench handoff [--rows 100000] [--read 64]
 
 `spool` runs the group commit's statements (multi-row INSERT into tx, the device upsert,
 COMMIT, as Spool._commit_appends does) on a spool file under /tmp prefilled with
@@ -18,6 +19,12 @@ spool.TX_KEY_CHUNK_ROWS + 500 rows batched but not keyed yet and 500 not batched
 times GetTransaction's spool work (the API's proof view: the lookup, the batch, its
 tx_ids, the inclusion proof) for keyed rows, for rows in the tail and for unknown tx_ids
 (a full tail scan), wall time on one reader connection.
+`handoff` is the intake process without its socket: a real MqttIngest is handed the
+PUBLISH packets of `--read` messages at a time as its bulk read path hands them over
+(json@1 payloads of the load generator, 1,000 devices), decodes them, hands them to a
+real Spool's writer thread, whose group commits answer them and queue their PUBACKs
+(counted, not sent); CPU µs per transaction of the whole process, in which MQTT parsing
+and the socket are all that is missing.
 """
 
 from __future__ import annotations
@@ -25,8 +32,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import random
 import sqlite3
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +43,7 @@ from pathlib import Path
 from gateway.edge import spool as spoolmod
 from gateway.edge.config import SpoolConfig
 from gateway.edge.profiles.builtin import JsonDecoder
-from gateway.lab.loadgen import sample_payload
+from gateway.lab.loadgen import build_payload, payload_head, payload_tail, sample_payload
 
 DEVICES = 1000
 SHIPPED = "as shipped (Spool, tx_dev)"
@@ -185,8 +194,6 @@ def spool_variant(
 
 def lookup_latency(prefill: int, lookups: int, batch: int) -> dict[str, list[float]]:
     """GetTransaction's spool work in ms, by where the row is (see the module's doc)."""
-    import random
-
     from gateway.edge.api import _proof_view
 
     tail_batched = spoolmod.TX_KEY_CHUNK_ROWS + 500
@@ -257,9 +264,94 @@ def decode_cost(size: int, n: int = 20_000) -> float:
     return (time.process_time() - t0) / done * 1e6
 
 
+class _PubackCounter:
+    """What MqttIngest queues its PUBACKs on (paho's _packet_queue), counting them."""
+
+    def __init__(self) -> None:
+        self.acked = 0
+        self.cond = threading.Condition()
+
+    def _packet_queue(self, _command: int, packet: bytes, _mid: int, _qos: int) -> None:
+        with self.cond:
+            self.acked += len(packet) // 4
+            self.cond.notify_all()
+
+    def ack(self, _mid: int, _qos: int) -> None:
+        with self.cond:
+            self.acked += 1
+            self.cond.notify_all()
+
+
+def handoff_cost(rows: int, read: int, inflight: int = 4000) -> tuple[float, float, float]:
+    """(CPU µs per transaction, user share, transactions per wall second) of `rows`
+    messages through MqttIngest._on_publishes, the decoder and the spool writer."""
+    from gateway.edge.config import MqttConfig
+    from gateway.edge.ingest import MqttIngest
+    from gateway.edge.profiles import ProfileSet
+
+    cfg = MqttConfig(
+        host="127.0.0.1",
+        port=1,
+        client_id="intakebench",
+        topics=("devices/+/tx",),
+        device_id_level=1,
+        reject_topic_prefix="rejected",
+        keepalive_s=30,
+        session_expiry_s=0,
+        receive_maximum=inflight,
+        max_payload_bytes=65536,
+        reconnect_min_s=1.0,
+        reconnect_max_s=5.0,
+        username=None,
+        password_file=None,
+        tls=None,
+    )
+    now = time.time_ns() // 1_000_000
+    seqs = [rows // DEVICES + 10 for _ in range(DEVICES)]
+    rng = random.Random(1)
+    tails = [payload_tail(rng, 120, len(payload_head(10**9))) for _ in range(64)]
+    publishes: list[tuple[str, bytes, int, int]] = []
+    for i in range(rows):
+        d = i % DEVICES
+        seqs[d] += 1
+        payload = build_payload(seqs[d], now, tails[i % len(tails)])
+        publishes.append((f"devices/bench-{d:05d}/tx", payload, 0, 1))
+    with tempfile.TemporaryDirectory(prefix="intakebench-") as tmp:
+        spool = spoolmod.Spool(
+            SpoolConfig(Path(tmp) / "spool.db", 2000, 2, 10**9, 0, 600, 0), "intakebench"
+        )
+        spool.open(check_integrity=False)
+        ing = MqttIngest(cfg, spool, ProfileSet.load(None, gateway_id="intakebench"))
+        sink = _PubackCounter()
+        ing._client = sink  # type: ignore[assignment]
+        try:
+            t0, c0 = time.perf_counter(), os.times()
+            mid = 0
+            for k in range(0, rows, read):
+                chunk = []
+                for topic, payload, _m, qos in publishes[k : k + read]:
+                    mid = mid % 65535 + 1
+                    chunk.append((topic, payload, mid, qos))
+                with sink.cond:
+                    if not sink.cond.wait_for(lambda k=k: k - sink.acked < inflight, timeout=30):
+                        raise SystemExit(f"handoff: no PUBACK for 30 s at {sink.acked}")
+                ing._on_publishes(chunk)
+            with sink.cond:
+                if not sink.cond.wait_for(lambda: sink.acked >= rows, timeout=60):
+                    raise SystemExit(f"handoff: {sink.acked} of {rows} acknowledged")
+            c1, wall = os.times(), time.perf_counter() - t0
+        finally:
+            spool.close(checkpoint=False)
+        if spool.stored != rows:
+            raise SystemExit(f"handoff: {spool.stored} of {rows} stored")
+    user, system = c1.user - c0.user, c1.system - c0.system
+    return (user + system) / rows * 1e6, user / (user + system), rows / wall
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m gateway.lab.intakebench")
-    ap.add_argument("what", choices=("spool", "decode", "lookup"))
+    ap.add_argument("what", choices=("spool", "decode", "lookup", "handoff"))
+    ap.add_argument("--read", type=int, default=64, help="handoff: messages per socket read")
     ap.add_argument("--prefill", type=int, help="rows before (default 200000; lookup 1000000)")
     ap.add_argument("--lookups", type=int, default=2000)
     ap.add_argument("--rows", type=int, default=60_000)
@@ -275,6 +367,15 @@ def main(argv: list[str] | None = None) -> None:
         for kind, t in lookup_latency(prefill, args.lookups, args.batch).items():
             p50, p99 = t[len(t) // 2], t[min(len(t) - 1, int(len(t) * 0.99))]
             print(f"  {kind:20s} p50 {p50:6.2f}  p99 {p99:6.2f}  max {t[-1]:6.2f}")
+        return
+    if args.what == "handoff":
+        rows = args.rows if args.rows != 60_000 else 100_000
+        cpu, user_share, rate = handoff_cost(rows, args.read)
+        print(
+            f"MqttIngest -> json@1 -> spool writer -> PUBACKs queued, {rows} messages, "
+            f"{args.read} a read: {cpu:.1f} µs CPU per transaction (user {user_share:.0%}), "
+            f"{rate:,.0f} tx/s on the wall"
+        )
         return
     args.prefill = args.prefill or 200_000
     if args.what == "spool":
