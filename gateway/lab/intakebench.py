@@ -276,6 +276,11 @@ class _PubackCounter:
             self.acked += len(packet) // 4
             self.cond.notify_all()
 
+    def wait_for(self, acked: int, timeout: float) -> None:
+        with self.cond:
+            if not self.cond.wait_for(lambda: self.acked >= acked, timeout=timeout):
+                raise SystemExit(f"handoff: {self.acked} acknowledged, {acked} awaited")
+
     def ack(self, _mid: int, _qos: int) -> None:
         with self.cond:
             self.acked += 1
@@ -332,13 +337,9 @@ def handoff_cost(rows: int, read: int, inflight: int = 4000) -> tuple[float, flo
                 for topic, payload, _m, qos in publishes[k : k + read]:
                     mid = mid % 65535 + 1
                     chunk.append((topic, payload, mid, qos))
-                with sink.cond:
-                    if not sink.cond.wait_for(lambda k=k: k - sink.acked < inflight, timeout=30):
-                        raise SystemExit(f"handoff: no PUBACK for 30 s at {sink.acked}")
+                sink.wait_for(k - inflight + 1, 30.0)
                 ing._on_publishes(chunk)
-            with sink.cond:
-                if not sink.cond.wait_for(lambda: sink.acked >= rows, timeout=60):
-                    raise SystemExit(f"handoff: {sink.acked} of {rows} acknowledged")
+            sink.wait_for(rows, 60.0)
             c1, wall = os.times(), time.perf_counter() - t0
         finally:
             spool.close(checkpoint=False)
