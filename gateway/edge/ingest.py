@@ -264,7 +264,18 @@ class _Pending:
         return (self.topic, self.payload)
 
     def __call__(self, res: AppendResult | BaseException) -> None:
-        self.intake._appended(res, self)
+        intake = self.intake
+        if (
+            type(res) is AppendResult
+            and res.outcome is Outcome.STORED
+            and self.fp is None
+            and intake._fault is None
+        ):
+            # Intake._appended's common case, without its call: stored, nothing on record.
+            intake._stored[self.channel] += 1
+            self.done(res, self.rej)
+            return
+        intake._appended(res, self)
 
 
 class _Suppressed:
@@ -616,7 +627,9 @@ class MqttIngest:
         self._gen = 0
         self._lock = threading.Lock()
         self._pub_mids: dict[int, int] = {}
-        self._acks: list[int] = []  # committed this group, acknowledged after it
+        # (mid, qos, gen) answered in this group (qos 0: nothing to acknowledge), on the
+        # writer thread; counted and acknowledged after the group (_flush_acks).
+        self._answered: list[tuple[int, int, int]] = []
         self._published: list[int] = []
         self._flush_scheduled = False
         self._held: list[tuple[str | None, str, bytes, int, int, int]] = []
@@ -768,7 +781,6 @@ class MqttIngest:
         so acknowledgements still pending for it are dropped; the broker re-sends."""
         with self._lock:
             self._gen += 1
-            self._acks.clear()
 
     def _on_disconnect(
         self, _c: mqtt.Client, _u: Any, _flags: Any, reason: Any, _props: Any
@@ -898,26 +910,31 @@ class MqttIngest:
             self.guard.fatal(e, "mqtt message", (topic, payload))
 
     def _done(self, res: AppendResult | BaseException, mid: int, qos: int, gen: int) -> None:
-        """Runs on the spool writer thread; the PUBACK leaves with its group (_flush_acks)."""
-        with self._lock:
-            self._inflight -= 1
-            self.completed += 1
-            if isinstance(res, BaseException):
-                # Not committed: no PUBACK. The broker re-sends it after the next reconnect.
-                log.error("spool append failed, message %d stays unacknowledged: %s", mid, res)
-                return
-            if qos == 1 and gen == self._gen:
-                # (From an older connection: not acknowledged; the broker re-sends it.)
-                self._acks.append(mid)
+        """Runs on the spool writer thread, which alone touches _answered; the group's
+        listener (_flush_acks) counts the answers and sends the PUBACKs under the lock
+        once per group, not once per message."""
+        if isinstance(res, BaseException):
+            # Not committed: no PUBACK. The broker re-sends it after the next reconnect.
+            log.error("spool append failed, message %d stays unacknowledged: %s", mid, res)
+            self._answered.append((mid, 0, gen))
+        else:
+            self._answered.append((mid, qos, gen))
 
     def _flush_acks(self) -> None:
-        """After a group commit: one write with the PUBACKs of everything it made durable."""
+        """After a group commit: what it answered counted, and one write with the PUBACKs
+        of what it made durable (QoS 1, on the connection it arrived on; a message from
+        an older connection is not acknowledged: the broker re-sends it)."""
+        answered, self._answered = self._answered, []
+        if not answered:
+            return
         with self._lock:
-            if not self._acks:
-                return
-            mids, self._acks = self._acks, []
-            send_pubacks(self._client, mids)
-            self.acks += len(mids)
+            self._inflight -= len(answered)
+            self.completed += len(answered)
+            gen = self._gen
+            mids = [mid for mid, qos, g in answered if qos == 1 and g == gen]
+            if mids:
+                send_pubacks(self._client, mids)
+                self.acks += len(mids)
 
     # ---- dead letters ----------------------------------------------------
 

@@ -49,6 +49,7 @@ from typing import Any
 
 from prometheus_client import Counter
 
+from gateway.common import gctune
 from gateway.common.errors import EXIT_SOFTWARE, GatewayError
 from gateway.edge import metrics
 from gateway.edge.config import GatewayConfig
@@ -316,6 +317,7 @@ def child_main(
     except GatewayError as e:
         conn.send(("fatal", e.exit_code, str(e)))
         return
+    gctune.settle_heap()
     child.run()
 
 

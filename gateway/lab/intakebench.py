@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from gateway.common import gctune
 from gateway.edge import spool as spoolmod
 from gateway.edge.config import SpoolConfig
 from gateway.edge.profiles.builtin import JsonDecoder
@@ -329,6 +330,7 @@ def handoff_cost(rows: int, read: int, inflight: int = 4000) -> tuple[float, flo
         ing = MqttIngest(cfg, spool, ProfileSet.load(None, gateway_id="intakebench"))
         sink = _PubackCounter()
         ing._client = sink  # type: ignore[assignment]
+        gctune.settle_heap()  # as the intake process does once started
         try:
             t0, c0 = time.perf_counter(), os.times()
             mid = 0
