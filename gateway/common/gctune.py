@@ -19,8 +19,10 @@ GEN0_THRESHOLD = 10_000
 OLDER_THRESHOLD = 10  # collections of the younger generation between older ones
 
 
-def settle_heap() -> None:
-    """Call once start-up is done: collect, freeze what survived, collect less often."""
+def settle_heap(gen0_threshold: int = GEN0_THRESHOLD) -> None:
+    """Call once start-up is done: collect, freeze what survived, and collect the
+    youngest generation every `gen0_threshold` allocations (0: keep CPython's)."""
     gc.collect()
     gc.freeze()
-    gc.set_threshold(GEN0_THRESHOLD, OLDER_THRESHOLD, OLDER_THRESHOLD)
+    if gen0_threshold:
+        gc.set_threshold(gen0_threshold, OLDER_THRESHOLD, OLDER_THRESHOLD)

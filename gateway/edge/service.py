@@ -27,7 +27,6 @@ from prometheus_client import start_http_server
 
 from gateway import __version__
 from gateway._pb.edgegateway.v1 import gateway_pb2, gateway_pb2_grpc
-from gateway.common import gctune
 from gateway.common.errors import EXIT_OK, EXIT_SOFTWARE, ConfigError
 from gateway.common.grpcutil import add_port
 from gateway.common.notify import Notifier
@@ -432,7 +431,6 @@ class Gateway:
         loop.add_signal_handler(signal.SIGHUP, self._reload)
         try:
             await self.start()
-            gctune.settle_heap()
             assert self.batcher and self.forwarder and self.mqtt and self.receipts
             batch_stop = asyncio.Event()
             fwd_stop = asyncio.Event()
