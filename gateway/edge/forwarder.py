@@ -387,12 +387,14 @@ class Forwarder:
 _Step = tuple[StoredCheckpoint | None, list[bytes], list[bytes]]
 # Steps kept for the other nodes (one per node is enough when they keep up together).
 # With MAX_COSIGN_LEAVES they bound the leaves held while nodes catch up: 8 steps of
-# 20,000 took the gateway of a 1,000,000-transaction spool to a peak RSS of 236 MB.
+# 20,000 took the gateway of a 1,000,000-transaction spool to a peak RSS of 236 MB; 3 of
+# 10,000, once observing the commit latency no longer slowed the catch-up, to 200-209 MB
+# (the main process 144 MB); 3 of 5,000 to 188 (main 122), catching up in 17 s.
 STEPS_KEPT = 3
 # Leaves one AddCheckpoint carries at most when a node catches up (several checkpoints);
 # their bytes are bounded by batch.max_bytes too (Forwarder max_call_bytes), so that a
 # catch-up call is never larger than the largest batch a node must take.
-MAX_COSIGN_LEAVES = 10_000
+MAX_COSIGN_LEAVES = 5_000
 
 
 def _metadata(e: grpc.aio.AioRpcError, key: str) -> str | None:
