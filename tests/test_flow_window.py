@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from gateway.common.tomlconfig import TlsClient
-from gateway.edge.config import MqttConfig, SpoolConfig
+from gateway.edge.config import SpoolConfig
 from gateway.edge.ingest import MqttIngest
 from gateway.edge.profiles import ProfileSet
 from gateway.edge.spool import Spool
-from gateway.lab.sandbox import Sandbox
+from gateway.lab.sandbox import Sandbox, loopback_mqtt_config
 from tests.mqttkit import Publisher
 
 WINDOW = 40
@@ -40,17 +40,10 @@ class Rig:
         login = sb.broker_logins[self.broker.port]
         pki = sb.pki
         assert pki is not None
-        cfg = MqttConfig(
-            host="127.0.0.1",
-            port=login.gateway_port,
-            client_id="gw-window",
-            topics=("devices/+/tx",),
-            device_id_level=1,
-            reject_topic_prefix="devices/rejected",
-            keepalive_s=30,
+        cfg = loopback_mqtt_config(
+            login.gateway_port,
+            "gw-window",
             session_expiry_s=3600,
-            receive_maximum=1000,
-            max_payload_bytes=65536,
             reconnect_min_s=0.2,
             reconnect_max_s=2.0,
             username=login.username,

@@ -291,27 +291,11 @@ class _PubackCounter:
 def handoff_cost(rows: int, read: int, inflight: int = 4000) -> tuple[float, float, float]:
     """(CPU µs per transaction, user share, transactions per wall second) of `rows`
     messages through MqttIngest._on_publishes, the decoder and the spool writer."""
-    from gateway.edge.config import MqttConfig
     from gateway.edge.ingest import MqttIngest
     from gateway.edge.profiles import ProfileSet
+    from gateway.lab.sandbox import loopback_mqtt_config
 
-    cfg = MqttConfig(
-        host="127.0.0.1",
-        port=1,
-        client_id="intakebench",
-        topics=("devices/+/tx",),
-        device_id_level=1,
-        reject_topic_prefix="rejected",
-        keepalive_s=30,
-        session_expiry_s=0,
-        receive_maximum=inflight,
-        max_payload_bytes=65536,
-        reconnect_min_s=1.0,
-        reconnect_max_s=5.0,
-        username=None,
-        password_file=None,
-        tls=None,
-    )
+    cfg = loopback_mqtt_config(1, "intakebench", receive_maximum=inflight)
     now = time.time_ns() // 1_000_000
     seqs = [rows // DEVICES + 10 for _ in range(DEVICES)]
     rng = random.Random(1)

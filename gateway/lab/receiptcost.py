@@ -21,12 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from gateway.edge.config import MqttConfig
 from gateway.edge.ingest import make_client
 from gateway.edge.profiles.spec import ReceiptSpec
 from gateway.edge.receipts import ReceiptPublisher, load_chunk
 from gateway.lab import demo
-from gateway.lab.sandbox import Sandbox
+from gateway.lab.sandbox import Sandbox, loopback_mqtt_config
 
 SPEC = ReceiptSpec("receipts/{device}")
 
@@ -58,23 +57,7 @@ def measure(spool: Path, mqtt_port: int) -> dict[str, float]:
     receipts = [r for ch in chunks for r in ch]
     if not receipts:
         raise SystemExit("no committed transactions in the demo's spool")
-    cfg = MqttConfig(
-        host="127.0.0.1",
-        port=mqtt_port,
-        client_id="receipt-cost",
-        topics=(),
-        device_id_level=1,
-        reject_topic_prefix="rejected",
-        keepalive_s=30,
-        session_expiry_s=0,
-        receive_maximum=100,
-        max_payload_bytes=65536,
-        reconnect_min_s=1.0,
-        reconnect_max_s=5.0,
-        username=None,
-        password_file=None,
-        tls=None,
-    )
+    cfg = loopback_mqtt_config(mqtt_port, "receipt-cost", topics=(), receive_maximum=100)
     pub = ReceiptPublisher(cfg, None, dict, make_client)  # type: ignore[arg-type]
     pub._start_client()
     deadline = time.monotonic() + 20

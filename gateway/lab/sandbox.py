@@ -34,7 +34,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -42,6 +42,7 @@ from gateway.common import resources
 from gateway.common.errors import GatewayError
 from gateway.common.tomlconfig import TlsClient
 from gateway.edge import broker as brokerconf
+from gateway.edge.config import MqttConfig
 from gateway.formats import checkpoint
 from gateway.lab import pki as devpki
 from gateway.ledger import witness
@@ -104,6 +105,30 @@ ROLES_CN = {
     role: next(spec.common_name for spec in devpki.LEAVES if spec.name == leaf)
     for role, leaf in ROLES.items()
 }
+
+
+def loopback_mqtt_config(port: int, client_id: str, **changes: Any) -> MqttConfig:
+    """An [mqtt] section for lab tools and tests that drive MqttIngest or a receipt
+    publisher themselves: 127.0.0.1:`port`, the device topics, no login or TLS, unless
+    `changes` (MqttConfig fields) say otherwise."""
+    base = MqttConfig(
+        host="127.0.0.1",
+        port=port,
+        client_id=client_id,
+        topics=("devices/+/tx",),
+        device_id_level=1,
+        reject_topic_prefix="devices/rejected",
+        keepalive_s=30,
+        session_expiry_s=0,
+        receive_maximum=1000,
+        max_payload_bytes=65536,
+        reconnect_min_s=1.0,
+        reconnect_max_s=5.0,
+        username=None,
+        password_file=None,
+        tls=None,
+    )
+    return replace(base, **changes)
 
 
 @dataclass(frozen=True)
