@@ -90,6 +90,47 @@ def test_proofs_from_stored_tiles_are_the_reference_proofs_for_every_earlier_siz
             assert merkle.verify_consistency(old, new_size, proof, old_root, reader.root())
 
 
+def test_two_logs_read_in_turn_each_get_their_own_proofs() -> None:
+    """Readers share the hashes inside tiles above level 0 (logtree.SHARED_LEVELS); two
+    logs of the same size hold different tiles at the same coordinates, so a share keyed
+    by anything but the tile's bytes would answer one log with the other's hashes."""
+    sizes = [70_001, 300, 65_536 + 256 * 3 + 7]
+    logs = []
+    for salt in ("a", "b"):
+        edge, store = tlog.LogEdge(0), {}
+        hashes = [merkle.leaf_hash(f"{salt} {i}".encode()) for i in range(max(sizes))]
+        edge, writes = edge.append(hashes)
+        for w in writes:
+            store[(w.level, w.index)] = w.data
+        logs.append((store, hashes))
+    rng = random.Random(12)
+    for _ in range(3):
+        for size in sizes:
+            for store, hashes in logs:
+                reader = tlog.TileReader(size, lambda lv, i, s=store: s.get((lv, i)))
+                assert reader.root() == merkle.root_from_hashes(hashes[:size])
+                index = rng.randrange(size)
+                assert reader.inclusion_proof(index) == merkle.inclusion_proof_from_hashes(
+                    hashes[:size], index
+                )
+
+
+def test_the_hashes_inside_a_tile_are_its_subtree_hashes() -> None:
+    """tiles.tile_levels answers every perfect subtree of a full and a partial tile as
+    hash_from_tile (which hashes the slice on its own) does."""
+    hashes = leaf_hashes(256 + 200)
+    for tile, data in (
+        (tiles.Tile(0, 0), b"".join(hashes[:256])),
+        (tiles.Tile(0, 1, 200), b"".join(hashes[256:])),
+    ):
+        levels = tiles.tile_levels(data)
+        for rise in range(8):
+            count = 1 << rise
+            for start in range(0, tile.width - count + 1, count):
+                where = tiles.TileSlice(tile, start, count)
+                assert tiles.levels_slice(levels, where) == tiles.hash_from_tile(data, where)
+
+
 def test_tiles_in_sqlite_serve_proofs_and_a_missing_tile_is_an_error(tmp_path: Path) -> None:
     conn = sqlite3.connect(tmp_path / "spool.db", isolation_level=None)
     conn.executescript(SCHEMA)

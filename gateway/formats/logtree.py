@@ -13,6 +13,8 @@ proofs cost O(log n) reads whatever the size of the log.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -135,32 +137,54 @@ def load_edge(size: int, fetch: TileFetch) -> LogEdge:
     return LogEdge(size, tuple(edge))
 
 
+class _SharedLevels:
+    """`tiles.tile_levels` of recently read tiles, keyed by the tiles' bytes, shared by
+    every reader in the process. Content-addressed, so it cannot answer for a different
+    log or a wider tile; bounded by count. Readers put only tiles above level 0 and
+    partial tiles here: every proof of a log walks those, while a level-0 tile is the
+    one a random lookup reads once."""
+
+    def __init__(self, max_tiles: int) -> None:
+        self._max = max_tiles
+        self._levels: OrderedDict[bytes, list[list[bytes]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def levels(self, data: bytes) -> list[list[bytes]]:
+        with self._lock:
+            known = self._levels.get(data)
+            if known is not None:
+                self._levels.move_to_end(data)
+                return known
+        levels = tiles.tile_levels(data)
+        with self._lock:
+            self._levels[data] = levels
+            while len(self._levels) > self._max:
+                self._levels.popitem(last=False)
+        return levels
+
+
+# 32 tiles: every tile level 1 and 2 tile of a 2,000,000-leaf log, about 1.2 MB.
+SHARED_LEVELS = _SharedLevels(32)
+
+
 class TileReader:
     """merkle.SubtreeHash for a tree of `size` leaves over stored tiles: each tile read
-    once and each subtree hash computed once (both kept for the reader's life, which is
-    one proof or the proofs of one chunk of receipts: neighbouring leaves share most of
-    their path). `reads` counts the tile reads."""
+    once and hashed once into its `tiles.tile_levels` (kept for the reader's life, which
+    is one proof or the proofs of one chunk of receipts: neighbouring leaves share most
+    of their path; tiles above level 0 and partial ones are shared between readers by
+    SHARED_LEVELS). `reads` counts the tile reads."""
 
     def __init__(self, size: int, fetch: TileFetch) -> None:
         self.size = size
         self._fetch = fetch
-        self._tiles: dict[tuple[int, int], bytes] = {}
-        self._hashes: dict[tuple[int, int], bytes] = {}
+        self._levels: dict[tuple[int, int], list[list[bytes]]] = {}
         self.reads = 0
 
     def __call__(self, level: int, index: int) -> bytes:
-        known = self._hashes.get((level, index))
-        if known is not None:
-            return known
-        h = self._hash(level, index)
-        self._hashes[(level, index)] = h
-        return h
-
-    def _hash(self, level: int, index: int) -> bytes:
         where = tiles.locate(level, index, self.size)
         key = (where.tile.level, where.tile.index)
-        data = self._tiles.get(key)
-        if data is None:
+        levels = self._levels.get(key)
+        if levels is None:
             self.reads += 1
             stored = self._fetch(*key)
             need = where.tile.width * HASH
@@ -169,8 +193,12 @@ class TileReader:
                     f"tile {where.tile.path()} of a tree of {self.size} is missing or short"
                 )
             data = stored[:need]
-            self._tiles[key] = data
-        return tiles.hash_from_tile(data, where)
+            if where.tile.level or where.tile.partial:
+                levels = SHARED_LEVELS.levels(data)
+            else:
+                levels = tiles.tile_levels(data)
+            self._levels[key] = levels
+        return tiles.levels_slice(levels, where)
 
     def root(self) -> bytes:
         return merkle.root_from_provider(self.size, self)

@@ -9,6 +9,7 @@ store of tiles serves merkle.SubtreeHash with one tile read per hash.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 
@@ -169,6 +170,31 @@ def hash_from_tile(data: bytes, where: TileSlice) -> bytes:
     while len(hashes) > 1:
         hashes = [merkle.node_hash(hashes[i], hashes[i + 1]) for i in range(0, len(hashes), 2)]
     return hashes[0]
+
+
+def tile_levels(data: bytes) -> list[list[bytes]]:
+    """Every perfect subtree hash inside a tile, from its bytes: level r lists the hashes
+    of its aligned runs of 2**r stored hashes (a partial tile: its complete runs only).
+    One pass, width - 1 node hashes at most; `levels_slice` then answers any TileSlice of
+    the tile without hashing."""
+    size = merkle.HASH_SIZE
+    if len(data) % size:
+        raise ValueError(f"tile bytes of length {len(data)} are not a whole number of hashes")
+    sha256 = hashlib.sha256
+    level = [data[i : i + size] for i in range(0, len(data), size)]
+    levels = [level]
+    while len(level) > 1:
+        level = [
+            sha256(b"\x01" + level[i] + level[i + 1]).digest() for i in range(0, len(level) - 1, 2)
+        ]
+        levels.append(level)
+    return levels
+
+
+def levels_slice(levels: list[list[bytes]], where: TileSlice) -> bytes:
+    """The perfect subtree hash of `where` from its tile's `tile_levels`."""
+    rise = where.count.bit_length() - 1
+    return levels[rise][where.start >> rise]
 
 
 def tile_data(tile: Tile, provider: merkle.SubtreeHash) -> bytes:

@@ -15,6 +15,7 @@ the inclusion proof must bind the leaf hash to the checkpoint's root. Pure: no I
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -209,6 +210,13 @@ def verify_tlog_proof(
     return VerifiedProof(cp, proof.index, leaf_hash, cosigned, proof.extra)
 
 
+@functools.lru_cache(maxsize=16)
+def _checkpoint_of_note(signed_checkpoint: bytes) -> Checkpoint:
+    """The checkpoint of a signed note: a proof server answers many lookups against the
+    same latest checkpoint, and parsing the note is most of a proof's cost without this."""
+    return checkpoint_of(parse_note(signed_checkpoint))
+
+
 def make_tlog_proof(
     index: int,
     provider: merkle.SubtreeHash,
@@ -220,7 +228,7 @@ def make_tlog_proof(
     The provider may hold a larger tree than the checkpoint (a log grows past its last
     checkpoint); its first `size` leaves must be the checkpoint's tree.
     """
-    cp = checkpoint_of(parse_note(signed_checkpoint))
+    cp = _checkpoint_of_note(signed_checkpoint)
     try:
         root = merkle.root_from_provider(cp.size, provider)
     except IndexError:
