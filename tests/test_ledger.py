@@ -544,7 +544,7 @@ def test_rival_checkpoints_of_one_size_race_and_one_wins(setup: Setup) -> None:
     assert rows(setup.cfg.db_path, "SELECT count(*) FROM log_leaf") == [(3,)]
 
 
-def test_store_is_sqlite_wal_on_disk_at_schema_3(setup: Setup) -> None:
+def test_store_is_sqlite_wal_on_disk_at_schema_4(setup: Setup) -> None:
     async def go() -> None:
         log = setup.signer.log()
         log.grow(2)
@@ -553,10 +553,44 @@ def test_store_is_sqlite_wal_on_disk_at_schema_3(setup: Setup) -> None:
 
     arun(go())
     assert rows(setup.cfg.db_path, "PRAGMA journal_mode") == [("wal",)]
-    assert rows(setup.cfg.db_path, "SELECT value FROM ledger_meta") == [("3",)]
+    assert rows(setup.cfg.db_path, "SELECT value FROM ledger_meta") == [("4",)]
     tables = {r[0] for r in rows(setup.cfg.db_path, "SELECT name FROM sqlite_master")}
     assert {"log_leaf", "log_tile", "witness_cosigned"} <= tables
     assert "batches" not in tables
+
+
+def test_a_schema_3_store_is_upgraded_in_place_and_its_log_goes_on(setup: Setup) -> None:
+    """Schema 3 kept the leaves in a WITHOUT ROWID table; a node of schema 4 moves them
+    to a rowid table when it opens the store, and the same log grows on from there."""
+    db = setup.cfg.db_path
+    log = setup.signer.log()
+
+    async def grow_by(n: int) -> None:
+        log.grow(n)
+        async with running(setup.cfg) as node:
+            await node.add_log(log)
+
+    arun(grow_by(5))
+    # The store as a schema 3 node left it.
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.executescript(
+        "BEGIN;"
+        "ALTER TABLE log_leaf RENAME TO log_leaf_4;"
+        "CREATE TABLE log_leaf (gateway_id TEXT NOT NULL, idx INTEGER NOT NULL,"
+        " leaf BLOB NOT NULL, PRIMARY KEY (gateway_id, idx)) WITHOUT ROWID;"
+        "INSERT INTO log_leaf SELECT gateway_id, idx, leaf FROM log_leaf_4;"
+        "DROP TABLE log_leaf_4;"
+        "UPDATE ledger_meta SET value = '3' WHERE key = 'schema_version';"
+        "COMMIT;"
+    )
+    conn.close()
+    leaf_table = "SELECT sql FROM sqlite_master WHERE name = 'log_leaf'"
+    assert "WITHOUT ROWID" in rows(db, leaf_table)[0][0]
+    arun(grow_by(3))
+    assert rows(db, "SELECT value FROM ledger_meta WHERE key = 'schema_version'") == [("4",)]
+    assert "WITHOUT ROWID" not in rows(db, leaf_table)[0][0]
+    assert rows(db, "SELECT idx, leaf FROM log_leaf ORDER BY idx") == list(enumerate(log.leaves))
+    assert log.cosigned == 8
 
 
 def test_a_schema_2_database_is_refused_and_left_untouched(setup: Setup) -> None:
@@ -573,7 +607,7 @@ def test_a_schema_2_database_is_refused_and_left_untouched(setup: Setup) -> None
     message = str(info.value)
     assert info.value.exit_code == 65 and "\n" not in message
     assert "schema 2 (the log beside the batch header chain)" in message
-    assert "reads schema 3" in message and "left untouched" in message
+    assert "reads schemas 3 and 4" in message and "left untouched" in message
     assert setup.cfg.db_path.read_bytes() == before
 
 

@@ -174,7 +174,7 @@ def test_a_ledger_database_of_the_per_batch_format_is_refused_with_exit_65(
 
 
 def test_a_ledger_database_of_schema_2_is_refused_with_exit_65(tmp_path: Path) -> None:
-    """Schema 2 held each gateway's log beside the batch header chain: a node of schema 3
+    """Schema 2 held each gateway's log beside the batch header chain: a node of schema 4
     neither reads nor upgrades it."""
     db = tmp_path / "ledger.db"
     conn = sqlite3.connect(db)
@@ -186,6 +186,6 @@ def test_a_ledger_database_of_schema_2_is_refused_with_exit_65(tmp_path: Path) -
     assert out.returncode == 65, out.stdout[-2000:] + out.stderr[-2000:]
     line = one_line(out)
     assert "schema 2 (the log beside the batch header chain)" in line, line
-    assert "reads schema 3" in line and "left untouched" in line, line
+    assert "reads schemas 3 and 4" in line and "left untouched" in line, line
     assert digest(db) == before
     assert tables(db) == {"ledger_meta", "log_leaf", "log_tile", "batches"}
