@@ -12,6 +12,7 @@ import pytest
 
 from gateway.common.tomlconfig import TlsClient
 from gateway.edge.config import SpoolConfig
+from gateway.edge import mqttrx
 from gateway.edge.ingest import MqttIngest
 from gateway.edge.profiles import ProfileSet
 from gateway.edge.spool import Spool
@@ -31,7 +32,9 @@ def wait_for(what: str, ok: Callable[[], bool], timeout: float = 30.0) -> None:
 class Rig:
     """MqttIngest over a real broker and spool; the test plays the batcher's cursor."""
 
-    def __init__(self, sb: Sandbox, tmp: Path, max_depth: int = 0) -> None:
+    def __init__(
+        self, sb: Sandbox, tmp: Path, max_depth: int = 0, receive_maximum: int = 1000
+    ) -> None:
         self.broker = sb.mosquitto()
         self.spool = Spool(SpoolConfig(tmp / "spool.db", 1000, 2.0, 10_000, 0, 600, 0), "gw-window")
         self.spool.open()
@@ -50,6 +53,7 @@ class Rig:
             password_file=login.password_file,
             tls=TlsClient(pki.ca.cert, pki["gateway"].cert, pki["gateway"].key),
             mount_point=login.mount_point,
+            receive_maximum=receive_maximum,
         )
         self.mqtt = MqttIngest(
             cfg,
@@ -63,9 +67,11 @@ class Rig:
         wait_for("the subscription", self.mqtt.subscribed.is_set)
         self.device = Publisher(sb, self.broker.port, "window-device")
 
-    def publish(self, first: int, n: int) -> None:
+    def publish(self, first: int, n: int, pad: int = 0) -> None:
+        tail = b',"pad":"%s"}' % (b"x" * pad) if pad else b"}"
         self.device.publish_many(
-            (f"devices/d{s % 3}/tx", b'{"seq":%d,"v":1}' % s) for s in range(first, first + n)
+            (f"devices/d{s % 3}/tx", b'{"seq":%d,"v":1' % s + tail)
+            for s in range(first, first + n)
         )
 
     def stored(self) -> list[tuple[str, int]]:
@@ -127,5 +133,38 @@ def test_a_paused_intake_holds_everything_and_resume_lets_in_up_to_the_depth_lim
         wait_for("the rest", resumed)
         assert not rig.mqtt.paused and rig.mqtt._held == []
         assert rig.stored() == [(f"d{s % 3}", s) for s in range(300)]
+    finally:
+        rig.close()
+
+
+def test_intake_stops_reading_at_its_read_limit_when_the_broker_sends_past_its_window(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """Mosquitto 2.0.11 sends past the receive maximum once PUBACKs flow: withholding them
+    does not bound what arrives. Intake stops reading the socket at its read limit (4 x
+    the receive maximum) instead: what it holds stays under the limit plus one read,
+    and everything comes in, in order, once the window opens."""
+    n, pad = 300, 30_000
+    rig = Rig(sandbox, tmp_path, max_depth=10_000, receive_maximum=10)
+    try:
+        assert rig.mqtt.read_limit == 40
+        rig.publish(0, n, pad)
+        wait_for("the window to fill", lambda: len(rig.stored()) == WINDOW)
+        wait_for("reads to stop", lambda: rig.mqtt._client.read_pauses > 0)
+        time.sleep(0.5)  # PUBACKs of the window have gone; the broker sends what it will
+        one_read = mqttrx.READ_BYTES // pad + 1
+        assert rig.mqtt.most_unanswered <= rig.mqtt.read_limit + one_read
+        assert len(rig.mqtt._held) <= rig.mqtt.read_limit + one_read
+        cut = WINDOW
+        deadline = time.monotonic() + 60
+        while len(rig.stored()) < n:
+            assert time.monotonic() < deadline, f"{len(rig.stored())} of {n} stored"
+            cut = len(rig.stored())
+            rig.cursor = cut
+            rig.mqtt.release()
+            time.sleep(0.02)
+        wait_for("every PUBACK", lambda: rig.mqtt.acks == n)
+        assert rig.stored() == [(f"d{s % 3}", s) for s in range(n)]
+        assert rig.mqtt.most_unanswered <= rig.mqtt.read_limit + one_read
     finally:
         rig.close()

@@ -77,6 +77,10 @@ MAX_TOPIC_BYTES = 65535  # MQTT's limit on a topic name
 MAX_SUMMARIES = 10_000
 # While the broker stays out of reach, its failure is logged at once, then at most this often.
 CONNECT_FAIL_LOG_EVERY_S = 30.0
+# Messages intake may hold unanswered, per message of the receive maximum. At 4 (4,000
+# by default) two group commits of 2,000 are in hand while the next read waits; the
+# broker's window is not relied on (Mosquitto 2.0.11 sends past it once PUBACKs flow).
+READ_LIMIT_PER_RECEIVE_MAXIMUM = 4
 
 
 class Decoder(Protocol):
@@ -607,6 +611,10 @@ class MqttIngest:
         self._max_depth = max_depth
         self._window = window
         self._inflight = 0
+        # Messages read and not yet answered (held, or on their way to the spool):
+        # past this the network thread stops reading (mqttrx.BulkClient.may_read).
+        self.read_limit = READ_LIMIT_PER_RECEIVE_MAXIMUM * cfg.receive_maximum
+        self.most_unanswered = 0
         self._sub_mid: int | None = -1
         self.spool = spool
         self.guard = guard if guard is not None else Guard()
@@ -645,6 +653,7 @@ class MqttIngest:
     def _make_client(self) -> BulkClient:
         c = make_client(self.cfg)
         c.on_publishes = self._on_publishes
+        c.may_read = self._may_read
         c.on_connect = self._guarded(self._on_connect, "mqtt on_connect")
         c.on_connect_fail = self._guarded(self._on_connect_fail, "mqtt on_connect_fail")
         c.on_disconnect = self._guarded(self._on_disconnect, "mqtt on_disconnect")
@@ -668,8 +677,8 @@ class MqttIngest:
     def start(self) -> None:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self.cfg.session_expiry_s
-        # The broker sends at most this many unacknowledged QoS 1 messages: it bounds
-        # what waits for a group commit, and so the memory intake can take.
+        # The broker should send at most this many unacknowledged QoS 1 messages; the
+        # read limit (read_limit) bounds what intake holds when it does not.
         props.ReceiveMaximum = self.cfg.receive_maximum
         self._client.connect_async(
             self.cfg.host, self.cfg.port, self.cfg.keepalive_s, clean_start=False, properties=props
@@ -827,10 +836,21 @@ class MqttIngest:
                         continue
                     go.append((device, topic, payload, self._done_for(mid, qos, gen)))
                 self._inflight += len(go)
+                unanswered = self._inflight + len(self._held)
+                if unanswered > self.most_unanswered:
+                    self.most_unanswered = unanswered
             if go:
                 self.intake.submit_many(go, "mqtt", self._failed_message)
         except Exception as e:
             self.guard.fatal(e, "mqtt messages")
+
+    def _may_read(self) -> bool:
+        """Whether the network thread may read more: under the read limit, or paused
+        (nothing is acknowledged then, so the broker stops at the receive maximum by
+        itself), or not yet connected (the CONNACK and SUBACK must be read)."""
+        return (
+            self._inflight + len(self._held) < self.read_limit or self.paused or not self.connected
+        )
 
     def _done_for(self, mid: int, qos: int, gen: int) -> DoneCallback:
         return lambda res, _rej: self._done(res, mid, qos, gen)
@@ -935,6 +955,8 @@ class MqttIngest:
             if mids:
                 send_pubacks(self._client, mids)
                 self.acks += len(mids)
+        if self._client.read_paused:
+            self._client.room.set()
 
     # ---- dead letters ----------------------------------------------------
 

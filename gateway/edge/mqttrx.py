@@ -19,12 +19,21 @@ properties or QoS 2 or a topic that is not UTF-8) goes to paho's own handler,
 exactly as paho would have read it. A partial packet waits in the buffer for
 the rest: the socket turns readable again when it arrives (over TLS, paho's loop
 also asks the TLS layer for bytes it holds already).
+
+`may_read`, when set, is asked before each recv(): while it says no, the bytes stay
+in the kernel and TCP pushes back on the broker. Withholding PUBACKs alone does not
+bound what arrives: Mosquitto 2.0.11 sends past the receive maximum once
+acknowledgements flow again. The loop waits on `room` (set by whoever answers
+messages) for at most READ_PAUSE_S, so writes still run; after half the keepalive
+without a read it reads once anyway, so the broker's PINGRESP is not left unread
+behind the data (paho drops a connection whose PINGRESP is late).
 """
 
 from __future__ import annotations
 
 import logging
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -41,6 +50,8 @@ log = logging.getLogger("gateway.edge.mqttrx")
 # What one recv() may take. A read of this size holds about 1,500 PUBLISH packets of
 # 120 B payloads, more than the receive maximum lets the broker send ahead.
 READ_BYTES = 256 * 1024
+# Longest wait for room before paho's loop runs again (PUBACK writes, keepalive).
+READ_PAUSE_S = 0.05
 _PUBLISH = 0x30
 
 # topic, payload, packet id (0 for QoS 0), QoS
@@ -69,7 +80,12 @@ class BulkClient(mqtt.Client):
         self._rx = b""
         self._rx_sock: object | None = None
         self.on_publishes: Publishes | None = None
+        self.may_read: Callable[[], bool] | None = None
+        self.room = threading.Event()
+        self.read_paused = False
+        self._gated_since = 0.0
         self.reads = 0
+        self.read_pauses = 0
         self.packets = 0
 
     def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
@@ -80,6 +96,23 @@ class BulkClient(mqtt.Client):
         if sock is not self._rx_sock:  # a new connection: nothing of the old one counts
             self._rx_sock = sock
             self._rx = b""
+        gate = self.may_read
+        if gate is not None:
+            if gate():
+                self._gated_since = 0.0
+            else:
+                now = time.monotonic()
+                if not self._gated_since:
+                    self._gated_since = now
+                if not self._keepalive or now - self._gated_since < self._keepalive / 2:
+                    self.room.clear()
+                    self.read_paused = True
+                    if not gate():  # room made before clear() is not missed
+                        self.read_pauses += 1
+                        self.room.wait(READ_PAUSE_S)
+                    self.read_paused = False
+                    return MQTTErrorCode.MQTT_ERR_SUCCESS
+                self._gated_since = now  # one read for the keepalive, then wait again
         try:
             data = sock.recv(READ_BYTES)
         except ssl.SSLWantReadError:
