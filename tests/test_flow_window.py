@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from gateway.common.tomlconfig import TlsClient
-from gateway.edge.config import SpoolConfig
 from gateway.edge import mqttrx
+from gateway.edge.config import SpoolConfig
 from gateway.edge.ingest import MqttIngest
 from gateway.edge.profiles import ProfileSet
 from gateway.edge.spool import Spool
@@ -70,8 +70,7 @@ class Rig:
     def publish(self, first: int, n: int, pad: int = 0) -> None:
         tail = b',"pad":"%s"}' % (b"x" * pad) if pad else b"}"
         self.device.publish_many(
-            (f"devices/d{s % 3}/tx", b'{"seq":%d,"v":1' % s + tail)
-            for s in range(first, first + n)
+            (f"devices/d{s % 3}/tx", b'{"seq":%d,"v":1' % s + tail) for s in range(first, first + n)
         )
 
     def stored(self) -> list[tuple[str, int]]:
