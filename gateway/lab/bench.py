@@ -160,6 +160,8 @@ class EndToEnd:
     cpu_us_by_stage: dict[str, dict[str, float]] = field(default_factory=dict)
     stage_note: str = ""
     errors: list[str] = field(default_factory=list)
+    # The latency window's legs (SpoolProbe.latency_legs): leg -> (p50, p99) ms.
+    latency_legs_ms: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -350,6 +352,31 @@ class SpoolProbe:
                 if from_ms <= t < to_ms:
                     out.append(float(committed_ms - t))
         return out
+
+    def latency_legs(
+        self, lo_rowid: int, hi_rowid: int, from_ms: int, to_ms: int
+    ) -> dict[str, list[float]]:
+        """The legs of `latencies` for the same transactions, ms: device clock to the
+        gateway's receipt (broker, socket, intake's queue), receipt to its batch's signed
+        checkpoint (spool, batcher, HSM), checkpoint to the quorum (ledger nodes)."""
+        legs: dict[str, list[float]] = {"receipt": [], "checkpoint": [], "quorum": []}
+        batches = self.conn.execute(
+            "SELECT first_rowid, last_rowid, created_ms, committed_ms FROM batch"
+            " WHERE committed_ms IS NOT NULL AND last_rowid > ? AND first_rowid <= ?",
+            (lo_rowid, hi_rowid),
+        ).fetchall()
+        parse = transaction_pb2.Transaction.FromString
+        for first, last, created_ms, committed_ms in batches:
+            for (leaf,) in self.conn.execute(
+                "SELECT leaf FROM tx WHERE rowid BETWEEN ? AND ?",
+                (max(first, lo_rowid + 1), min(last, hi_rowid)),
+            ):
+                tx = parse(leaf)
+                if from_ms <= tx.device_time_ms < to_ms:
+                    legs["receipt"].append(float(tx.received_time_ms - tx.device_time_ms))
+                    legs["checkpoint"].append(float(created_ms - tx.received_time_ms))
+                    legs["quorum"].append(float(committed_ms - created_ms))
+        return legs
 
     def sample_tx_ids(self, n: int, seed: int = 7) -> list[str]:
         hi = self.committed()
@@ -695,7 +722,12 @@ class Bench:
             res = self.gen.wait(120)
             errors += res.errors
             self._drain(probe, lo + res.published, errors)
-            lat = probe.latencies(lo, probe.stored(), wall_from, max(wall_from + 1000, wall_to))
+            hi, wall_end = probe.stored(), max(wall_from + 1000, wall_to)
+            lat = probe.latencies(lo, hi, wall_from, wall_end)
+            legs = {
+                leg: (round(percentile(v, 0.50), 1), round(percentile(v, 0.99), 1))
+                for leg, v in probe.latency_legs(lo, hi, wall_from, wall_end).items()
+            }
             over = self._overload(probe, watch, devices, payload_bytes, overload_seconds, errors)
 
             spool_tx = probe.stored()
@@ -738,6 +770,7 @@ class Bench:
                 cpu_us_by_stage=stages,
                 stage_note=stage_note,
                 errors=errors,
+                latency_legs_ms=legs,
             )
             return e
         finally:
@@ -1170,6 +1203,14 @@ def report(
         f"{LATENCY_LOAD:.0%} of the saturated rate; at saturation (a {CREDIT_WINDOW}-message "
         f"backlog) main p50 {e2e.saturated_p50_ms:.0f} ms, p99 {e2e.saturated_p99_ms:.0f} ms"
     )
+    if e2e.latency_legs_ms:
+        legs = e2e.latency_legs_ms
+        say(
+            f"  its legs at {LATENCY_LOAD:.0%}, p50 / p99 ms: device to the gateway's receipt "
+            f"{legs['receipt'][0]:.0f} / {legs['receipt'][1]:.0f}, receipt to the signed "
+            f"checkpoint {legs['checkpoint'][0]:.0f} / {legs['checkpoint'][1]:.0f}, checkpoint "
+            f"to the quorum {legs['quorum'][0]:.0f} / {legs['quorum'][1]:.0f}"
+        )
     say(
         f"cores busy during the main window: gateway {e2e.gateway_cpu_share:.2f}, broker "
         f"{e2e.broker_cpu_share:.2f}, generator {e2e.generator_cpu_share:.2f}, ledger nodes "
@@ -1291,6 +1332,7 @@ def report(
         "e2e_stored_per_s": e2e.stored_per_s,
         "latency_rate_tx_per_s": e2e.latency_rate,
         "latency_samples": e2e.latency_samples,
+        "latency_legs_ms": {k: list(v) for k, v in e2e.latency_legs_ms.items()},
         "devices": opts.devices,
         "payload_bytes": opts.payload_bytes,
         "get_tx_p99_ms_at_1m": big.get_tx_p99_ms if big else None,
