@@ -331,35 +331,11 @@ class SpoolProbe:
         row = self.conn.execute("SELECT max(seq) FROM batch").fetchone()
         return 0 if row is None or row[0] is None else int(row[0]) + 1
 
-    def latencies(
-        self, lo_rowid: int, hi_rowid: int, from_ms: int, to_ms: int = 2**62
-    ) -> list[float]:
-        """committed_ms - device time of committed txs in (lo, hi] published in
-        [from_ms, to_ms)."""
-        out: list[float] = []
-        batches = self.conn.execute(
-            "SELECT first_rowid, last_rowid, committed_ms FROM batch"
-            " WHERE committed_ms IS NOT NULL AND last_rowid > ? AND first_rowid <= ?",
-            (lo_rowid, hi_rowid),
-        ).fetchall()
-        parse = transaction_pb2.Transaction.FromString
-        for first, last, committed_ms in batches:
-            for (leaf,) in self.conn.execute(
-                "SELECT leaf FROM tx WHERE rowid BETWEEN ? AND ?",
-                (max(first, lo_rowid + 1), min(last, hi_rowid)),
-            ):
-                t = parse(leaf).device_time_ms
-                if from_ms <= t < to_ms:
-                    out.append(float(committed_ms - t))
-        return out
-
-    def latency_legs(
+    def _committed_txs(
         self, lo_rowid: int, hi_rowid: int, from_ms: int, to_ms: int
-    ) -> dict[str, list[float]]:
-        """The legs of `latencies` for the same transactions, ms: device clock to the
-        gateway's receipt (broker, socket, intake's queue), receipt to its batch's signed
-        checkpoint (spool, batcher, HSM), checkpoint to the quorum (ledger nodes)."""
-        legs: dict[str, list[float]] = {"receipt": [], "checkpoint": [], "quorum": []}
+    ) -> Iterator[tuple[Any, int, int]]:
+        """(transaction, its checkpoint's created_ms, committed_ms) of the committed txs
+        in (lo, hi] published (device clock) in [from_ms, to_ms)."""
         batches = self.conn.execute(
             "SELECT first_rowid, last_rowid, created_ms, committed_ms FROM batch"
             " WHERE committed_ms IS NOT NULL AND last_rowid > ? AND first_rowid <= ?",
@@ -373,9 +349,29 @@ class SpoolProbe:
             ):
                 tx = parse(leaf)
                 if from_ms <= tx.device_time_ms < to_ms:
-                    legs["receipt"].append(float(tx.received_time_ms - tx.device_time_ms))
-                    legs["checkpoint"].append(float(created_ms - tx.received_time_ms))
-                    legs["quorum"].append(float(committed_ms - created_ms))
+                    yield tx, created_ms, committed_ms
+
+    def latencies(
+        self, lo_rowid: int, hi_rowid: int, from_ms: int, to_ms: int = 2**62
+    ) -> list[float]:
+        """committed_ms - device time of committed txs in (lo, hi] published in
+        [from_ms, to_ms)."""
+        return [
+            float(committed - tx.device_time_ms)
+            for tx, _created, committed in self._committed_txs(lo_rowid, hi_rowid, from_ms, to_ms)
+        ]
+
+    def latency_legs(
+        self, lo_rowid: int, hi_rowid: int, from_ms: int, to_ms: int
+    ) -> dict[str, list[float]]:
+        """The legs of `latencies` for the same transactions, ms: device clock to the
+        gateway's receipt (broker, socket, intake's queue), receipt to its batch's signed
+        checkpoint (spool, batcher, HSM), checkpoint to the quorum (ledger nodes)."""
+        legs: dict[str, list[float]] = {"receipt": [], "checkpoint": [], "quorum": []}
+        for tx, created, committed in self._committed_txs(lo_rowid, hi_rowid, from_ms, to_ms):
+            legs["receipt"].append(float(tx.received_time_ms - tx.device_time_ms))
+            legs["checkpoint"].append(float(created - tx.received_time_ms))
+            legs["quorum"].append(float(committed - created))
         return legs
 
     def sample_tx_ids(self, n: int, seed: int = 7) -> list[str]:
