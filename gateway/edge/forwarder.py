@@ -19,7 +19,7 @@ import logging
 import random
 import sqlite3
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,8 +83,9 @@ class Forwarder:
         catches up over several checkpoints (batch.max_bytes: what a node takes anyway)."""
         self._max_call_bytes = max_call_bytes
         # The last few steps loaded, by the size they start from: the nodes usually ask
-        # for the same step one after the other, and the leaves are read once for all.
-        self._steps: collections.OrderedDict[int, _Step] = collections.OrderedDict()
+        # for the same step one after the other, and the leaves are read and the request
+        # serialized once for all of them.
+        self._steps: collections.OrderedDict[int, _Sent] = collections.OrderedDict()
         self._witnesses = {
             node_id: cosignature.parse_cosigner_vkey(vkey)
             for node_id, vkey in (witnesses or {}).items()
@@ -169,7 +170,7 @@ class Forwarder:
                 ch = aio_channel(node.ref.address, self.cfg.tls, self.cfg.keepalive_s)
                 self._channels.append(ch)
                 tg.create_task(
-                    self._node_loop(i, node, ledger_pb2_grpc.LedgerServiceStub(ch), stop),
+                    self._node_loop(i, node, ledger_pb2_grpc.LedgerServiceStub(ch), _add(ch), stop),
                     name=f"forward-{node.ref.node_id}",
                 )
         for ch in self._channels:
@@ -184,7 +185,12 @@ class Forwarder:
                 w.cancel()
 
     async def _node_loop(
-        self, i: int, node: NodeState, stub: ledger_pb2_grpc.LedgerServiceStub, stop: asyncio.Event
+        self,
+        i: int,
+        node: NodeState,
+        stub: ledger_pb2_grpc.LedgerServiceStub,
+        add: _AddCheckpoint,
+        stop: asyncio.Event,
     ) -> None:
         """One node: one AddCheckpoint in flight at a time, from the size it last cosigned
         up to the latest checkpoint (several batches in one call when it is behind)."""
@@ -201,7 +207,7 @@ class Forwarder:
                     if node.state == "forked":
                         continue
                 self._wakes[i].clear()
-                if await self._cosign(node, stub):
+                if await self._cosign(node, add):
                     attempt = 0
                     continue
                 if node.state != "forked":
@@ -287,15 +293,15 @@ class Forwarder:
             node.log_size,
         )
 
-    async def _cosign(self, node: NodeState, stub: ledger_pb2_grpc.LedgerServiceStub) -> bool:
+    async def _cosign(self, node: NodeState, add: _AddCheckpoint) -> bool:
         """Bring the node's cosigned view of the log up to the latest checkpoint: one
         AddCheckpoint from the size it last cosigned, with the leaves since and a
         consistency proof from the tiles. True if it sent one."""
         old = node.log_size
         if old is None:
             return False
-        loaded = self._steps.get(old)
-        if loaded is None or loaded[0] is None:
+        sent = self._steps.get(old)
+        if sent is None:
             loaded = await asyncio.wrap_future(
                 self.spool.read(
                     lambda c: _load_cosign(c, old, MAX_COSIGN_LEAVES, self._max_call_bytes)
@@ -303,32 +309,34 @@ class Forwarder:
             )
             if loaded is None:
                 return False
-            self._steps[old] = loaded
+            cp, leaves, proof = loaded
+            if cp is None:
+                self._forked(
+                    node,
+                    f"node cosigned a checkpoint of size {old}, which this gateway's log has not",
+                )
+                return False
+            if not leaves and cp.size > old:
+                raise LedgerError(
+                    f"ledger {node.ref.node_id} needs the log's leaves from {old}, which the "
+                    "spool no longer keeps: raise spool.retention_batches or restore the node "
+                    "from a peer"
+                )
+            # Serialized here, once: building and serializing the request took a third of
+            # the main process's GIL at 1 KiB payloads when each node's call did it again.
+            wire = ledger_pb2.AddCheckpointRequest(
+                gateway_id=self.gateway_id,
+                old_size=old,
+                consistency_proof=proof,
+                checkpoint=cp.note,
+                leaves=leaves,
+            ).SerializeToString()
+            sent = self._steps[old] = (cp, wire)
             while len(self._steps) > STEPS_KEPT:
                 self._steps.popitem(last=False)
-        cp, leaves, proof = loaded
-        if cp is None:
-            self._forked(
-                node,
-                f"node cosigned a checkpoint of size {old}, which this gateway's log has not",
-            )
-            return False
-        if not leaves and cp.size > old:
-            raise LedgerError(
-                f"ledger {node.ref.node_id} needs the log's leaves from {old}, which the spool "
-                "no longer keeps: raise spool.retention_batches or restore the node from a peer"
-            )
-        req = ledger_pb2.AddCheckpointRequest(
-            gateway_id=self.gateway_id,
-            old_size=old,
-            consistency_proof=proof,
-            checkpoint=cp.note,
-            leaves=leaves,
-        )
+        cp, wire = sent
         t0 = time.perf_counter()
-        answer: ledger_pb2.Cosignature = await stub.AddCheckpoint(
-            req, timeout=self.cfg.call_timeout_s
-        )
+        answer: ledger_pb2.Cosignature = await add(wire, timeout=self.cfg.call_timeout_s)
         metrics.forward_seconds.labels(node.ref.node_id).observe(time.perf_counter() - t0)
         line = self._checked_line(node, cp, answer)
         new = await asyncio.wrap_future(
@@ -385,6 +393,25 @@ class Forwarder:
 # A step: the checkpoint a node is sent next, the leaves since the size it cosigned and
 # the consistency proof (see _load_cosign).
 _Step = tuple[StoredCheckpoint | None, list[bytes], list[bytes]]
+# A step as sent: its checkpoint and the AddCheckpoint request, serialized.
+_Sent = tuple[StoredCheckpoint, bytes]
+# LedgerService.AddCheckpoint taking its request already serialized.
+_AddCheckpoint = Callable[..., Awaitable[ledger_pb2.Cosignature]]
+_ADD_CHECKPOINT = (
+    f"/{ledger_pb2.DESCRIPTOR.services_by_name['LedgerService'].full_name}/AddCheckpoint"
+)
+
+
+def _add(channel: grpc.aio.Channel) -> _AddCheckpoint:
+    """AddCheckpoint on `channel` for a request serialized by the caller (a stub would
+    serialize the same request again for each node)."""
+    return channel.unary_unary(
+        _ADD_CHECKPOINT,
+        request_serializer=None,
+        response_deserializer=ledger_pb2.Cosignature.FromString,
+    )
+
+
 # Steps kept for the other nodes (one per node is enough when they keep up together).
 # With MAX_COSIGN_LEAVES they bound the leaves held while nodes catch up: 8 steps of
 # 20,000 took the gateway of a 1,000,000-transaction spool to a peak RSS of 236 MB; 3 of
